@@ -1,0 +1,125 @@
+"""The one small interface every factorized structure implements.
+
+A :class:`FactorizedLinear` is a drop-in replacement for ``nn.Linear`` (same ``in_features``,
+``out_features``, optional ``bias``; ``y = x W^T + b``) whose weight is stored in a structured,
+cheaper form.  Siblings (low-rank, Monarch, block-wise low-rank, mixed-rank wrappers, rank-masked
+SVD) differ only in how they store ``W`` and compute ``x W^T``.
+
+Contract (tested for every registered structure):
+
+* ``forward(x)`` equals ``x @ to_dense().T + bias`` without materialising ``W`` in the hot path;
+* ``num_params()`` is the exact number of stored parameters (bias included);
+* ``flops()`` is the exact FLOP count for one input row: 2 per multiply-add, 1 per bias add;
+* ``spec()`` is a JSON-able dict with at least ``structure`` and ``shape`` = ``[out, in]``;
+  ``structure_from_spec(spec)`` rebuilds an (uninitialised) module whose ``state_dict`` keys and
+  shapes match, which is how :mod:`factorlm.models.io` loads a saved model without pickle.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+
+#: structure name -> FactorizedLinear subclass
+STRUCTURES: Registry[type["FactorizedLinear"]] = Registry("structure")
+
+
+def register_structure(name: str):
+    """Class decorator: register a :class:`FactorizedLinear` subclass under ``name``."""
+
+    def deco(cls):
+        cls.structure = name
+        STRUCTURES.add(name, cls)
+        return cls
+
+    return deco
+
+
+class FactorizedLinear(nn.Module):
+    structure: ClassVar[str] = "abstract"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=None, device=None):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    # -- to implement -------------------------------------------------------------------------
+    def to_dense(self) -> torch.Tensor:
+        """The (out_features, in_features) weight this module represents."""
+        raise NotImplementedError
+
+    def weight_params(self) -> int:
+        """Stored parameters excluding the bias."""
+        raise NotImplementedError
+
+    def weight_flops(self) -> int:
+        """FLOPs of ``x W^T`` for one input row (2 per multiply-add)."""
+        raise NotImplementedError
+
+    def extra_spec(self) -> dict[str, Any]:
+        """Structure parameters needed to rebuild the module (e.g. ``{"rank": 64}``)."""
+        return {}
+
+    # -- shared -------------------------------------------------------------------------------
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return next(p for p in self.parameters()).dtype
+
+    def num_params(self) -> int:
+        return self.weight_params() + (self.out_features if self.bias is not None else 0)
+
+    def flops(self) -> int:
+        return self.weight_flops() + (self.out_features if self.bias is not None else 0)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "structure": self.structure,
+            "shape": [self.out_features, self.in_features],
+            "bias": self.bias is not None,
+            **self.extra_spec(),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], *, dtype=None, device=None) -> "FactorizedLinear":
+        """An uninitialised module with the shapes described by ``spec``."""
+        raise NotImplementedError
+
+    def to_linear(self) -> nn.Linear:
+        W = self.to_dense()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=W.dtype, device=W.device)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.extra_spec().items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}" + (
+            f", {extra}" if extra else ""
+        )
+
+
+def structure_from_spec(spec: dict[str, Any], *, dtype=None, device=None) -> FactorizedLinear:
+    return STRUCTURES.get(spec["structure"]).from_spec(spec, dtype=dtype, device=device)
+
+
+def linear_params(module: nn.Module) -> int:
+    """Parameters of an nn.Linear or FactorizedLinear (bias included)."""
+    if isinstance(module, FactorizedLinear):
+        return module.num_params()
+    return module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+
+
+def linear_flops(module: nn.Module) -> int:
+    if isinstance(module, FactorizedLinear):
+        return module.flops()
+    return 2 * module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)

@@ -1,0 +1,92 @@
+"""Model surgery: find the target linear layers, swap modules in and out.
+
+Targets default to every ``nn.Linear`` of the encoder: attention q/k/v/o and FFN in/out in BERT,
+RoBERTa, DistilBERT, MPNet, ELECTRA... found generically by type, with the task head, pooler and any
+embedding projection excluded.  Embeddings are ``nn.Embedding`` and are never touched.  Patterns
+are regular expressions searched in the dotted module name (``re.search``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from torch import nn
+
+from ..errors import check
+from ..layers.base import FactorizedLinear
+
+#: Module-name patterns excluded by default: task heads, poolers, embedding projections.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    r"(^|\.)classifier(\.|$)",
+    r"(^|\.)pre_classifier$",
+    r"(^|\.)pooler(\.|$)",
+    r"(^|\.)qa_outputs$",
+    r"(^|\.)lm_head(\.|$)",
+    r"(^|\.)(cls|predictions)(\.|$)",
+    r"embed",
+    r"(^|\.)score$",
+)
+
+
+def find_targets(
+    model: nn.Module,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    *,
+    include_factorized: bool = False,
+) -> list[str]:
+    """Dotted names of the ``nn.Linear`` modules to factorize, in model order.
+
+    ``include``: if given, a name must match at least one of these patterns.
+    ``exclude``: patterns that remove a name (added to :data:`DEFAULT_EXCLUDE`).
+    """
+    inc = [re.compile(p) for p in (include or [])]
+    exc = [re.compile(p) for p in (*DEFAULT_EXCLUDE, *(exclude or []))]
+    kinds = (nn.Linear, FactorizedLinear) if include_factorized else (nn.Linear,)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds):
+            continue
+        if inc and not any(p.search(name) for p in inc):
+            continue
+        if any(p.search(name) for p in exc):
+            continue
+        names.append(name)
+    return names
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule at dotted ``name`` by ``new``; returns the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def factorized_modules(model: nn.Module) -> dict[str, FactorizedLinear]:
+    """Top-level factorized modules (a wrapper's inner module is not listed separately)."""
+    out: dict[str, FactorizedLinear] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear) and not any(name.startswith(p + ".") for p in out):
+            out[name] = module
+    return out
+
+
+def target_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    shapes = {}
+    for n in names:
+        m = get_module(model, n)
+        check(hasattr(m, "in_features"), f"module {n} is not a linear layer")
+        shapes[n] = (m.out_features, m.in_features)
+    return shapes
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable-or-not parameters (buffers such as training-only dense twins excluded)."""
+    return sum(p.numel() for p in model.parameters())
