@@ -1,0 +1,252 @@
+"""``factorlm`` command line: a thin shell over :mod:`factorlm.api`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from .errors import FactorLMError
+
+EPILOG = """examples:
+  factorlm compress --method svd --keep 0.25                 # embedded MiniLM on rotten_tomatoes
+  factorlm compress --task sst2 --data-dir ../glue --method fwsvd --keep 0.16 --output out/sst2-fw16
+  factorlm finetune --model bert-base-uncased --task mrpc --output out/mrpc-dense
+  factorlm evaluate out/sst2-fw16
+  factorlm info out/sst2-fw16
+"""
+
+
+def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="HF hub id or local folder (default: the embedded all-MiniLM-L6-v2)")
+    g.add_argument("--task", help="rotten_tomatoes (default), a GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), csv or jsonl")
+    g.add_argument("--data-dir", help="folder in GLUE layout (<dir>/SST-2/train.tsv ...); default $FACTORLM_DATA_DIR, else the hub")
+    g.add_argument("--train-file", help="csv/jsonl task: training file")
+    g.add_argument("--dev-file", help="csv/jsonl task: evaluation file")
+    g.add_argument("--text-columns", nargs="+", help="csv/jsonl task: one or two text columns")
+    g.add_argument("--label-column", help="csv/jsonl task: label column")
+    g.add_argument("--max-length", type=int, help="max tokens per example (default 128)")
+    g.add_argument("--max-train-samples", type=int, help="random subset of the training set (quick runs)")
+    g.add_argument("--max-eval-samples", type=int, help="random subset of each evaluation split")
+    g.add_argument("--batch-size", type=int, help="training batch size (default 32)")
+    g.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default 128)")
+    g.add_argument("--seed", type=int, help="seed for data order, init and sampling (default 0)")
+    g.add_argument("--recipe", help="YAML/JSON file of options (flags override it); a saved factorlm.json works too")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    if not train:
+        return
+    t = p.add_argument_group("training (every phase)")
+    t.add_argument("--learning-rate", "--lr", type=float, help="AdamW learning rate (default 5e-5)")
+    t.add_argument("--epochs", type=float, help="epochs per training phase (default 3)")
+    t.add_argument("--max-steps", type=int, help="cap on optimizer steps of every training phase (smoke runs)")
+    t.add_argument("--warmup-ratio", type=float, help="linear warm-up fraction (default 0.06)")
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--eval-every", type=int, help="evaluate every N steps (default: each epoch)")
+    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    t.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", "-o", help="output folder (default runs/<task>-<method>-k<keep>)")
+    o.add_argument("--overwrite", action="store_const", const=True, help="replace an existing output folder")
+
+
+def _method_flags(p: argparse.ArgumentParser) -> dict[str, str]:
+    """One flag per field of every registered method's Options; returns {dest: method names}."""
+    from .methods import METHODS
+
+    seen: dict[str, list[str]] = {}
+    fields: dict[str, dataclasses.Field] = {}
+    for name in METHODS.names():
+        for f in dataclasses.fields(METHODS.get(name).Options):
+            seen.setdefault(f.name, []).append(name)
+            fields.setdefault(f.name, f)
+    g = p.add_argument_group("method options (apply to the methods named in brackets)")
+    for dest, f in sorted(fields.items()):
+        flag = "--" + dest.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        helptext = f"[{', '.join(seen[dest])}] default {default}"
+        if isinstance(default, bool):
+            g.add_argument(flag, dest=f"mopt_{dest}", type=_bool, metavar="{true,false}", help=helptext)
+        else:
+            typ = type(default) if default is not None and not isinstance(default, (list, dict)) else str
+            g.add_argument(flag, dest=f"mopt_{dest}", type=typ, help=helptext)
+    return {d: ",".join(m) for d, m in seen.items()}
+
+
+def _bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="factorlm", description="Compress transformer encoders by pruning + low-rank factorization.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"factorlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("compress", help="factorize (+ prune / re-train) a model for a task")
+    _common(p)
+    c = p.add_argument_group("compression")
+    c.add_argument("--method", help="svd | fwsvd | ... (see `factorlm methods`; default svd)")
+    c.add_argument("--keep", type=float, help="fraction of the target layers' parameters kept, in (0, 1] (default 0.25)")
+    c.add_argument("--rank", type=int, help="explicit uniform rank instead of --keep")
+    c.add_argument("--structure", help="lowrank (default) | monarch | blockwise")
+    c.add_argument("--nblocks", type=int, help="Monarch / block-wise: number of blocks")
+    c.add_argument("--include", nargs="+", help="regex: only layers whose name matches")
+    c.add_argument("--exclude", nargs="+", help="regex: skip layers whose name matches (head/pooler always skipped)")
+    c.add_argument("--rank-policy", choices=["uniform", "global"], help="one rank for all matrices, or global allocation")
+    c.add_argument("--schedule", choices=["oneshot", "staged"], help="factorize all layers at once or stage by stage")
+    c.add_argument("--teacher", help="dense model already fine-tuned on the task (skips the teacher fine-tune)")
+    c.add_argument("--teacher-epochs", type=float, help="epochs of the dense teacher fine-tune (default --epochs)")
+    c.add_argument("--teacher-learning-rate", type=float)
+    c.add_argument("--cache-dir", help="where dense teachers are cached (default $FACTORLM_CACHE or ~/.cache/factorlm)")
+    _method_flags(p)
+
+    p = sub.add_parser("finetune", help="dense fine-tuning of a pre-trained model (the teacher)")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="score a saved model on its task (or --task)")
+    p.add_argument("path", help="model folder")
+    _common(p, train=False)
+
+    p = sub.add_parser("info", help="what a saved folder holds: params, per-module ranks, method, recipe")
+    p.add_argument("path", help="model folder")
+    p.add_argument("--json", action="store_true", help="print factorlm.json as JSON")
+
+    sub.add_parser("methods", help="list compression methods")
+    sub.add_parser("tasks", help="list tasks")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace, **forced: Any):
+    from .config import RunConfig, load_recipe
+
+    values: dict[str, Any] = {}
+    if getattr(args, "recipe", None):
+        values.update(load_recipe(args.recipe))
+    fields = RunConfig.field_names()
+    for k, v in vars(args).items():
+        if v is not None and k in fields:
+            values[k] = v
+    mopts = dict(values.get("method_options") or {})
+    for k, v in vars(args).items():
+        if k.startswith("mopt_") and v is not None:
+            mopts[k[5:]] = v
+    values["method_options"] = mopts
+    values.update(forced)
+    return RunConfig(**values)
+
+
+def _print_report(report) -> None:
+    scores = report.scores
+    main = report.main_metric
+    rows = [(phase, m.get(main)) for phase, m in scores.items() if main in m]
+    print(f"\n{report.method} on {report.task} ({main})")
+    for phase, v in rows:
+        print(f"  {phase:<12} {v:.4f}")
+    acc = report.accounting
+    if acc.get("target_weights_before"):
+        print(f"  target weights {acc['target_weights_before']:,} -> {acc['target_weights_after']:,} "
+              f"({acc['target_weights_after'] / acc['target_weights_before']:.2%})")
+    if acc.get("model_params_before"):
+        print(f"  model params   {acc['model_params_before']:,} -> {acc['model_params_after']:,} "
+              f"({acc['model_params_after'] / acc['model_params_before']:.2%})")
+    if report.flops.get("dense"):
+        print(f"  FLOPs/sequence {report.flops['dense']:,} -> {report.flops['final']:,} "
+              f"({report.flops['dense'] / report.flops['final']:.2f}x fewer)")
+    print(f"  training steps {report.total_train_steps}")
+    if report.output:
+        print(f"saved to {report.output}")
+
+
+def _cmd_info(args) -> None:
+    from .api import info
+
+    meta = info(args.path)
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return
+    print(f"{args.path}: method {meta.get('method')} on task {meta.get('task')} ({meta.get('model_class')})")
+    print(f"  parameters     {meta['params_total']:,}")
+    acc = meta.get("accounting") or {}
+    if acc.get("target_weights_before"):
+        print(f"  target weights {acc['target_weights_before']:,} -> {acc['target_weights_after']:,} "
+              f"({acc['target_weights_after'] / acc['target_weights_before']:.2%} kept)")
+    for phase, m in (meta.get("scores") or {}).items():
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
+        print(f"  {phase:<14} {shown}")
+    mods = meta.get("modules") or {}
+    if mods:
+        print(f"  {len(mods)} factorized modules:")
+        for name, spec in mods.items():
+            extra = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("structure", "shape", "bias"))
+            print(f"    {name:<55} {spec['structure']:<9} {spec['shape'][0]}x{spec['shape'][1]}  {extra}")
+    recipe = meta.get("recipe") or {}
+    if recipe:
+        shown = {k: v for k, v in recipe.items() if v not in (None, [], {}, False)}
+        print("  recipe: " + json.dumps(shown, sort_keys=True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "methods":
+            from .methods import METHODS
+
+            for name in METHODS.names():
+                cls = METHODS.get(name)
+                start = "fine-tuned teacher" if cls.needs_teacher else "pre-trained model"
+                print(f"{name:<10} {cls.summary}  [starts from a {start}]")
+        elif args.command == "tasks":
+            from .data import TASKS, get_task
+
+            for name in TASKS.names():
+                try:
+                    t = get_task(name)
+                    print(f"{name:<16} {t.num_labels} label(s), metric {t.main_metric}")
+                except FactorLMError:
+                    print(f"{name:<16} your own files (--train-file/--dev-file/--text-columns/--label-column)")
+        elif args.command == "info":
+            _cmd_info(args)
+        elif args.command == "evaluate":
+            from .api import evaluate_model
+            from .models.loading import read_meta, resolve_model
+
+            meta = read_meta(resolve_model(args.path)) or {}
+            task = args.task or meta.get("task") or "rotten_tomatoes"
+            config = _config_from_args(args, task=task, model=args.path)
+            metrics = evaluate_model(args.path, config, quiet=args.quiet)
+            print(json.dumps(metrics, indent=2))
+        else:
+            from . import api
+
+            config = _config_from_args(args)
+            report = (api.compress if args.command == "compress" else api.finetune)(config, quiet=args.quiet)
+            _print_report(report)
+    except FactorLMError as e:
+        print(f"factorlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("factorlm: interrupted (nothing was written)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The full, JSON-able description of a run (saved beside the weights as the recipe)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import FactorLMError, check
+
+
+@dataclass
+class RunConfig:
+    # -- model and data ------------------------------------------------------------------------
+    model: str | None = None  # hub id, local folder, or None = embedded all-MiniLM-L6-v2
+    task: str = "rotten_tomatoes"
+    data_dir: str | None = None  # GLUE layout folder (else $FACTORLM_DATA_DIR, else the hub)
+    train_file: str | None = None  # generic csv/jsonl task
+    dev_file: str | None = None
+    text_columns: list[str] | None = None
+    label_column: str | None = None
+    max_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    seed: int = 0
+    # -- every training phase ------------------------------------------------------------------
+    learning_rate: float = 5e-5
+    epochs: float = 3.0
+    max_steps: int | None = None  # bounds every training phase (smoke runs)
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    eval_every: int | None = None
+    mixed_precision: str = "no"
+    progress: bool = True
+    # -- dense teacher (compress starts from a model fine-tuned on the task) --------------------
+    teacher: str | None = None  # a fine-tuned model folder; else the model itself if it has a trained head
+    teacher_epochs: float | None = None  # default: epochs
+    teacher_learning_rate: float | None = None  # default: learning_rate
+    cache_dir: str | None = None  # default: $FACTORLM_CACHE or ~/.cache/factorlm
+    # -- compression ---------------------------------------------------------------------------
+    method: str = "svd"
+    keep: float | None = 0.25
+    rank: int | None = None
+    structure: str = "lowrank"
+    nblocks: int | None = None  # Monarch / block-wise grid (structure default when None)
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    rank_policy: str = "uniform"  # uniform | global
+    schedule: str = "oneshot"  # oneshot | staged
+    method_options: dict[str, Any] = field(default_factory=dict)
+    # -- output --------------------------------------------------------------------------------
+    output: str | None = None
+    overwrite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def validate(self) -> "RunConfig":
+        check(self.max_length > 0, f"--max-length must be > 0, got {self.max_length}")
+        check(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
+        check(self.max_train_samples is None or self.max_train_samples > 0, "--max-train-samples must be > 0")
+        check(self.max_eval_samples is None or self.max_eval_samples > 0, "--max-eval-samples must be > 0")
+        check(self.rank_policy in ("uniform", "global"), f"--rank-policy must be uniform or global, got {self.rank_policy!r}")
+        check(self.schedule in ("oneshot", "staged"), f"--schedule must be oneshot or staged, got {self.schedule!r}")
+        if self.rank is not None:
+            check(self.rank > 0, f"--rank must be a positive integer, got {self.rank}")
+        elif self.keep is not None:
+            from .ranks.budget import check_keep
+
+            self.keep = check_keep(self.keep)
+        return self
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    """Read a YAML/JSON recipe: keys are RunConfig fields; unknown keys go to method_options."""
+    p = Path(path)
+    if not p.is_file():
+        raise FactorLMError(f"recipe file not found: {path}")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001
+        raise FactorLMError(f"cannot parse recipe {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise FactorLMError(f"recipe {path} must be a mapping of option: value")
+    data = dict(data.get("recipe", data))  # accept a saved factorlm.json's "recipe" block too
+    known = RunConfig.field_names()
+    opts = dict(data.pop("method_options", {}) or {})
+    out = {k: v for k, v in data.items() if k in known}
+    opts.update({k: v for k, v in data.items() if k not in known})
+    out["method_options"] = opts
+    return out

@@ -1,0 +1,165 @@
+"""Loading a task's examples (:func:`load_task_data`) and batching them (:func:`make_dataloader`)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import FactorLMError, check
+from .tasks import Example, Task, TaskData
+
+__all__ = ["load_task_data", "make_dataloader", "subsample"]
+
+
+def subsample(examples: Sequence[Example], n: int | None, seed: int = 0, stream: int = 0) -> list[Example]:
+    """A seeded random subset of ``n`` examples, kept in their original order.
+
+    Classification (int labels) is stratified: each class keeps its share (largest remainder), so
+    class balance holds even for small ``n``. ``stream`` separates the draws of different splits.
+    """
+    examples = list(examples)
+    if n is None or n >= len(examples):
+        return examples
+    check(n > 0, f"a max-samples limit must be positive, got {n}")
+    rng = np.random.default_rng([seed % 2**32, stream])
+    labels = [e.label for e in examples]
+    if all(isinstance(y, int) for y in labels):
+        y = np.asarray(labels)
+        classes, counts = np.unique(y, return_counts=True)
+        quota = counts * n / len(examples)
+        take = np.floor(quota).astype(int)
+        rest = n - int(take.sum())
+        if rest:
+            order = np.argsort(-(quota - take), kind="stable")
+            take[order[:rest]] += 1
+        chosen = [rng.choice(np.flatnonzero(y == c), size=k, replace=False) for c, k in zip(classes, take) if k]
+        idx = np.sort(np.concatenate(chosen))
+    else:
+        idx = np.sort(rng.choice(len(examples), size=n, replace=False))
+    return [examples[i] for i in idx]
+
+
+def load_task_data(
+    task: Task,
+    *,
+    data_dir: str | None = None,
+    train_file: str | None = None,
+    dev_file: str | None = None,
+    text_columns: Sequence[str] | str | None = None,
+    label_column: str | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 0,
+    eval_splits: Sequence[str] | None = None,
+    include_train: bool = True,
+) -> TaskData:
+    """Load ``task``'s train split and its eval splits (default ``task.eval_splits``; e.g.
+    ``("test",)`` for rotten_tomatoes). ``max_*_samples``: seeded stratified subsets (None = all).
+    ``include_train=False`` returns ``train=[]`` without reading it (evaluation only).
+    File/column options only apply to the generic ``csv`` / ``jsonl`` tasks.
+    """
+    check(task.loader is not None, f"task {task.name!r} has no data loader")
+    splits = tuple(eval_splits) if eval_splits is not None else tuple(task.eval_splits)
+    check(len(splits) > 0, "eval_splits is empty")
+    for s in splits:
+        check(
+            s in task.available_splits and s != "train",
+            f"task {task.name!r} has no eval split {s!r} (available: {', '.join(x for x in task.available_splits if x != 'train')})",
+        )
+    file_opts = {"train_file": train_file, "dev_file": dev_file, "text_columns": text_columns, "label_column": label_column}
+    given = [k for k, v in file_opts.items() if v]
+    if given and task.name not in ("csv", "jsonl"):
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise FactorLMError(f"task {task.name!r} is built in and does not take {flags}; use task 'csv' or 'jsonl'")
+    opts: dict[str, Any] = dict(file_opts, data_dir=data_dir, splits=(("train",) if include_train else ()) + splits)
+    loaded, label_names = task.loader(task, opts)
+    train = subsample(loaded["train"], max_train_samples, seed, stream=0) if include_train else []
+    evals = {s: subsample(loaded[s], max_eval_samples, seed, stream=1 + i) for i, s in enumerate(splits)}
+    if include_train:
+        check(len(train) > 0, f"task {task.name!r}: the train split has no examples")
+    for s, ex in evals.items():
+        check(len(ex) > 0, f"task {task.name!r}: the {s} split has no examples")
+    return TaskData(train=train, evals=evals, label_names=label_names)
+
+
+class _Encoded(Dataset):
+    def __init__(self, features: list[dict[str, list[int]]], labels: list[int | float]):
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.features[i], "labels": self.labels[i]}
+
+
+class _Collate:
+    """Pads a batch to its longest sequence (DataCollatorWithPadding) and adds typed ``labels``."""
+
+    def __init__(self, tokenizer, regression: bool):
+        from transformers import DataCollatorWithPadding
+
+        self.pad = DataCollatorWithPadding(tokenizer, padding="longest", return_tensors="pt")
+        self.dtype = torch.float32 if regression else torch.long
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        labels = [it["labels"] for it in items]
+        batch = dict(self.pad([{k: v for k, v in it.items() if k != "labels"} for it in items]))
+        batch["labels"] = torch.tensor(labels, dtype=self.dtype)
+        return batch
+
+
+def _encode(tokenizer, examples: list[Example], max_length: int, chunk: int = 2048) -> list[dict[str, list[int]]]:
+    out: list[dict[str, list[int]] | None] = [None] * len(examples)
+    singles = [i for i, e in enumerate(examples) if e.text_b is None]
+    pairs = [i for i, e in enumerate(examples) if e.text_b is not None]
+    for group, is_pair in ((singles, False), (pairs, True)):
+        for start in range(0, len(group), chunk):
+            idx = group[start : start + chunk]
+            a = [examples[i].text_a for i in idx]
+            b = [examples[i].text_b for i in idx] if is_pair else None
+            enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=False)
+            keys = list(enc.keys())
+            for j, i in enumerate(idx):
+                out[i] = {k: enc[k][j] for k in keys}
+    return out  # type: ignore[return-value]
+
+
+def make_dataloader(
+    examples: Sequence[Example],
+    tokenizer,
+    *,
+    batch_size: int,
+    max_length: int = 128,
+    shuffle: bool = False,
+    seed: int = 0,
+    is_regression: bool | None = None,
+    num_workers: int = 0,
+) -> DataLoader:
+    """Tokenize ``examples`` once (pairs when ``text_b``; truncated to ``max_length``) and batch them
+    with per-batch dynamic padding. Batches are dicts with ``input_ids``, ``attention_mask``,
+    ``token_type_ids`` (when the tokenizer makes them) and ``labels`` (long for classification,
+    float32 for regression; inferred from the label types unless ``is_regression`` is given).
+    ``shuffle=True`` uses a ``torch.Generator`` seeded with ``seed``: the same seed gives the same
+    batch order (epoch after epoch, for one loader) on every run.
+    """
+    examples = list(examples)
+    check(len(examples) > 0, "make_dataloader got no examples")
+    check(batch_size > 0, f"batch_size must be positive, got {batch_size}")
+    check(max_length > 1, f"max_length must be > 1, got {max_length}")
+    if is_regression is None:
+        is_regression = any(isinstance(e.label, float) for e in examples)
+    dataset = _Encoded(_encode(tokenizer, examples, max_length), [e.label for e in examples])
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=_Collate(tokenizer, is_regression),
+        num_workers=num_workers,
+    )

@@ -1,0 +1,136 @@
+"""Prediction and evaluation over one or several eval loaders.
+
+Works with or without an :class:`accelerate.Accelerator`: with one, batches are moved to
+``accelerator.device`` and predictions are collected with ``accelerator.gather_for_metrics`` (so it
+is correct under ``accelerate launch`` on many processes, duplicates of the last batch dropped);
+without one, batches are moved to the device of the model's first parameter.
+
+``task`` is duck-typed: it needs ``is_regression`` (bool), ``compute_metrics(preds, labels) -> dict``
+and ``main_metric`` (str); ``eval_splits`` (optional) gives the preferred order of the splits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import FactorLMError
+
+__all__ = ["predict", "evaluate", "main_score", "split_prefix"]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _logits_of(outputs: Any) -> torch.Tensor:
+    if torch.is_tensor(outputs):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if logits is None:
+        raise FactorLMError("the model's outputs have no 'logits'; cannot evaluate it")
+    return logits
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, accelerator=None, is_regression: bool = False
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``model`` over ``loader``; return ``(preds, labels, logits)`` as numpy arrays (float32 logits).
+
+    Batches are dicts of tensors (``labels`` under ``"labels"`` or ``"label"``).  Classification
+    ``preds`` are ``argmax(logits, -1)``; regression ``preds`` are ``logits.squeeze(-1)``.  The
+    model is put in eval mode for the duration and its previous mode restored afterwards.
+    """
+    device = accelerator.device if accelerator is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    all_logits: list[torch.Tensor] = []
+    all_labels: list[torch.Tensor] = []
+    try:
+        for batch in loader:
+            batch = _to_device(batch, device)
+            if "labels" not in batch and "label" in batch:
+                batch["labels"] = batch.pop("label")
+            labels = batch.get("labels")
+            if labels is None:
+                raise FactorLMError("evaluation batches must contain 'labels'")
+            logits = _logits_of(model(**batch)).detach().float()
+            if accelerator is not None:
+                logits, labels = accelerator.gather_for_metrics((logits.contiguous(), labels.contiguous()))
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
+    finally:
+        model.train(was_training)
+    if not all_logits:
+        raise FactorLMError("the evaluation data is empty")
+    logits_t = torch.cat(all_logits)
+    labels_np = torch.cat(all_labels).numpy()
+    if is_regression:
+        preds_np = logits_t.squeeze(-1).numpy()
+    else:
+        preds_np = logits_t.argmax(-1).numpy()
+    return preds_np, labels_np, logits_t.numpy()
+
+
+def split_prefix(split: str) -> str:
+    """``"dev_matched"`` -> ``"matched"`` (also strips ``validation_`` / ``eval_``)."""
+    for p in ("dev_", "validation_", "eval_"):
+        if split.startswith(p) and len(split) > len(p):
+            return split[len(p):]
+    return split
+
+
+def _ordered_splits(eval_loaders: Mapping[str, Any], task) -> list[str]:
+    preferred = [s for s in (getattr(task, "eval_splits", None) or []) if s in eval_loaders]
+    return preferred + [s for s in eval_loaders if s not in preferred]
+
+
+def evaluate(model: nn.Module, eval_loaders: Mapping[str, Any], task, accelerator=None) -> dict[str, float]:
+    """Metrics of ``model`` on every loader of ``eval_loaders`` (split name -> DataLoader).
+
+    One split: ``task.compute_metrics`` as-is (e.g. ``{"accuracy": 0.9}``).  Several splits: each
+    metric prefixed with the split name minus ``dev_`` (``matched_accuracy``, ``mismatched_accuracy``).
+    Values are python floats.  No loaders -> ``{}``.
+    """
+    if not eval_loaders:
+        return {}
+    is_regression = bool(getattr(task, "is_regression", False))
+    splits = _ordered_splits(eval_loaders, task)
+    out: dict[str, float] = {}
+    for split in splits:
+        preds, labels, _ = predict(model, eval_loaders[split], accelerator, is_regression)
+        metrics = task.compute_metrics(preds, labels)
+        for k, v in metrics.items():
+            key = k if len(splits) == 1 else f"{split_prefix(split)}_{k}"
+            out[key] = float(v)
+    return out
+
+
+def main_score(metrics: Mapping[str, float], main_metric: str) -> float:
+    """The score used to pick the best checkpoint (higher is better).
+
+    ``metrics[main_metric]`` when present; otherwise (several splits, unprefixed ``main_metric``)
+    the mean over every ``<split>_<main_metric>`` key.  NaN is returned as ``-inf``.
+    """
+    if main_metric in metrics:
+        value = float(metrics[main_metric])
+    else:
+        vals = [float(v) for k, v in metrics.items() if k.endswith("_" + main_metric)]
+        if not vals:
+            raise FactorLMError(f"main metric {main_metric!r} is not among the eval metrics {sorted(metrics)}")
+        value = sum(vals) / len(vals)
+    return -math.inf if math.isnan(value) else value

@@ -1,0 +1,302 @@
+"""Pruning subsystem: cubic schedule, criteria, exact top-k masks, the Pruner callback, I/O."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from factorlm.errors import FactorLMError
+from factorlm.prune import (
+    IMPORTANCES,
+    MagnitudeImportance,
+    MovementImportance,
+    Pruner,
+    compute_masks,
+    cubic_density,
+    cubic_sparsity,
+    default_density,
+    get_importance,
+    kept_count,
+    load_pruning_state,
+    prune_once,
+    resolve_targets,
+    save_pruning_state,
+    topk_mask,
+)
+
+
+class Tiny(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 7))
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def fake_trainer(total_steps: int):
+    return SimpleNamespace(state=SimpleNamespace(step=0, total_steps=total_steps))
+
+
+def run_steps(model, pruner, trainer, steps, lr=0.05, seed=0):
+    """A hand-written loop calling the hooks in the Trainer's order; returns the losses."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    X = torch.randn(32, 6, generator=g)
+    y = torch.randint(0, 3, (32,), generator=g)
+    losses = []
+    pruner.on_train_begin(trainer)
+    for t in range(steps):
+        trainer.state.step = t
+        pruner.on_step_begin(trainer)
+        loss = F.cross_entropy(model(X), y)
+        loss.backward()
+        pruner.on_after_backward(trainer)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    trainer.state.step = steps
+    pruner.on_train_end(trainer)
+    return losses
+
+
+# -- schedule ----------------------------------------------------------------------------------
+def test_cubic_schedule_values():
+    T, sf = 100, 0.7
+    assert cubic_sparsity(0, T, sf) == 0.0
+    assert cubic_sparsity(T, T, sf) == sf
+    assert cubic_sparsity(50, T, sf) == pytest.approx(sf + (0 - sf) * 0.5**3)
+    # warm-up / cool-down
+    assert cubic_sparsity(9, T, sf, 0.1, warmup_steps=10, cooldown_steps=20) == 0.1
+    assert cubic_sparsity(10, T, sf, 0.1, warmup_steps=10, cooldown_steps=20) == pytest.approx(0.1)
+    assert cubic_sparsity(45, T, sf, 0.1, 10, 20) == pytest.approx(sf + (0.1 - sf) * (1 - 35 / 70) ** 3)
+    assert cubic_sparsity(80, T, sf, 0.1, 10, 20) == sf
+    # fractions of training
+    assert cubic_sparsity(45, T, sf, 0.1, 0.1, 0.2) == cubic_sparsity(45, T, sf, 0.1, 10, 20)
+    seq = [cubic_sparsity(t, T, sf, 0.0, 5, 5) for t in range(T + 1)]
+    assert all(b >= a for a, b in zip(seq, seq[1:]))
+    assert cubic_density(T, T, 0.3) == 0.3 and cubic_density(0, T, 0.3) == 1.0
+    assert cubic_density(37, T, 0.3) == pytest.approx(1 - cubic_sparsity(37, T, 0.7))
+
+
+def test_default_density():
+    assert default_density(0.25) == 0.25
+    assert default_density(0.4, c=2.0) == pytest.approx(0.8)
+    assert default_density(0.8, c=2.0) == 1.0
+    with pytest.raises(FactorLMError):
+        default_density(0.0)
+
+
+# -- masks ---------------------------------------------------------------------------------------
+def test_topk_mask_exact_and_deterministic_ties():
+    s = torch.tensor([[3.0, 1.0, 1.0], [1.0, 5.0, 1.0]])
+    m = topk_mask(s, 3)
+    assert int(m.sum()) == 3
+    assert m.tolist() == [[True, True, False], [False, True, False]]  # tie -> lowest index first
+    assert int(topk_mask(torch.zeros(10), 4).sum()) == 4
+    assert topk_mask(torch.zeros(10), 4)[:4].all()
+    assert not topk_mask(s, 0).any() and topk_mask(s, 6).all()
+
+
+def test_compute_masks_per_matrix_and_global():
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.randn(7, 9, generator=g), "b": 3 * torch.randn(5, 4, generator=g)}
+    for d in (0.0, 0.13, 0.3, 0.5, 1.0):
+        per = compute_masks(scores, d, "per_matrix")
+        for n, s in scores.items():
+            assert per[n].dtype == torch.bool and per[n].shape == s.shape
+            assert int(per[n].sum()) == kept_count(d, s.numel()) == round(d * s.numel())
+        glob = compute_masks(scores, d, "global")
+        total = sum(s.numel() for s in scores.values())
+        assert sum(int(m.sum()) for m in glob.values()) == round(d * total)
+        kept = torch.cat([scores[n][glob[n]] for n in scores])
+        dropped = torch.cat([scores[n][~glob[n]] for n in scores])
+        if kept.numel() and dropped.numel():
+            assert kept.min() >= dropped.max()
+    with pytest.raises(FactorLMError):
+        compute_masks(scores, 0.5, "rows")
+
+
+# -- importance ----------------------------------------------------------------------------------
+def test_importance_criteria():
+    assert set(IMPORTANCES.names()) >= {"movement", "magnitude"}
+    W = {"w": torch.tensor([[1.0, -2.0], [0.5, 0.0]])}
+    assert torch.equal(get_importance("magnitude").scores(W)["w"], W["w"].abs())
+    mv = get_importance("movement")
+    assert isinstance(mv, MovementImportance) and mv.needs_grad
+    mv.reset(W)
+    G1 = torch.tensor([[1.0, 1.0], [-1.0, 2.0]])
+    G2 = torch.tensor([[-3.0, 0.0], [1.0, 1.0]])
+    mv.accumulate(W, {"w": G1})
+    mv.accumulate(W, {"w": G2})
+    assert torch.allclose(mv.scores(W)["w"], -W["w"] * (G1 + G2))
+    assert isinstance(get_importance(MagnitudeImportance), MagnitudeImportance)
+    with pytest.raises(FactorLMError):
+        get_importance("taylor-42")
+
+
+# -- targets -------------------------------------------------------------------------------------
+def test_resolve_targets(tiny_model):
+    found = resolve_targets(tiny_model)
+    assert len(found) == 6 * tiny_model.config.num_hidden_layers
+    assert all(".encoder.layer." in f".{n}" for n in found)
+    assert "bert.pooler.dense" not in found and "classifier" not in found
+    m = Tiny()
+    assert list(resolve_targets(m, ["encoder.0", "head"])) == ["encoder.0", "head"]
+    with pytest.raises(FactorLMError):
+        resolve_targets(m, ["encoder.1"])  # Tanh
+    with pytest.raises(FactorLMError):
+        resolve_targets(m, ["nope"])
+
+
+# -- Pruner --------------------------------------------------------------------------------------
+def test_pruner_masks_forward_and_straight_through_grad():
+    m = Tiny()
+    p = Pruner(m, ["encoder.0", "encoder.2"], "movement", 0.4, total_steps=10)
+    keys = set(m.state_dict())
+    p.update_masks(0.4)
+    lin = m.encoder[0]
+    x = torch.randn(4, 6)
+    assert torch.allclose(lin(x), F.linear(x, lin.weight * lin.prune_mask, lin.bias))
+    assert set(m.state_dict()) == keys  # masks are non-persistent, names untouched
+    m(x).sum().backward()
+    pruned = ~lin.prune_mask
+    assert pruned.any() and (lin.weight.grad[pruned] != 0).any()  # gradient reaches pruned weights
+    p.detach()
+    assert "forward" not in vars(lin) and not hasattr(lin, "prune_mask")
+
+
+def test_pruner_masked_grad_mode_still_scores_pruned_weights():
+    m = Tiny()
+    p = Pruner(m, ["encoder.0"], "movement", 0.5, total_steps=10, straight_through=False)
+    p.update_masks(0.5)
+    lin = m.encoder[0]
+    pruned = ~lin.prune_mask.clone()
+    trainer = fake_trainer(10)
+    m(torch.randn(8, 6)).pow(2).sum().backward()
+    assert (lin.weight.grad[pruned] == 0).all()  # pruned weights frozen
+    p.on_after_backward(trainer)
+    assert (p.importance.S["encoder.0"][pruned] != 0).any()  # but their movement is still scored
+
+
+@pytest.mark.parametrize("scope", ["per_matrix", "global"])
+def test_pruner_schedule_finalize_exact(scope):
+    m = Tiny()
+    targets = ["encoder.0", "encoder.2"]
+    T, dens = 12, 0.3
+    p = Pruner(m, targets, "movement", dens, total_steps=None, cooldown_steps=2, scope=scope)
+    trainer = fake_trainer(T)
+    losses = run_steps(m, p, trainer, T)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert p.density == pytest.approx(dens)  # cool-down reached the final density
+    x = torch.randn(5, 6)
+    m.eval()
+    with torch.no_grad():
+        before = m(x)
+    masks, scores = p.finalize()
+    with torch.no_grad():
+        after = m(x)
+    assert torch.allclose(before, after, atol=1e-6)  # baking == masking
+    mods = dict(m.named_modules())
+    for n in targets:
+        assert masks[n].dtype == torch.bool and scores[n].dtype == torch.float32
+        assert scores[n].shape == masks[n].shape
+        assert (mods[n].weight[~masks[n]] == 0).all()
+        assert "forward" not in vars(mods[n]) and not hasattr(mods[n], "prune_mask")
+    if scope == "per_matrix":
+        for n in targets:
+            assert int(masks[n].sum()) == round(dens * masks[n].numel())
+    else:
+        total = sum(masks[n].numel() for n in targets)
+        assert sum(int(masks[n].sum()) for n in targets) == round(dens * total)
+    assert (m.head.weight != 0).all()  # non-target untouched
+    with pytest.raises(FactorLMError):
+        p.finalize()
+
+
+def test_pruner_finalize_recomputes_if_schedule_unfinished():
+    m = Tiny()
+    p = Pruner(m, ["encoder.0"], "magnitude", 0.25, total_steps=100)
+    W = m.encoder[0].weight.detach().clone()
+    masks, scores = p.finalize()  # no training at all: one-shot magnitude at the final density
+    k = round(0.25 * W.numel())
+    assert int(masks["encoder.0"].sum()) == k
+    assert torch.equal(masks["encoder.0"], topk_mask(W.abs(), k))
+
+
+def test_pruner_on_hf_model_trains(tiny_model):
+    model = tiny_model.train()
+    p = Pruner(model, None, "movement", 0.5, total_steps=6, cooldown_steps=1)
+    trainer = fake_trainer(6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 100, (4, 8))
+    labels = torch.tensor([0, 1, 0, 1])
+    p.on_train_begin(trainer)
+    for t in range(6):
+        trainer.state.step = t
+        p.on_step_begin(trainer)
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        p.on_after_backward(trainer)
+        opt.step()
+        opt.zero_grad()
+    rep = p.sparsity_report()
+    assert rep["__all__"] == pytest.approx(0.5, abs=1e-3)
+    masks, _ = p.finalize()
+    assert len(masks) == 12
+    for n, mk in masks.items():
+        assert (model.get_submodule(n).weight[~mk] == 0).all()
+
+
+def test_pruner_state_dict_roundtrip():
+    m = Tiny()
+    p = Pruner(m, ["encoder.0"], "movement", 0.5, total_steps=4)
+    run_steps(m, p, fake_trainer(4), 4)
+    st = p.state_dict()
+    m2 = Tiny(seed=1)
+    p2 = Pruner(m2, ["encoder.0"], "movement", 0.5, total_steps=4)
+    p2.load_state_dict(st)
+    assert torch.equal(p2.masks["encoder.0"], p.masks["encoder.0"])
+    assert torch.equal(p2.importance.S["encoder.0"], p.importance.S["encoder.0"])
+
+
+# -- one-shot + I/O ------------------------------------------------------------------------------
+def test_prune_once_magnitude_and_global():
+    m = Tiny()
+    W0 = m.encoder[0].weight.detach().clone()
+    masks, scores = prune_once(m, ["encoder.0", "encoder.2"], "magnitude", 0.3)
+    assert int(masks["encoder.0"].sum()) == round(0.3 * 60)
+    kept, dropped = W0.abs()[masks["encoder.0"]], W0.abs()[~masks["encoder.0"]]
+    assert kept.min() >= dropped.max()
+    assert (m.encoder[0].weight[~masks["encoder.0"]] == 0).all()
+    assert torch.equal(m.encoder[0].weight[masks["encoder.0"]], W0[masks["encoder.0"]])
+
+    m2 = Tiny()
+    custom = {"encoder.0": torch.arange(60.0).reshape(10, 6), "encoder.2": -torch.ones(7, 10)}
+    masks2, _ = prune_once(m2, ["encoder.0", "encoder.2"], custom, 0.5, scope="global")
+    assert int(masks2["encoder.0"].sum()) + int(masks2["encoder.2"].sum()) == 65
+    assert masks2["encoder.0"].all()  # the global threshold favours the higher-scored matrix
+    with pytest.raises(FactorLMError):
+        prune_once(Tiny(), ["encoder.0"], "movement", 0.5)  # needs gradients
+
+
+def test_save_load_pruning_state(tmp_path):
+    masks = {"a.b": torch.rand(4, 5) > 0.5, "c": torch.ones(2, 3, dtype=torch.bool)}
+    scores = {"a.b": torch.randn(4, 5), "c": torch.randn(2, 3)}
+    path = tmp_path / "pruning.safetensors"
+    save_pruning_state(path, masks, scores)
+    m2, s2 = load_pruning_state(path)
+    assert set(m2) == set(masks) and set(s2) == set(scores)
+    for n in masks:
+        assert m2[n].dtype == torch.bool and torch.equal(m2[n], masks[n])
+        assert torch.equal(s2[n], scores[n])
+    save_pruning_state(tmp_path / "m.safetensors", masks)
+    assert load_pruning_state(tmp_path / "m.safetensors")[1] == {}
+    with pytest.raises(FactorLMError):
+        load_pruning_state(tmp_path / "missing.safetensors")

@@ -1,0 +1,428 @@
+"""Tests of factorlm.train: the accelerate-based loop, evaluation, hooks and distillation.
+
+Tiny random BERT (2 layers, hidden 32) on a synthetic, learnable task: label = token 5 appears.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import BertConfig, BertForSequenceClassification
+
+from factorlm.errors import FactorLMError
+from factorlm.train import (Callback, DistillationCallback, Trainer, TrainConfig, TrainState, default_param_groups,
+                            distillation_loss, evaluate, predict)
+
+torch.set_num_threads(1)
+
+SEQ = 8
+
+
+def make_model(num_labels=2, seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, num_labels=num_labels, max_position_embeddings=16,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return BertForSequenceClassification(cfg)
+
+
+def make_data(n, seed, regression=False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, 100, (n, SEQ), generator=g)
+    ids[:, 0] = 1  # [CLS]
+    has5 = torch.rand(n, generator=g) < 0.5
+    pos = torch.randint(1, SEQ, (n,), generator=g)
+    ids[has5, pos[has5]] = 5
+    labels = has5.float() if regression else has5.long()
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": labels[i]}
+            for i in range(n)]
+
+
+def loaders(n_train=256, n_eval=128, bs=16, regression=False, seed=0, splits=("dev",)):
+    train = DataLoader(make_data(n_train, seed, regression), batch_size=bs, shuffle=True)
+    evals = {s: DataLoader(make_data(n_eval, 100 + i, regression), batch_size=32) for i, s in enumerate(splits)}
+    return train, evals
+
+
+class AccTask:
+    is_regression = False
+    main_metric = "accuracy"
+    eval_splits = ("dev",)
+
+    def compute_metrics(self, preds, labels):
+        return {"accuracy": float((preds == labels).mean())}
+
+
+class RegTask:
+    is_regression = True
+    main_metric = "pearson"
+    eval_splits = ("dev",)
+
+    def compute_metrics(self, preds, labels):
+        return {"pearson": float(np.corrcoef(preds, labels)[0, 1]), "mse": float(((preds - labels) ** 2).mean())}
+
+
+def cfg(**kw):
+    base = dict(learning_rate=2e-3, weight_decay=0.01, epochs=1, warmup_ratio=0.1, progress=False, log_every=1,
+                seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train_logs(state: TrainState):
+    return [h for h in state.history if h["kind"] == "train"]
+
+
+def eval_logs(state: TrainState):
+    return [h for h in state.history if h["kind"] == "eval"]
+
+
+def sd_copy(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------
+def test_learns_synthetic_task():
+    model = make_model()
+    train, evals = loaders()
+    before = evaluate(model, evals, AccTask())["accuracy"]
+    t = Trainer(model, train, evals, AccTask(), cfg(epochs=4, log_every=4))
+    metrics = t.fit()
+    logs = train_logs(t.state)
+    assert t.state.step == t.state.total_steps == 4 * 16
+    assert logs[-1]["loss"] < 0.5 * logs[0]["loss"]
+    assert metrics["accuracy"] >= 0.85 > before + 0.2
+    assert len(eval_logs(t.state)) == 4  # once per epoch, the last one doubling as the final eval
+    assert all(h["examples_per_s"] > 0 and h["lr"] >= 0 for h in logs)
+    # the passed-in object is the trained model (single process: prepare returns the same module)
+    assert t.unwrapped_model is model
+    assert evaluate(model, evals, AccTask())["accuracy"] == metrics["accuracy"]
+
+
+def test_max_steps_exact_with_accumulation():
+    class Count(Callback):
+        def __init__(self):
+            self.n = {"step_end": 0, "loss": 0, "begin": 0}
+
+        def on_step_begin(self, trainer):
+            self.n["begin"] += 1
+
+        def compute_loss(self, trainer, batch, outputs, loss):
+            self.n["loss"] += 1
+            return loss
+
+        def on_step_end(self, trainer):
+            self.n["step_end"] += 1
+
+    for max_steps, accum in [(2, 1), (3, 2), (20, 1)]:  # 20 > one epoch of 16 steps
+        c = Count()
+        train, _ = loaders()
+        t = Trainer(make_model(), train, None, AccTask(), cfg(max_steps=max_steps, epochs=100,
+                    gradient_accumulation_steps=accum), callbacks=[c])
+        assert t.fit() == {}
+        assert t.state.step == t.state.total_steps == max_steps
+        assert c.n == {"step_end": max_steps, "begin": max_steps, "loss": max_steps * accum}
+        assert t.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # linear decay reached 0
+
+
+def test_fractional_epochs_and_steps_per_epoch():
+    train, _ = loaders(n_train=64, bs=16)  # 4 batches
+    t = Trainer(make_model(), train, None, AccTask(), cfg(epochs=1.5, gradient_accumulation_steps=3))
+    assert t.steps_per_epoch == 2  # ceil(4 / 3): the last, short group still makes a step
+    t.fit()
+    assert t.state.step == 3 and t.state.epoch == pytest.approx(1.5)
+
+
+def test_same_seed_same_weights():
+    def run(seed):
+        train, evals = loaders()
+        model = make_model()
+        Trainer(model, train, evals, AccTask(), cfg(max_steps=6, eval_every=3, seed=seed)).fit()
+        return sd_copy(model)
+
+    a, b, c = run(0), run(0), run(1)
+    assert same_weights(a, b)
+    assert not same_weights(a, c)  # dropout / shuffling follow the seed
+
+
+def test_hook_order_and_grad_visibility():
+    events = []
+
+    class Rec(Callback):
+        def on_train_begin(self, trainer):
+            events.append("train_begin")
+
+        def on_step_begin(self, trainer):
+            events.append("step_begin")
+
+        def compute_loss(self, trainer, batch, outputs, loss):
+            assert outputs.logits.shape == (16, 2) and loss.requires_grad
+            assert all(p.grad is None for p in trainer.model.parameters())
+            events.append("compute_loss")
+            return loss
+
+        def on_after_backward(self, trainer):
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
+            events.append("after_backward")
+
+        def on_step_end(self, trainer):
+            assert all(p.grad is None for p in trainer.model.parameters())  # zero_grad happened
+            events.append(f"step_end{trainer.state.step}")
+
+        def on_evaluate(self, trainer, metrics):
+            assert "accuracy" in metrics and trainer.model.training  # eval mode was restored
+            events.append(f"evaluate{trainer.state.step}")
+
+        def on_train_end(self, trainer):
+            events.append("train_end")
+
+    train, evals = loaders()
+    Trainer(make_model(), train, evals, AccTask(), cfg(max_steps=3, eval_every=2), callbacks=[Rec()]).fit()
+    step = ["step_begin", "compute_loss", "after_backward"]
+    assert events == ["train_begin", *step, "step_end1", *step, "step_end2", "evaluate2", *step, "step_end3",
+                      "evaluate3", "train_end"]
+
+
+def test_compute_loss_chain_changes_logged_loss():
+    seen = []
+
+    class AddThree(Callback):
+        def compute_loss(self, trainer, batch, outputs, loss):
+            return loss + 3.0
+
+    class Spy(Callback):
+        def compute_loss(self, trainer, batch, outputs, loss):
+            seen.append((float(outputs.loss.detach()), float(loss.detach())))
+            return loss
+
+    def run(cbs):
+        train, _ = loaders()
+        t = Trainer(make_model(), train, None, AccTask(), cfg(max_steps=4), callbacks=cbs)
+        t.fit()
+        return [h["loss"] for h in train_logs(t.state)]
+
+    base = run([])
+    added = run([AddThree(), Spy()])
+    assert all(s == pytest.approx(o + 3.0, abs=1e-5) for o, s in seen)  # chained in order
+    # a constant does not change gradients, so training is identical and only the logged loss moves
+    assert np.allclose(np.array(added) - np.array(base), 3.0, atol=1e-4)
+
+
+def test_keep_best_restores_best_weights_and_buffers():
+    class Sabotage(Callback):
+        """Snapshot weights at the first (best) eval, then wreck weights and buffers every step."""
+
+        def __init__(self):
+            self.best_snapshot = None
+            self.wreck = False
+
+        def on_evaluate(self, trainer, metrics):
+            if trainer.state.best_step == trainer.state.step:
+                self.best_snapshot = sd_copy(trainer.unwrapped_model)
+                self.best_extra = trainer.unwrapped_model.np_mask.clone()
+            self.wreck = True
+
+        def on_step_end(self, trainer):
+            if self.wreck:
+                with torch.no_grad():
+                    for p in trainer.unwrapped_model.parameters():
+                        p.add_(torch.randn_like(p) * 3)
+                    trainer.unwrapped_model.p_mask.zero_()
+                    trainer.unwrapped_model.np_mask.zero_()
+
+    results = {}
+    for keep_best in (True, False):
+        model = make_model()
+        model.register_buffer("p_mask", torch.ones(4))
+        model.register_buffer("np_mask", torch.ones(4), persistent=False)
+        train, evals = loaders()
+        sab = Sabotage()
+        t = Trainer(model, train, evals, AccTask(), cfg(epochs=2, eval_every=8, keep_best=keep_best),
+                    callbacks=[sab])
+        metrics = t.fit()
+        evs = eval_logs(t.state)
+        assert [e["step"] for e in evs] == [8, 16, 24, 32]
+        best = max(evs, key=lambda e: e["accuracy"])
+        assert t.state.best_step == best["step"] and t.state.best_metric == best["accuracy"]
+        results[keep_best] = (model, sab, metrics, evs)
+
+    model, sab, metrics, evs = results[True]
+    assert same_weights(sd_copy(model), sab.best_snapshot)
+    assert torch.equal(model.np_mask, sab.best_extra) and model.p_mask.sum() == 4
+    best = max(evs, key=lambda e: e["accuracy"])
+    assert metrics == {"accuracy": best["accuracy"]}
+    model, sab, metrics, evs = results[False]
+    assert not same_weights(sd_copy(model), sab.best_snapshot)
+    assert metrics == {"accuracy": evs[-1]["accuracy"]}
+
+
+def test_frozen_params_untouched_and_no_decay_groups():
+    model = make_model()
+    model.bert.embeddings.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model.bert.embeddings.state_dict().items()}
+    trainable_before = model.classifier.weight.detach().clone()
+    train, _ = loaders()
+    t = Trainer(model, train, None, AccTask(), cfg(max_steps=5, weight_decay=0.5))
+    opt_params = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) not in opt_params for p in model.bert.embeddings.parameters())
+    t.fit()
+    assert all(torch.equal(v, frozen[k]) for k, v in model.bert.embeddings.state_dict().items())
+    assert not torch.equal(model.classifier.weight, trainable_before)
+
+    m = make_model()
+    by_id = {id(p): n for n, p in m.named_parameters()}
+    groups = default_param_groups(m, 0.1)
+    decayed = {by_id[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {by_id[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert "classifier.weight" in decayed and "bert.encoder.layer.0.attention.self.query.weight" in decayed
+    assert "classifier.bias" in plain and "bert.embeddings.LayerNorm.weight" in plain
+    assert not any(n.endswith("bias") or "LayerNorm" in n for n in decayed)
+    assert len(decayed) + len(plain) == len(by_id)
+
+
+def test_custom_param_groups():
+    model = make_model()
+
+    def groups(m):
+        return [{"params": [m.classifier.weight, m.classifier.bias], "lr": 1e-2, "weight_decay": 0.0}]
+
+    train, _ = loaders()
+    emb = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    t = Trainer(model, train, None, AccTask(), cfg(max_steps=2), param_groups=groups)
+    t.fit()
+    assert len(t.optimizer.param_groups) == 1 and t.optimizer.param_groups[0]["initial_lr"] == 1e-2
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, emb)
+
+
+def test_regression_task():
+    model = make_model(num_labels=1)
+    train, evals = loaders(regression=True)
+    preds, labels, logits = predict(model, evals["dev"], is_regression=True)
+    assert preds.shape == labels.shape == (128,) and logits.shape == (128, 1) and labels.dtype == np.float32
+    t = Trainer(model, train, evals, RegTask(), cfg(epochs=4, log_every=4, learning_rate=3e-3))
+    metrics = t.fit()
+    logs = train_logs(t.state)
+    assert set(metrics) == {"pearson", "mse"}
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert metrics["pearson"] > 0.8 and metrics["mse"] < 0.2
+
+
+def test_two_eval_splits_prefixed():
+    class MnliTask(AccTask):
+        eval_splits = ("dev_matched", "dev_mismatched")
+
+    model = make_model()
+    train, evals = loaders(splits=("dev_mismatched", "dev_matched"))
+    m = evaluate(model, evals, MnliTask())
+    assert list(m) == ["matched_accuracy", "mismatched_accuracy"]  # task order, split prefix stripped
+    t = Trainer(model, train, evals, MnliTask(), cfg(max_steps=4, eval_every=2))
+    metrics = t.fit()
+    assert set(metrics) == {"matched_accuracy", "mismatched_accuracy"}
+    ev = eval_logs(t.state)[-1]
+    assert t.state.best_metric == pytest.approx(max(
+        (e["matched_accuracy"] + e["mismatched_accuracy"]) / 2 for e in eval_logs(t.state)))
+    assert "matched_accuracy" in ev
+
+    class Prefixed(MnliTask):
+        main_metric = "mismatched_accuracy"
+
+    t = Trainer(make_model(), *loaders(splits=("dev_matched", "dev_mismatched")), Prefixed(), cfg(max_steps=2))
+    t.fit()
+    assert t.state.best_metric == eval_logs(t.state)[-1]["mismatched_accuracy"]
+
+
+def test_predict_and_evaluate_restore_mode():
+    model = make_model()
+    _, evals = loaders()
+    model.train()
+    preds, labels, logits = predict(model, evals["dev"])
+    assert model.training
+    assert preds.shape == labels.shape == (128,) and logits.shape == (128, 2)
+    assert np.array_equal(preds, logits.argmax(-1))
+    model.eval()
+    evaluate(model, evals, AccTask())
+    assert not model.training
+    assert evaluate(model, {}, AccTask()) == {}
+
+
+def test_distillation_identical_teacher_adds_zero():
+    seen = []
+
+    class Spy(Callback):
+        def compute_loss(self, trainer, batch, outputs, loss):
+            seen.append((float(outputs.loss.detach()), float(loss.detach())))
+            return loss
+
+    student = make_model(dropout=0.0)
+    teacher = copy.deepcopy(student)
+    kd = DistillationCallback(teacher, alpha=1.0, temperature=2.0)
+    train, _ = loaders()
+    t = Trainer(student, train, None, AccTask(), cfg(max_steps=3), callbacks=[kd, Spy()])
+    t.fit()
+    assert seen[0][1] == pytest.approx(seen[0][0], abs=1e-6)  # KL(teacher || identical student) = 0
+    assert float(kd.last_kd) > 0  # the student moved away from the teacher
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert next(teacher.parameters()).device == t.accelerator.device
+
+    # a different teacher adds a positive term; with scale_task_loss the task loss is weighted by 1 - alpha
+    seen.clear()
+    other = make_model(seed=1, dropout=0.0)
+    with torch.no_grad():
+        other.classifier.bias.copy_(torch.tensor([4.0, -4.0]))  # confident teacher: clearly non-zero KL
+    kd = DistillationCallback(other, alpha=0.5, temperature=2.0, scale_task_loss=True)
+    t = Trainer(make_model(dropout=0.0), loaders()[0], None, AccTask(), cfg(max_steps=1), callbacks=[kd, Spy()])
+    t.fit()
+    task, total = seen[0]
+    assert float(kd.last_kd) > 0.5
+    assert total == pytest.approx(0.5 * task + 0.5 * float(kd.last_kd), rel=1e-5)
+
+    with pytest.raises(FactorLMError):
+        DistillationCallback(other, alpha=2.0, scale_task_loss=True)
+
+
+def test_distillation_loss_values():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 1.0]])
+    tl = torch.tensor([[2.0, 0.0, 0.5], [1.0, 1.0, 1.0]])
+    T = 2.0
+    p_t = torch.softmax(tl / T, -1)
+    manual = (p_t * (p_t.log() - torch.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+    assert distillation_loss(s, tl, T) == pytest.approx(float(manual), rel=1e-5)
+    assert distillation_loss(s, s, T) == pytest.approx(0.0, abs=1e-6)
+    reg = distillation_loss(s[:, :1], tl[:, :1], regression=True)
+    assert reg == pytest.approx(float(((s[:, 0] - tl[:, 0]) ** 2).mean()))
+
+
+def test_config_validation_and_checkpoint(tmp_path):
+    with pytest.raises(FactorLMError):
+        TrainConfig(mixed_precision="fp8")
+    with pytest.raises(FactorLMError):
+        TrainConfig(save_every=5)
+    c = TrainConfig(max_steps=7)
+    assert TrainConfig(**c.to_dict()) == c and json.dumps(c.to_dict())
+
+    class WithState(Callback):
+        def state_dict(self):
+            return {"scores": [1, 2]}
+
+    train, _ = loaders(n_train=32)
+    t = Trainer(make_model(), train, None, AccTask(),
+                cfg(max_steps=2, save_every=2, checkpoint_dir=str(tmp_path)), callbacks=[WithState()])
+    t.fit()
+    ck = tmp_path / "step-2"
+    assert (ck / "trainer_state.json").exists()
+    assert json.loads((ck / "trainer_state.json").read_text())["state"]["step"] == 2
+    assert torch.load(ck / "callbacks.pt") == [{"scores": [1, 2]}]
+
+
+def test_empty_training_data_is_a_user_error():
+    with pytest.raises(FactorLMError):
+        Trainer(make_model(), DataLoader([], batch_size=4), None, AccTask(), cfg())
