@@ -76,6 +76,12 @@ def _method_flags(p: argparse.ArgumentParser) -> dict[str, str]:
     return {d: ",".join(m) for d, m in seen.items()}
 
 
+def _prune_options():
+    from .methods.prune import PruneOptions
+
+    return PruneOptions
+
+
 def _bool(s: str) -> bool:
     v = s.strip().lower()
     if v in ("1", "true", "yes", "on"):
@@ -107,14 +113,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", nargs="+", help="regex: skip layers whose name matches (head/pooler always skipped)")
     c.add_argument("--rank-policy", choices=["uniform", "global"], help="one rank for all matrices, or global allocation")
     c.add_argument("--schedule", choices=["oneshot", "staged"], help="factorize all layers at once or stage by stage")
+    c.add_argument("--stages", type=int, help="staged: number of stages (groups of consecutive layers; default one per layer)")
+    c.add_argument("--stage-order", choices=["bottom_up", "top_down"], help="staged: which end first (default bottom_up)")
+    c.add_argument("--stage-epochs", type=float, help="staged: training epochs after each stage (default epochs / stages)")
     c.add_argument("--teacher", help="dense model already fine-tuned on the task (skips the teacher fine-tune)")
     c.add_argument("--teacher-epochs", type=float, help="epochs of the dense teacher fine-tune (default --epochs)")
     c.add_argument("--teacher-learning-rate", type=float)
     c.add_argument("--cache-dir", help="where dense teachers are cached (default $FACTORLM_CACHE or ~/.cache/factorlm)")
     _method_flags(p)
 
+    p = sub.add_parser("prune", help="unstructured pruning alone (movement or magnitude): a sparse model + masks")
+    _common(p)
+    g = p.add_argument_group("pruning")
+    g.add_argument("--keep", type=float, help="budget the density defaults to (default density = keep)")
+    g.add_argument("--include", nargs="+", help="regex: only layers whose name matches")
+    g.add_argument("--exclude", nargs="+", help="regex: skip layers whose name matches")
+    g.add_argument("--teacher", help="dense model already fine-tuned on the task")
+    g.add_argument("--teacher-epochs", type=float)
+    g.add_argument("--cache-dir")
+    for f in dataclasses.fields(_prune_options()):
+        flag = "--" + f.name.replace("_", "-")
+        g.add_argument(flag, dest=f"mopt_{f.name}", type=type(f.default), help=f"default {f.default}")
+
     p = sub.add_parser("finetune", help="dense fine-tuning of a pre-trained model (the teacher)")
     _common(p)
+
+    p = sub.add_parser("analyze", help="low-rank analysis: spectrum + error vs rank of T, UP_zero(T), UP_first(T) (PNG)")
+    p.add_argument("dense", help="fine-tuned dense model folder (T)")
+    p.add_argument("--pruned", help="first-order pruned model folder (from `factorlm prune`)")
+    p.add_argument("--module", help="target layer name or regex (default: the first target layer)")
+    p.add_argument("--density", type=float, help="density for UP_zero (default: the pruned model's)")
+    p.add_argument("--output", "-o", default="lowrank.png", help="PNG path (default lowrank.png)")
 
     p = sub.add_parser("evaluate", help="score a saved model on its task (or --task)")
     p.add_argument("path", help="model folder")
@@ -224,6 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{name:<16} your own files (--train-file/--dev-file/--text-columns/--label-column)")
         elif args.command == "info":
             _cmd_info(args)
+        elif args.command == "analyze":
+            from .analysis import analyze_models
+
+            summary = analyze_models(args.dense, args.pruned, args.module, args.density, args.output)
+            print(json.dumps({k: v for k, v in summary.items() if k != "title"}, indent=1, default=str))
+        elif args.command == "prune":
+            from . import api
+
+            config = _config_from_args(args, method="prune")
+            _print_report(api.compress(config, quiet=args.quiet))
         elif args.command == "evaluate":
             from .api import evaluate_model
             from .models.loading import read_meta, resolve_model

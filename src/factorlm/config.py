@@ -51,6 +51,9 @@ class RunConfig:
     exclude: list[str] = field(default_factory=list)
     rank_policy: str = "uniform"  # uniform | global
     schedule: str = "oneshot"  # oneshot | staged
+    stages: int = 0  # staged: number of stages (groups of consecutive layers); 0 = one per layer
+    stage_order: str = "bottom_up"  # staged: bottom_up | top_down
+    stage_epochs: float = 0.0  # staged: training after each stage; 0 = epochs / number of stages
     method_options: dict[str, Any] = field(default_factory=dict)
     # -- output --------------------------------------------------------------------------------
     output: str | None = None
@@ -70,6 +73,8 @@ class RunConfig:
         check(self.max_eval_samples is None or self.max_eval_samples > 0, "--max-eval-samples must be > 0")
         check(self.rank_policy in ("uniform", "global"), f"--rank-policy must be uniform or global, got {self.rank_policy!r}")
         check(self.schedule in ("oneshot", "staged"), f"--schedule must be oneshot or staged, got {self.schedule!r}")
+        check(self.stage_order in ("bottom_up", "top_down"), f"--stage-order must be bottom_up or top_down, got {self.stage_order!r}")
+        check(self.stages >= 0 and self.stage_epochs >= 0, "--stages and --stage-epochs must be >= 0")
         if self.rank is not None:
             check(self.rank > 0, f"--rank must be a positive integer, got {self.rank}")
         elif self.keep is not None:

@@ -173,7 +173,9 @@ def wrap_mixed_rank(model: nn.Module, dense_weights: Mapping[str, torch.Tensor],
             raise FactorLMError(f"no module named {name!r} in the model") from None
         check(isinstance(mod, FactorizedLinear) and not isinstance(mod, MixedRankLinear),
               f"{name!r} is a {type(mod).__name__}, expected a (non-mixed) FactorizedLinear")
-        _replace(model, name, MixedRankLinear(mod, W, p=p, generator=generator))
+        new = MixedRankLinear(mod, W, p=p, generator=generator)
+        new.train(mod.training)  # inherit the mode (a fresh module would be in training mode)
+        _replace(model, name, new)
     return model
 
 

@@ -57,6 +57,17 @@ class SVDLinear(FactorizedLinear):
             nn.init.zeros_(self.V)
         self.register_buffer("rank_mask", torch.ones(rank, dtype=self.s.dtype, device=device), persistent=True)
 
+    # -- budget interface (stored weights at allocated rank; see kept_weight_params) ------------
+    budget_knob = "rank"
+
+    @staticmethod
+    def weight_params_for(out_features: int, in_features: int, rank: int) -> int:
+        return rank * (in_features + out_features + 1)
+
+    @staticmethod
+    def knob_max(out_features: int, in_features: int) -> int:
+        return min(out_features, in_features)
+
     # -- FactorizedLinear -----------------------------------------------------------------------
     def effective_s(self) -> torch.Tensor:
         """``s * rank_mask``: the singular values the forward uses (masked ones are 0)."""
@@ -72,7 +83,7 @@ class SVDLinear(FactorizedLinear):
 
     def weight_params(self) -> int:
         """Stored weights ``r (in + out + 1)`` (contract); see :meth:`kept_weight_params` for the budget."""
-        return self.rank * (self.in_features + self.out_features + 1)
+        return self.weight_params_for(self.out_features, self.in_features, self.rank)
 
     def weight_flops(self) -> int:
         """``2 r (in + out)`` for the two thin matmuls + ``r`` for the scaling by ``s * mask``."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..factorize import factorize
+from ..staged import run_factorize
 from .base import Method, MethodResult, register_method
 from .common import plan_for, targets_for
 
@@ -32,7 +32,7 @@ class SVDMethod(Method):
         targets = targets_for(session, model)
         decompose = self.decomposers(session, model, targets)
         plan = plan_for(session, model, targets, weights=self.spectra_weights(session, model, targets))
-        accounting = factorize(model, plan, session.config.structure, decompose)
+        accounting = run_factorize(session, model, plan, session.config.structure, decompose)
         for line in accounting.lines():
             session.log(line)
         session.evaluate(model, phase="factorized")

@@ -76,7 +76,9 @@ class MovementImportance(Importance):
     """First-order: ``S += -W * dL/dW`` after every backward (Sanh et al. 2020, hard movement pruning).
 
     Scores are kept in float32 on each weight's device.  They are in loss units summed over steps,
-    so only their order matters (a global loss-scale, e.g. from fp16 AMP, does not change a mask).
+    so only their order matters.  Gradients are read before unscaling: under fp16 AMP each step's
+    contribution carries the (slowly varying) loss scale, and a step whose gradient overflowed
+    adds nothing for that tensor; prefer bf16/fp32 for the pruning run.
     """
 
     needs_grad = True
@@ -97,7 +99,10 @@ class MovementImportance(Importance):
                 self.S[n] = torch.zeros_like(w, dtype=torch.float32)
             elif self.S[n].device != w.device:  # the model was moved (e.g. by the accelerator)
                 self.S[n] = self.S[n].to(w.device)
-            self.S[n].sub_(w.detach().float() * g.detach().float())
+            contrib = w.detach().float() * g.detach().float()
+            # an fp16 loss-scale overflow step (skipped by the optimizer) must not poison the scores;
+            # checked per tensor without a host sync
+            self.S[n].sub_(torch.where(torch.isfinite(contrib).all(), contrib, torch.zeros_like(contrib)))
 
     def scores(self, weights):
         check(all(n in self.S for n in weights), "movement scores are missing for some weights (was reset() called?)")

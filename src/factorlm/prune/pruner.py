@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import FactorLMError, check
 from ..train.callbacks import Callback
 from .importance import Importance, get_importance
-from .masks import SCOPES, compute_masks, mask_density
+from .masks import SCOPES, compute_masks, kept_count, mask_density
 from .schedule import cubic_density
 
 MASK_BUFFER = "prune_mask"
@@ -215,6 +215,17 @@ class Pruner(Callback):
         self.density = density
         return self.masks
 
+    def _masks_exact(self, density: float) -> bool:
+        """Whether the live masks keep exactly what ``density`` prescribes (they may not, e.g. after
+        the Trainer restored an earlier best checkpoint's buffers, or before the schedule ended)."""
+        if not math.isclose(self.density, density, rel_tol=0.0, abs_tol=1e-12):
+            return False
+        masks = self.masks
+        if self.scope == "per_matrix":
+            return all(int(m.sum()) == kept_count(density, m.numel()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        return sum(int(m.sum()) for m in masks.values()) == kept_count(density, total)
+
     def sparsity_report(self) -> dict[str, float]:
         """``{name: density}`` of the live masks plus ``"__all__"``."""
         masks = self.masks
@@ -253,13 +264,13 @@ class Pruner(Callback):
     def finalize(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Bake masks into the weights (pruned entries := 0), remove hooks/buffers.
 
-        If the live masks are not at ``final_density`` (e.g. training stopped before the schedule
-        ended, or no training happened) they are first recomputed at ``final_density`` from the
-        current scores.  Returns ``(masks, scores)``: bool keep-masks and float32 scores (scores
+        If the live masks do not keep exactly ``final_density`` (training stopped before the schedule
+        ended, no training happened, or the Trainer's ``keep_best`` restored an earlier, denser
+        checkpoint's masks) they are first recomputed at ``final_density`` from the current scores.  Returns ``(masks, scores)``: bool keep-masks and float32 scores (scores
         taken before zeroing), on the weights' devices.  The model is a plain ``nn`` model after.
         """
         check(self._attached, "finalize() was already called")
-        if not math.isclose(self.density, self.final_density, rel_tol=0.0, abs_tol=1e-12):
+        if not self._masks_exact(self.final_density):
             self.update_masks(self.final_density)
         scores = {n: s.detach().clone() for n, s in self.scores().items()}
         masks = {n: m.detach().clone() for n, m in self.masks.items()}

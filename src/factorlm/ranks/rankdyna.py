@@ -47,7 +47,6 @@ import torch
 from torch import nn
 
 from ..errors import check
-from ..layers.lowrank import LowRankLinear
 from ..layers.svd_masked import SVDLinear
 from ..train.callbacks import Callback
 from .allocator import SensitivityTracker, global_allocation, kept_cost

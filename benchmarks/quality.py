@@ -1,0 +1,180 @@
+"""Quality benchmark: dense vs compressed methods at several budgets on real tasks (CPU-sized).
+
+Resumable: each (task, method, keep, variant) run writes benchmarks/results/runs/<id>.json and is
+skipped when that file exists; dense teachers are cached (benchmarks/results/cache/), so every
+method of a task starts from the same fine-tuned teacher.
+
+    python benchmarks/quality.py --tasks rotten_tomatoes sst2 mrpc --methods svd fwsvd --keeps 0.5 0.25 0.16
+    python benchmarks/quality.py --table-only      # rebuild table / JSON / PNG from finished runs
+
+Variants are "method" or "method:opt=value,opt=value" (e.g. "lpaf:prune=false"); any RunConfig
+field (structure, schedule, rank_policy...) or method option can be set that way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+RUNS = RESULTS / "runs"
+GLUE = Path(os.environ.get("FACTORLM_DATA_DIR", ROOT.parents[1] / "shared" / "data" / "glue"))
+
+# CPU-sized settings per task (stated in the closing note): train subset, sequence length, epochs.
+# A dense MiniLM training step (batch 32) takes ~3.5 s on the 2-core CPU, so the dense teacher
+# gets 2-3 epochs of a train subset and every compression phase (pruning, each fine-tune) 1 epoch.
+TASKS = {
+    "rotten_tomatoes": dict(max_train_samples=4000, max_length=64, teacher_epochs=3.0),
+    "sst2": dict(max_train_samples=2000, max_length=64, teacher_epochs=2.0, data_dir=str(GLUE)),
+    "mrpc": dict(max_train_samples=2000, max_length=128, teacher_epochs=2.0, data_dir=str(GLUE)),
+    "cola": dict(max_train_samples=2000, max_length=64, teacher_epochs=2.0, data_dir=str(GLUE)),
+    "stsb": dict(max_train_samples=2000, max_length=128, teacher_epochs=2.0, data_dir=str(GLUE)),
+}
+COMMON = dict(batch_size=32, eval_batch_size=256, learning_rate=1e-4, epochs=1.0,
+              teacher_learning_rate=5e-5, warmup_ratio=0.06, seed=0)
+
+
+def parse_variant(v: str) -> tuple[str, dict, dict]:
+    from factorlm.config import RunConfig
+
+    method, _, rest = v.partition(":")
+    cfg, opts = {}, {}
+    for kv in filter(None, rest.split(",")):
+        k, _, val = kv.partition("=")
+        val = {"true": True, "false": False}.get(val.lower(), val)
+        for cast in (int, float):
+            if isinstance(val, str):
+                try:
+                    val = cast(val)
+                except ValueError:
+                    pass
+        (cfg if k in RunConfig.field_names() else opts)[k] = val
+    return method, cfg, opts
+
+
+def run_id(task: str, variant: str, keep: float | None) -> str:
+    safe = variant.replace(":", "_").replace(",", "_").replace("=", "-")
+    return f"{task}__{safe}__{'dense' if keep is None else f'k{keep:g}'}"
+
+
+def run_one(task: str, variant: str, keep: float, args) -> dict:
+    from factorlm import RunConfig, compress
+
+    method, cfg_over, opts = parse_variant(variant)
+    for k in ("pruned_model", "save_pruned"):  # per-keep paths: "{keep}" in a variant is the budget
+        if isinstance(opts.get(k), str):
+            opts[k] = str(RESULTS / "cache" / "pruned" / opts[k].format(task=task, keep=f"{keep:g}"))
+    settings = {**COMMON, **TASKS[task], **cfg_over}
+    if args.max_steps:
+        settings["max_steps"] = args.max_steps
+    config = RunConfig(task=task, method=method, keep=keep, method_options=opts, progress=False,
+                       cache_dir=str(RESULTS / "cache"), **settings)
+    t0 = time.time()
+    report = compress(config, save=False, quiet=not args.verbose)
+    return {
+        "task": task, "variant": variant, "method": method, "keep": keep, "main_metric": report.main_metric,
+        "score": report.final, "dense": report.scores.get("dense", {}).get(report.main_metric),
+        "phases": report.scores, "accounting": report.accounting, "flops": report.flops,
+        "train_steps": report.total_train_steps, "wall_s": round(time.time() - t0, 1),
+        "config": config.to_dict(),
+    }
+
+
+def load_runs() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
+
+
+def table(runs: list[dict]) -> str:
+    by = {}
+    for r in runs:
+        by.setdefault(r["task"], {}).setdefault(r["variant"], {})[r["keep"]] = r
+    lines = []
+    for task, variants in by.items():
+        keeps = sorted({k for v in variants.values() for k in v}, reverse=True)
+        any_run = next(iter(next(iter(variants.values())).values()))
+        dense = any_run.get("dense")
+        metric = any_run["main_metric"]
+        lines.append(f"\n### {task} ({metric} x100; dense teacher {100 * dense:.1f})" if dense else f"\n### {task}")
+        lines.append("| method | " + " | ".join(f"keep {k:g}" for k in keeps) + " | train steps |")
+        lines.append("|---|" + "---|" * (len(keeps) + 1))
+        for variant, rs in variants.items():
+            cells = [f"{100 * rs[k]['score']:.1f}" if k in rs else "" for k in keeps]
+            steps = sorted({rs[k]["train_steps"] for k in rs})
+            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {'/'.join(map(str, steps))} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in runs})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rs = [r for r in runs if r["task"] == task]
+        for variant in sorted({r["variant"] for r in rs}):
+            pts = sorted((r["keep"], 100 * r["score"]) for r in rs if r["variant"] == variant)
+            ax.plot(*zip(*pts), marker="o", label=variant)
+        dense = next((r["dense"] for r in rs if r.get("dense")), None)
+        if dense:
+            ax.axhline(100 * dense, color="k", ls="--", lw=1, label="dense")
+        ax.set_title(task)
+        ax.set_xlabel("fraction of encoder weights kept")
+        ax.set_ylabel(rs[0]["main_metric"])
+        ax.invert_xaxis()
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "sst2", "mrpc"])
+    p.add_argument("--methods", nargs="+", default=["svd", "fwsvd"], help="variants, e.g. svd lpaf lpaf:prune=false")
+    p.add_argument("--keeps", nargs="+", type=float, default=[0.5, 0.25, 0.16])
+    p.add_argument("--max-steps", type=int, help="cap every phase (smoke test of the benchmark itself)")
+    p.add_argument("--name", default="quality", help="basename of the JSON/PNG/MD outputs")
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (run two benchmarks side by side with 1)")
+    args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for task in args.tasks:
+            for variant in args.methods:
+                for keep in args.keeps:
+                    f = RUNS / f"{run_id(task, variant, keep)}.json"
+                    if f.exists():
+                        continue
+                    print(f"[{time.strftime('%H:%M:%S')}] {task} {variant} keep={keep}", flush=True)
+                    try:
+                        res = run_one(task, variant, keep, args)
+                    except Exception as e:  # noqa: BLE001 - keep going, report at the end
+                        print(f"   FAILED: {type(e).__name__}: {e}", flush=True)
+                        continue
+                    f.write_text(json.dumps(res, indent=1, default=str))
+                    print(f"   {res['main_metric']}={res['score']:.4f} (dense {res['dense']}) steps={res['train_steps']} "
+                          f"{res['wall_s']}s", flush=True)
+    runs = [r for r in load_runs() if r["task"] in args.tasks and r["variant"] in args.methods]
+    if not runs:
+        sys.exit("no finished runs")
+    md = table(runs)
+    print(md)
+    (RESULTS / f"{args.name}.md").write_text(md + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(runs, indent=1, default=str))
+    plot(runs, RESULTS / f"{args.name}.png")
+
+
+if __name__ == "__main__":
+    main()

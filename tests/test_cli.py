@@ -1,0 +1,202 @@
+"""CLI end to end on a tiny random BERT folder (fast), and every bad input's one-line error."""
+
+import json
+
+import pytest
+import torch
+
+from factorlm import load
+from factorlm.cli import main
+
+from conftest import tiny_bert
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, minilm_path):
+    """A tiny random BERT with the real MiniLM tokenizer, saved as a plain HF folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    BertModel(cfg).save_pretrained(d)  # a pre-trained encoder without a task head, like the default
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def csv_task(tmp_path):
+    rows = ["text,label"] + [f"good great fine {i},pos" for i in range(40)] + [f"bad awful poor {i},neg" for i in range(40)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join(rows[:1] + rows[1:11] + rows[41:51]) + "\n")
+    return tmp_path
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("method", ["svd", "fwsvd"])
+def test_compress_save_info_evaluate(method, tiny_dir, csv_task, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--task", "csv", "--train-file", csv_task / "train.csv", "--dev-file", csv_task / "dev.csv",
+              "--text-columns", "text", "--label-column", "label", "--max-length", "16", "--quiet",
+              "--cache-dir", tmp_path / "cache"]
+    code, stdout, err = run(["compress", "--model", tiny_dir, "--method", method, "--keep", "0.5", "--max-steps", "3",
+                             "--output", out, *common, *(["--fisher-batches", "2"] if method == "fwsvd" else [])], capsys)
+    assert code == 0, err
+    assert "saved to" in stdout
+    meta = json.loads((out / "factorlm.json").read_text())
+    assert meta["method"] == method and meta["task"] == "csv"
+    assert len(meta["modules"]) == 12 and {m["rank"] for m in meta["modules"].values()} == {9}  # floor(0.5 * 8192 / 448)
+    assert meta["recipe"]["keep"] == 0.5 and meta["recipe"]["seed"] == 0
+    assert set(meta["scores"]) >= {"dense", "factorized", "finetune", "final"}
+    assert meta["accounting"]["target_weights_after"] <= 0.5 * meta["accounting"]["target_weights_before"]
+    # the dense teacher was cached and is reused
+    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
+    model = load(out)
+    ids = torch.randint(0, 30522, (2, 8))
+    assert model(input_ids=ids).logits.shape == (2, 2)
+    code, stdout, err = run(["info", out], capsys)
+    assert code == 0 and "rank=9" in stdout and method in stdout
+    code, stdout, err = run(["evaluate", out, *common[:-2]], capsys)
+    assert code == 0
+    assert abs(json.loads(stdout)["accuracy"] - meta["scores"]["final"]["accuracy"]) < 1e-9
+
+
+BAD = [
+    (["compress", "--keep", "1.5"], "--keep must be in (0, 1]"),
+    (["compress", "--keep", "0"], "--keep must be in (0, 1]"),
+    (["compress", "--rank", "0"], "--rank must be a positive integer"),
+    (["compress", "--method", "nope"], "unknown method 'nope'"),
+    (["compress", "--task", "nope"], "unknown task 'nope'"),
+    (["compress", "--structure", "nope"], "unknown structure 'nope'"),
+    (["compress", "--model", "/no/such/dir"], "model path does not exist"),
+    (["compress", "--task", "csv", "--train-file", "/no/such.csv"], "/no/such.csv"),
+    (["compress", "--method", "svd", "--fisher-batches", "2"], "has no option 'fisher_batches'"),
+    (["compress", "--recipe", "/no/recipe.yaml"], "recipe file not found"),
+    (["info", "/no/such/dir"], "does not exist"),
+    (["evaluate", "/no/such/dir"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD)
+def test_bad_input_one_line_error(argv, message, tmp_path, capsys):
+    code, stdout, err = run([*argv, *(["--output", tmp_path / "o"] if argv[0] == "compress" else [])], capsys)
+    assert code == 2
+    assert message in err
+    assert err.startswith("factorlm: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_rank_too_large_fails_before_training(tiny_dir, tmp_path, csv_task, capsys):
+    code, _, err = run(["compress", "--model", tiny_dir, "--rank", "33", "--task", "csv", "--train-file",
+                        csv_task / "train.csv", "--text-columns", "text", "--label-column", "label",
+                        "--cache-dir", tmp_path / "cache", "--output", tmp_path / "o", "--quiet"], capsys)
+    assert code == 2 and "larger than the maximum 32" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
+
+
+def test_not_a_model_folder(tmp_path, capsys):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("hi")
+    code, _, err = run(["compress", "--model", tmp_path / "junk", "--output", tmp_path / "o"], capsys)
+    assert code == 2 and "not a factorlm or Hugging Face model folder" in err
+
+
+def test_existing_output_refused(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "mine.txt").write_text("keep me")
+    code, _, err = run(["compress", "--output", tmp_path / "o"], capsys)
+    assert code == 2 and "already exists" in err
+    assert (tmp_path / "o" / "mine.txt").read_text() == "keep me"
+
+
+def test_nonfinite_model_rejected(tmp_path, capsys, minilm_path):
+    from transformers import AutoTokenizer
+
+    m = tiny_bert()
+    with torch.no_grad():
+        m.bert.encoder.layer[0].attention.self.query.weight[0, 0] = float("inf")
+    m.config.vocab_size = 100
+    m.save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path / "m")
+    code, _, err = run(["compress", "--model", tmp_path / "m", "--output", tmp_path / "o"], capsys)
+    assert code == 2 and "non-finite" in err
+
+
+VARIANTS = [
+    ("lpaf", []),
+    ("lpaf", ["--prune", "false"]),
+    ("lpaf", ["--decomposition", "svd", "--mixed-rank", "false"]),
+    ("lpaf", ["--importance", "magnitude", "--consistency", "0", "--omega", "mask", "--decomposition", "row"]),
+    ("lpaf", ["--finetune", "false"]),
+    ("prune", ["--density", "0.3"]),
+    ("rankdyna", []),
+    ("svd", ["--structure", "monarch", "--nblocks", "4"]),
+    ("svd", ["--structure", "blockwise", "--schedule", "staged"]),
+    ("fwsvd", ["--schedule", "staged", "--stages", "1", "--rank-policy", "global", "--fisher-batches", "2"]),
+]
+
+
+@pytest.mark.parametrize("method,extra", VARIANTS, ids=[f"{m}{''.join(e)}" for m, e in VARIANTS])
+def test_every_method_runs_and_reloads(method, extra, tiny_dir, csv_task, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run(["compress", "--model", tiny_dir, "--method", method, "--keep", "0.5", "--max-steps", "3",
+                             "--task", "csv", "--train-file", csv_task / "train.csv", "--dev-file", csv_task / "dev.csv",
+                             "--text-columns", "text", "--label-column", "label", "--max-length", "16", "--quiet",
+                             "--cache-dir", tmp_path / "cache", "--output", out, *extra], capsys)
+    assert code == 0, err
+    meta = json.loads((out / "factorlm.json").read_text())
+    assert meta["method"] == method
+    model = load(out)
+    ids = torch.randint(0, 30522, (2, 8))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    acc = meta["accounting"]
+    assert acc["target_weights_after"] <= 0.5 * acc["target_weights_before"] + 1
+    if method == "prune":
+        assert (out / "pruning.safetensors").is_file() and not meta["modules"]
+        nz = sum(int((p != 0).sum()) for n, p in model.named_parameters() if n.endswith("weight") and ".encoder." in n
+                 and "LayerNorm" not in n)
+        per_matrix = 2 * (4 * round(0.3 * 32 * 32) + 2 * round(0.3 * 32 * 64))  # exact top-k per matrix
+        assert nz == acc["target_weights_after"] == per_matrix
+    else:
+        assert len(meta["modules"]) == 12
+    if "--schedule" in extra:
+        assert any(k.startswith("stage") for k in meta["scores"])
+    if method == "rankdyna":
+        assert (out / "rankdyna" / "ranks.png").stat().st_size > 0
+        assert "dense" not in meta["scores"]  # starts from the pre-trained model: no teacher
+    if "--rank-policy" in extra:
+        assert len({m["rank"] for m in meta["modules"].values()}) > 1  # non-uniform
+
+
+def test_lpaf_reuses_a_saved_pruned_model(tiny_dir, csv_task, tmp_path, capsys):
+    common = ["--model", tiny_dir, "--max-steps", "3", "--task", "csv", "--train-file", csv_task / "train.csv",
+              "--text-columns", "text", "--label-column", "label", "--max-length", "16", "--quiet",
+              "--cache-dir", tmp_path / "cache"]
+    code, _, err = run(["compress", "--method", "lpaf", "--keep", "0.5", "--save-pruned", tmp_path / "pruned",
+                        "--output", tmp_path / "a", *common], capsys)
+    assert code == 0, err
+    assert (tmp_path / "pruned" / "pruning.safetensors").is_file()
+    for keep in ("0.5", "0.25"):
+        code, _, err = run(["compress", "--method", "lpaf", "--keep", keep, "--pruned-model", tmp_path / "pruned",
+                            "--output", tmp_path / f"b{keep}", *common], capsys)
+        assert code == 0, err
+        meta = json.loads((tmp_path / f"b{keep}" / "factorlm.json").read_text())
+        assert "prune" not in meta["scores"] and "pruned" in meta["scores"]
+    code, _, err = run(["compress", "--method", "lpaf", "--pruned-model", tiny_dir, "--output", tmp_path / "c", *common], capsys)
+    assert code == 2 and "not a factorlm model folder" in err
+
+
+def test_weighted_decomposition_needs_lowrank(tiny_dir, csv_task, tmp_path, capsys):
+    code, _, err = run(["compress", "--model", tiny_dir, "--method", "fwsvd", "--structure", "monarch", "--max-steps", "2",
+                        "--task", "csv", "--train-file", csv_task / "train.csv", "--text-columns", "text",
+                        "--label-column", "label", "--quiet", "--cache-dir", tmp_path / "cache", "--output", tmp_path / "o",
+                        "--fisher-batches", "1"], capsys)
+    assert code == 2 and "--structure lowrank only" in err and not (tmp_path / "o").exists()
