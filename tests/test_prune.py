@@ -320,3 +320,26 @@ def test_save_load_pruning_state(tmp_path):
     assert load_pruning_state(tmp_path / "m.safetensors")[1] == {}
     with pytest.raises(FactorLMError):
         load_pruning_state(tmp_path / "missing.safetensors")
+
+
+def test_sensitivity_importance_is_smoothed_first_order():
+    from factorlm.prune import SensitivityImportance, get_importance
+
+    imp = get_importance("sensitivity")
+    assert isinstance(imp, SensitivityImportance) and imp.needs_grad
+    W = {"w": torch.tensor([[1.0, -2.0, 0.5, 3.0]])}
+    imp.reset(W)
+    # before any gradient the scores fall back to |W|
+    assert torch.equal(imp.scores(W)["w"], W["w"].abs())
+    torch.manual_seed(0)
+    for _ in range(30):  # noisy gradients around a fixed mean
+        g = torch.tensor([[0.1, 0.0, 2.0, 0.01]]) + 0.01 * torch.randn(1, 4)
+        imp.accumulate(W, {"w": g})
+    s = imp.scores(W)["w"]
+    assert s.shape == (1, 4) and (s >= 0).all()
+    # |W*g| ~ [0.1, ~0, 1.0, 0.03]: weight 2 is the most sensitive, weight 1 the least
+    assert int(s.argmax()) == 2 and int(s.argmin()) == 1
+    state = imp.state_dict()
+    other = SensitivityImportance()
+    other.load_state_dict(state)
+    assert torch.equal(other.scores(W)["w"], s)

@@ -40,7 +40,7 @@ ENERGY_LEVELS: tuple[float, ...] = (0.9, 0.99)
 
 LABEL_DENSE = "T (fine-tuned)"
 LABEL_ZERO = "UP_zero (magnitude)"
-LABEL_FIRST = "UP_first (movement)"
+LABEL_FIRST = "UP_first (first-order)"
 
 _EPS = 1e-12  # slack for float comparisons of energy/error fractions
 
@@ -284,8 +284,10 @@ def _pruned_label(pruned_dir: str) -> str:
     meta = read_meta(str(Path(pruned_dir).expanduser())) or {}
     recipe = meta.get("recipe")
     opts = (recipe.get("method_options") or {}) if isinstance(recipe, dict) else {}
-    importance = opts.get("importance", "movement") if isinstance(opts, dict) else "movement"
-    return LABEL_FIRST if importance in (None, "", "movement") else f"pruned model ({importance})"
+    importance = opts.get("importance", "sensitivity") if isinstance(opts, dict) else "sensitivity"
+    if importance in (None, "", "movement", "sensitivity"):
+        return f"UP_first ({importance or 'sensitivity'})"
+    return f"pruned model ({importance})"
 
 
 def analyze_models(

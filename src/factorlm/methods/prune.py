@@ -23,7 +23,7 @@ PRUNING_FILE = "pruning.safetensors"
 
 @dataclass
 class PruneOptions:
-    importance: str = "movement"  # movement (first-order, UP_first) | magnitude (zero-order, UP_zero)
+    importance: str = "sensitivity"  # first-order (UP_first): sensitivity (PLATON) | movement; zero-order (UP_zero): magnitude
     density: float = 0.0  # fraction of target weights kept after pruning; 0 = default_density(keep)
     prune_epochs: float = 0.0  # 0 = --epochs
     prune_warmup: float = 0.1  # fraction of pruning steps at full density before the cubic ramp

@@ -115,6 +115,47 @@ class MovementImportance(Importance):
         self.S = {n: t.float() for n, t in state["S"].items()}
 
 
+@register_importance("sensitivity")
+class SensitivityImportance(Importance):
+    """First-order, smoothed: PLATON (Zhang et al., ICML 2022) ``S = I_bar * U_bar`` with
+    ``I = |W * dL/dW|`` (first-order Taylor estimate of the loss change when W is zeroed), its
+    exponential moving average ``I_bar`` and the EMA ``U_bar`` of its deviation (uncertainty).
+
+    Unlike raw movement scores, which sum noisy per-step products and need long schedules (Sanh
+    et al. prune over 10+ epochs), the sensitivity keeps a magnitude prior (``|W|`` multiplies the
+    gradient) and smooths the noise away within ~1/(1-beta) steps, so it prunes well in the short
+    CPU-sized schedules used here; it is the default first-order criterion of LPAF in factorlm.
+    """
+
+    needs_grad = True
+
+    def __init__(self, beta1: float = 0.85, beta2: float = 0.95) -> None:
+        from ..ranks.allocator import SensitivityTracker
+
+        self.tracker = SensitivityTracker(beta1, beta2)
+
+    def reset(self, weights):
+        self.tracker.reset()
+
+    @torch.no_grad()
+    def accumulate(self, weights, grads):
+        self.tracker.update_pairs((n, w, grads.get(n)) for n, w in weights.items())
+
+    def scores(self, weights):
+        out = {}
+        for n, w in weights.items():
+            s = self.tracker.score(n)
+            out[n] = w.detach().abs().float() if s is None else s.to(w.device)  # before any gradient: |W|
+        return out
+
+    def state_dict(self):
+        return {"ipt": dict(self.tracker.ipt_avg), "unc": dict(self.tracker.unc_avg)}
+
+    def load_state_dict(self, state):
+        self.tracker.ipt_avg = dict(state.get("ipt", {}))
+        self.tracker.unc_avg = dict(state.get("unc", {}))
+
+
 def get_importance(criterion: "str | Importance | type[Importance]") -> Importance:
     """An :class:`Importance` instance from a registered name, a class or an instance."""
     if isinstance(criterion, Importance):

@@ -74,11 +74,16 @@ class SensitivityTracker:
 
         Returns False (and changes nothing) when there was no gradient or a sensitivity is not finite.
         """
+        return self.update_pairs((name, p, p.grad) for name, p in named_params)
+
+    @torch.no_grad()
+    def update_pairs(self, items: Iterable[tuple[str, torch.Tensor, torch.Tensor | None]]) -> bool:
+        """Like :meth:`update` with explicit ``(name, weight, grad)`` triples (grad None = skipped)."""
         current = []
-        for name, p in named_params:
-            if p.grad is None:
+        for name, w, g in items:
+            if g is None:
                 continue
-            current.append((name, (p.detach().float() * p.grad.detach().float()).abs()))
+            current.append((name, (w.detach().float() * g.detach().float()).abs()))
         if not current:
             return False
         finite = torch.stack([torch.isfinite(ipt).all() for _, ipt in current]).all()

@@ -1,0 +1,83 @@
+"""Short real runs: the packaged all-MiniLM-L6-v2 on the packaged rotten_tomatoes task (and real
+GLUE files when present).  Kept small for 2 CPU cores; every score must clearly beat the majority
+class of the evaluation subset."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import factorlm
+from factorlm import RunConfig
+from factorlm.data import get_task, load_task_data
+
+pytestmark = pytest.mark.integration
+
+SMALL = dict(max_train_samples=640, max_eval_samples=300, max_length=40, batch_size=32, learning_rate=1e-4,
+             progress=False, seed=0)
+
+
+def majority(task_name="rotten_tomatoes", **kw):
+    data = load_task_data(get_task(task_name), max_train_samples=8, max_eval_samples=SMALL["max_eval_samples"], seed=0, **kw)
+    labels = np.array([e.label for e in data.evals["dev"]])
+    return max(np.mean(labels == c) for c in np.unique(labels))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """Dense fine-tune of the packaged MiniLM on 640 rotten_tomatoes snippets (2 epochs, 40 steps)."""
+    out = tmp_path_factory.mktemp("rt") / "dense"
+    report = factorlm.finetune(RunConfig(output=str(out), epochs=2, **SMALL), quiet=True)
+    return out, report
+
+
+def test_dense_finetune_beats_majority(teacher):
+    out, report = teacher
+    base = majority()
+    assert 0.5 < base < 0.65
+    assert report.final >= base + 0.08, (report.final, base)
+    meta = json.loads((out / "factorlm.json").read_text())
+    assert meta["method"] == "dense" and meta["versions"]["torch"] and meta["recipe"]["seed"] == 0
+
+
+def _compress(teacher_dir, tmp_path, method, **kw):
+    cfg = RunConfig(method=method, teacher=str(teacher_dir), output=str(tmp_path / method), epochs=1,
+                    cache_dir=str(tmp_path / "cache"), **{**SMALL, **kw})
+    return factorlm.compress(cfg, quiet=True)
+
+
+def test_svd_ft_real_run_and_exact_reload(teacher, tmp_path):
+    teacher_dir, _ = teacher
+    report = _compress(teacher_dir, tmp_path, "svd", keep=0.5)
+    assert report.final >= majority() + 0.08
+    assert report.accounting["target_weights_after"] <= 0.5 * report.accounting["target_weights_before"]
+    model = factorlm.load(tmp_path / "svd")
+    again = factorlm.load(tmp_path / "svd")
+    ids = torch.randint(1000, 20000, (3, 24))
+    assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folders left
+
+
+def test_lpaf_whole_pipeline_real_run(teacher, tmp_path):
+    teacher_dir, _ = teacher
+    report = _compress(teacher_dir, tmp_path, "lpaf", keep=0.5, method_options={"em_iters": 5})
+    assert {"prune", "pruned", "factorized", "finetune", "final"} <= set(report.scores)
+    assert report.final >= majority() + 0.08
+    assert (tmp_path / "lpaf" / "pruning.safetensors").is_file()
+
+
+def test_rankdyna_real_run_from_pretrained(tmp_path):
+    report = factorlm.compress(RunConfig(method="rankdyna", keep=0.5, output=str(tmp_path / "rd"), epochs=2,
+                                         method_options={"delta_t": 4}, **SMALL), quiet=True)
+    assert "dense" not in report.scores
+    assert report.final >= majority() + 0.08
+    ranks = {s["rank"] for s in json.loads((tmp_path / "rd" / "factorlm.json").read_text())["modules"].values()}
+    assert len(ranks) > 1  # ranks moved between matrices
+
+
+def test_real_glue_mrpc_loads_and_scores(glue_dir, teacher, tmp_path):
+    """Evaluating an unrelated-task model on real MRPC dev gives GLUE's F1/accuracy keys."""
+    metrics = factorlm.evaluate_model(str(teacher[0]), RunConfig(task="mrpc", data_dir=str(glue_dir), max_eval_samples=64,
+                                                                 max_length=64, progress=False), quiet=True)
+    assert set(metrics) >= {"f1", "accuracy"} and 0 <= metrics["accuracy"] <= 1
