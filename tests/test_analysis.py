@@ -156,7 +156,7 @@ def test_analyze_models_with_pruned_folder(saved_models, tmp_path):
     assert res["module"] == targets[0] and "layer.0.attention.self.query" in res["module"]
     assert res["density"] == 0.3 and res["density_source"] == "method_info.density"
     mats = res["matrices"]
-    assert set(mats) == {LABEL_DENSE, LABEL_ZERO, "UP_first (sensitivity)"}  # no recipe: the default criterion
+    assert set(mats) == {LABEL_DENSE, LABEL_ZERO, LABEL_FIRST}  # no recipe: the default criterion
     assert mats[LABEL_DENSE]["density"] == 1.0
     assert mats[LABEL_ZERO]["density"] == pytest.approx(0.3, abs=1e-3)
     assert mats[LABEL_FIRST]["density"] == pytest.approx(0.3, abs=1e-3)

@@ -40,7 +40,7 @@ ENERGY_LEVELS: tuple[float, ...] = (0.9, 0.99)
 
 LABEL_DENSE = "T (fine-tuned)"
 LABEL_ZERO = "UP_zero (magnitude)"
-LABEL_FIRST = "UP_first (first-order)"
+LABEL_FIRST = "UP_first (sensitivity)"  # label of the default first-order criterion
 
 _EPS = 1e-12  # slack for float comparisons of energy/error fractions
 
