@@ -21,6 +21,15 @@ def tiny_bert(num_labels: int = 2, seed: int = 0, layers: int = 2):
     return BertForSequenceClassification(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops are much faster single-threaded on a busy shared CPU (use via pytestmark)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_bert()

@@ -20,13 +20,7 @@ from factorlm.analysis import (
 from factorlm.errors import FactorLMError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops are much faster single-threaded on a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _best_rank_k_error(W: torch.Tensor, k: int) -> float:

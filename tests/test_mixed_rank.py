@@ -22,13 +22,7 @@ from factorlm.layers.mixed_rank import (
 from factorlm.train.mixed_rank import MixedRankCallback, consistency_loss, mixed_rank_p
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops are much faster single-threaded on a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DiagPlusLowRank(FactorizedLinear):

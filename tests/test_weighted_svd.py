@@ -19,13 +19,7 @@ from factorlm.errors import FactorLMError
 from factorlm.layers.lowrank import LowRankLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny LAPACK calls are much faster single-threaded on a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed=0):

@@ -14,10 +14,14 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, *, name_attr: str | None = None) -> Callable[[T], T]:
+        """Decorator adding ``obj`` under ``name``; with ``name_attr`` it also sets ``obj.<name_attr> = name``."""
+
         def deco(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
+            if name_attr:
+                setattr(obj, name_attr, name)
             self._items[name] = obj
             return obj
 

@@ -31,12 +31,7 @@ STRUCTURES: Registry[type["FactorizedLinear"]] = Registry("structure")
 def register_structure(name: str):
     """Class decorator: register a :class:`FactorizedLinear` subclass under ``name``."""
 
-    def deco(cls):
-        cls.structure = name
-        STRUCTURES.add(name, cls)
-        return cls
-
-    return deco
+    return STRUCTURES.register(name, name_attr="structure")
 
 
 class FactorizedLinear(nn.Module):
@@ -91,6 +86,15 @@ class FactorizedLinear(nn.Module):
     def from_spec(cls, spec: dict[str, Any], *, dtype=None, device=None) -> "FactorizedLinear":
         """An uninitialised module with the shapes described by ``spec``."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def load_factors(self, bias: torch.Tensor | None = None, **factors: torch.Tensor) -> "FactorizedLinear":
+        """Copy ``factors`` (parameter name -> tensor of the same shape) and the bias in; returns self."""
+        for name, value in factors.items():
+            getattr(self, name).copy_(value)
+        if bias is not None:
+            self.bias.copy_(bias)
+        return self
 
     def to_linear(self) -> nn.Linear:
         W = self.to_dense()

@@ -174,12 +174,7 @@ class BlockLowRankLinear(FactorizedLinear):
                 nblocks_out=nblocks_out, nblocks_in=nblocks_in, dtype=A.dtype, device=A.device)
         check(m.A.shape == A.shape and m.B.shape == B.shape,
               f"factors A {tuple(A.shape)}, B {tuple(B.shape)} do not match block ranks {block_rank!r}")
-        with torch.no_grad():
-            m.A.copy_(A)
-            m.B.copy_(B)
-            if bias is not None:
-                m.bias.copy_(bias)
-        return m
+        return m.load_factors(bias, A=A, B=B)
 
     @classmethod
     def from_linear(

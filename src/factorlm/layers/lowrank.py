@@ -60,12 +60,7 @@ class LowRankLinear(FactorizedLinear):
     @classmethod
     def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLinear":
         m = cls(B.shape[1], A.shape[0], A.shape[1], bias=bias is not None, dtype=A.dtype, device=A.device)
-        with torch.no_grad():
-            m.A.copy_(A)
-            m.B.copy_(B)
-            if bias is not None:
-                m.bias.copy_(bias)
-        return m
+        return m.load_factors(bias, A=A, B=B)
 
     @classmethod
     def from_linear(

@@ -126,12 +126,7 @@ class MonarchLinear(FactorizedLinear):
               and L.shape[2] % L.shape[0] == 0, f"incompatible Monarch factors L {tuple(L.shape)}, R {tuple(R.shape)}")
         b, n_out, br = L.shape
         m = cls(b * R.shape[2], b * n_out, br // b, bias=bias is not None, nblocks=b, dtype=L.dtype, device=L.device)
-        with torch.no_grad():
-            m.L.copy_(L)
-            m.R.copy_(R)
-            if bias is not None:
-                m.bias.copy_(bias)
-        return m
+        return m.load_factors(bias, L=L, R=R)
 
     @classmethod
     def from_linear(

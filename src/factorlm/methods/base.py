@@ -56,12 +56,7 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register_method(name: str):
-    def deco(cls):
-        cls.name = name
-        METHODS.add(name, cls)
-        return cls
-
-    return deco
+    return METHODS.register(name, name_attr="name")
 
 
 def build_options(options_cls, values: dict[str, Any], method: str):

@@ -29,12 +29,7 @@ IMPORTANCES: Registry[type["Importance"]] = Registry("importance criterion")
 
 
 def register_importance(name: str):
-    def deco(cls):
-        cls.name = name
-        IMPORTANCES.add(name, cls)
-        return cls
-
-    return deco
+    return IMPORTANCES.register(name, name_attr="name")
 
 
 class Importance:
