@@ -9,7 +9,6 @@ from factorlm.factorize import budget_plan, factorize
 from factorlm.layers import LowRankLinear
 from factorlm.models import find_targets
 
-from conftest import tiny_bert
 
 
 def test_find_targets_is_encoder_linears_only(tiny_model):
