@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="factorize (+ prune / re-train) a model for a task")
     _common(p)
     c = p.add_argument_group("compression")
-    c.add_argument("--method", help="svd | fwsvd | ... (see `factorlm methods`; default svd)")
+    c.add_argument("--method", help="lpaf (default) | svd | fwsvd | prune | rankdyna (see `factorlm methods`)")
     c.add_argument("--keep", type=float, help="fraction of the target layers' parameters kept, in (0, 1] (default 0.25)")
     c.add_argument("--rank", type=int, help="explicit uniform rank instead of --keep")
     c.add_argument("--structure", help="lowrank (default) | monarch | blockwise")

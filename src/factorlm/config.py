@@ -42,7 +42,7 @@ class RunConfig:
     teacher_learning_rate: float | None = None  # default: learning_rate
     cache_dir: str | None = None  # default: $FACTORLM_CACHE or ~/.cache/factorlm
     # -- compression ---------------------------------------------------------------------------
-    method: str = "svd"
+    method: str = "lpaf"
     keep: float | None = 0.25
     rank: int | None = None
     structure: str = "lowrank"
