@@ -47,6 +47,8 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--eval-every", type=int, help="evaluate every N steps (default: each epoch)")
     t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    t.add_argument("--checkpoint-dir", help="write training checkpoints (accelerate state) here")
+    t.add_argument("--save-every", type=int, help="steps between checkpoints (needs --checkpoint-dir)")
     t.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", help="output folder (default runs/<task>-<method>-k<keep>)")

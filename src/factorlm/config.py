@@ -36,6 +36,8 @@ class RunConfig:
     eval_every: int | None = None
     mixed_precision: str = "no"
     progress: bool = True
+    checkpoint_dir: str | None = None  # periodic training checkpoints (accelerate save_state) go here
+    save_every: int | None = None  # steps between checkpoints (needs checkpoint_dir)
     # -- dense teacher (compress starts from a model fine-tuned on the task) --------------------
     teacher: str | None = None  # a fine-tuned model folder; else the model itself if it has a trained head
     teacher_epochs: float | None = None  # default: epochs

@@ -113,6 +113,8 @@ class Session:
             mixed_precision=c.mixed_precision,
             keep_best=keep_best,
             progress=c.progress and not self.quiet,
+            checkpoint_dir=c.checkpoint_dir,
+            save_every=c.save_every,
         )
 
     def finetune(
