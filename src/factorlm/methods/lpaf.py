@@ -38,7 +38,7 @@ class LPAFMethod(Method):
         prune: bool = True  # step 1 (False: factorize the dense teacher, the w/o-pruning ablation)
         pruned_model: str = ""  # start from a model saved by `factorlm prune` / --save-pruned (re-use one pruning)
         save_pruned: str = ""  # also save the step-1 pruned model (with its masks and scores) to this folder
-        decomposition: str = "em"  # em (sparsity-aware, EM) | row (closed-form row-weighted) | svd (vanilla)
+        decomposition: str = "row"  # row (closed-form weighted, default) | em (EM weighted fit) | svd (vanilla)
         omega: str = "scores"  # scores (importance-weighted) | mask (binary keep-mask)
         em_iters: int = 30
         finetune: bool = True  # step 3
