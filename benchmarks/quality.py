@@ -89,6 +89,11 @@ def load_runs() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
 
 
+def compress_steps(run: dict) -> int:
+    """Optimizer steps of the compression itself (the shared dense teacher's steps excluded)."""
+    return int(sum(v.get("steps", 0) for k, v in run["phases"].items() if k != "dense"))
+
+
 def table(runs: list[dict]) -> str:
     by = {}
     for r in runs:
@@ -99,12 +104,15 @@ def table(runs: list[dict]) -> str:
         any_run = next(iter(next(iter(variants.values())).values()))
         dense = any_run.get("dense")
         metric = any_run["main_metric"]
-        lines.append(f"\n### {task} ({metric} x100; dense teacher {100 * dense:.1f})" if dense else f"\n### {task}")
-        lines.append("| method | " + " | ".join(f"keep {k:g}" for k in keeps) + " | train steps |")
+        t_steps = next((r["phases"]["dense"].get("steps") for v in variants.values() for r in v.values()
+                        if r["phases"].get("dense", {}).get("steps")), None)
+        head = f"\n### {task} ({metric} x100; dense teacher {100 * dense:.1f}" if dense else f"\n### {task} ({metric} x100"
+        lines.append(head + (f", {t_steps} teacher steps)" if t_steps else ")"))
+        lines.append("| method | " + " | ".join(f"keep {k:g}" for k in keeps) + " | compression steps |")
         lines.append("|---|" + "---|" * (len(keeps) + 1))
         for variant, rs in variants.items():
             cells = [f"{100 * rs[k]['score']:.1f}" if k in rs else "" for k in keeps]
-            steps = sorted({rs[k]["train_steps"] for k in rs})
+            steps = sorted({compress_steps(rs[k]) for k in rs})
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {'/'.join(map(str, steps))} |")
     return "\n".join(lines)
 
