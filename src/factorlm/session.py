@@ -41,31 +41,21 @@ class Session:
     def task(self):
         from .data import resolve_task
 
-        c = self.config
-        return resolve_task(
-            c.task,
-            train_file=c.train_file,
-            dev_file=c.dev_file,
-            text_columns=tuple(c.text_columns) if c.text_columns else None,
-            label_column=c.label_column,
-        )
+        return resolve_task(self.config.task, **self._file_options())
 
     @functools.cached_property
     def data(self):
         from .data import load_task_data
 
         c = self.config
-        return load_task_data(
-            self.task,
-            data_dir=c.data_dir,
-            train_file=c.train_file,
-            dev_file=c.dev_file,
-            text_columns=tuple(c.text_columns) if c.text_columns else None,
-            label_column=c.label_column,
-            max_train_samples=c.max_train_samples,
-            max_eval_samples=c.max_eval_samples,
-            seed=c.seed,
-        )
+        return load_task_data(self.task, data_dir=c.data_dir, max_train_samples=c.max_train_samples,
+                              max_eval_samples=c.max_eval_samples, seed=c.seed, **self._file_options())
+
+    def _file_options(self) -> dict:
+        """The generic csv/jsonl task's file and column options (None for built-in tasks)."""
+        c = self.config
+        return {"train_file": c.train_file, "dev_file": c.dev_file, "label_column": c.label_column,
+                "text_columns": tuple(c.text_columns) if c.text_columns else None}
 
     @property
     def tokenizer(self):
