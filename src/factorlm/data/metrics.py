@@ -77,24 +77,23 @@ def _degenerate(p: np.ndarray, y: np.ndarray) -> bool:
     return p.size < 2 or np.all(p == p[0]) or np.all(y == y[0])
 
 
-def pearson(preds, labels) -> float:
+def _correlation(stat, preds, labels) -> float:
+    """A scipy correlation of two float vectors; 0.0 (never NaN) when either side is constant."""
     p, y = _pair(preds, labels)
     p, y = p.astype(np.float64), y.astype(np.float64)
-    if _degenerate(p, y):
-        return 0.0
+    return 0.0 if _degenerate(p, y) else float(stat(p, y)[0])
+
+
+def pearson(preds, labels) -> float:
     from scipy.stats import pearsonr
 
-    return float(pearsonr(p, y)[0])
+    return _correlation(pearsonr, preds, labels)
 
 
 def spearman(preds, labels) -> float:
-    p, y = _pair(preds, labels)
-    p, y = p.astype(np.float64), y.astype(np.float64)
-    if _degenerate(p, y):
-        return 0.0
     from scipy.stats import spearmanr
 
-    return float(spearmanr(p, y)[0])
+    return _correlation(spearmanr, preds, labels)
 
 
 METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
