@@ -188,7 +188,7 @@ def test_truncated_bert_reproduces_masked_logits():
     with torch.no_grad():
         masked = model(input_ids=ids).logits
     want = {n: m.kept_rank() for n, m in mods.items()}
-    cb = RankDynaCallback(keep=1.0, total_steps=1)
+    cb = RankDynaCallback(keep=1.0, total_steps=1, densify=False)
     ranks = cb.finalize(model)
     assert ranks == want
     assert not svd_modules(model)
@@ -263,6 +263,27 @@ def test_rankdyna_training_loop_meets_budget_with_nonuniform_ranks(tmp_path):
     for p in (png, png2):
         data = open(p, "rb").read()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finalize_stores_ranks_past_break_even_dense():
+    model = tiny_bert()
+    ids = torch.randint(5, 100, (4, 8), generator=torch.Generator().manual_seed(0))
+    to_svd_linear(model, bert_targets(model))
+    mods = svd_modules(model)
+    full = "bert.encoder.layer.0.intermediate.dense"  # 64 x 32: break-even rank 64*32/96 = 21.3
+    for n, m in mods.items():
+        mask = torch.zeros(m.rank, dtype=torch.bool)
+        mask[: (22 if n == full else 4)] = True
+        m.set_mask(mask)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    cb = RankDynaCallback(keep=1.0, total_steps=1)
+    ranks = cb.finalize(model)
+    assert cb.dense_modules == [full] and ranks[full] == 22
+    assert type(model.get_submodule(full)) is nn.Linear
+    assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in ranks if n != full)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, masked, atol=1e-5)
 
 
 def test_finalize_enforces_budget_when_training_stops_early():

@@ -150,6 +150,7 @@ class Report:
     accounting: dict[str, Any] = field(default_factory=dict)
     flops: dict[str, int] = field(default_factory=dict)
     total_train_steps: int = 0
+    info: dict[str, Any] = field(default_factory=dict)  # method facts (e.g. RankDyna's per-matrix ranks)
 
     @property
     def final(self) -> float:
@@ -230,7 +231,7 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     accounting.setdefault("model_params_before", dense_params)
     accounting["model_params_after"] = models.count_params(model)
     report = Report(str(out) if out else None, session.task.name, method.name, session.task.main_metric,
-                    session.phases, accounting, flops, session.total_train_steps)
+                    session.phases, accounting, flops, session.total_train_steps, result.info)
     if save and session.accelerator.is_main_process:
         models.save(model, out, tokenizer=session.tokenizer, overwrite=c.overwrite, extra_files=result.extra_files, meta={
             "task": session.task.name, "method": method.name, "structure": c.structure,

@@ -44,12 +44,15 @@ class RankDynaMethod(Method):
         session.finetune(model, phase="rankdyna", callbacks=[cb])
         ranks = cb.final_ranks if cb.final_ranks else cb.finalize(model)
         shapes = target_shapes(model, targets)
-        kept = sum(r * (shapes[n][0] + shapes[n][1]) for n, r in ranks.items())
+        kept = sum(min(r * (shapes[n][0] + shapes[n][1]), shapes[n][0] * shapes[n][1]) for n, r in ranks.items())
+        if cb.dense_modules:
+            session.log(f"[rankdyna] {len(cb.dense_modules)} matrices kept a rank past break-even: stored dense "
+                        f"({', '.join(cb.dense_modules)})")
         accounting = Accounting(dense_w, kept, params_before, count_params(model))
         for line in accounting.lines():
             session.log(line)
         summary = cb.summary()
-        info = {"ranks": ranks, "budget_history": cb.history}
+        info = {"ranks": ranks, "dense": cb.dense_modules, "budget_history": cb.history}
         extra = {
             "rankdyna/ranks.png": lambda p: plot_ranks(ranks, p, title=f"RankDyna ranks, keep {c.keep:g}"),
             "rankdyna/budget.png": lambda p: plot_budget(cb.history, p, target=cb.target_budget),

@@ -118,7 +118,9 @@ class RankDynaCallback(Callback):
     ``on_after_backward`` updates the sensitivities (until the masks are frozen), ``on_step_end``
     reallocates every ``delta_t`` steps after the warm-up and freezes the final allocation (at the
     target budget) at ``t = total - final_steps``; ``on_train_end`` truncates every SVDLinear to a
-    LowRankLinear (``finalize_on_train_end``) and stores :attr:`final_ranks`.
+    LowRankLinear (``finalize_on_train_end``) and stores :attr:`final_ranks`.  With ``densify`` (default),
+    a matrix whose kept rank is past the break-even ``k (in + out) >= in * out`` becomes a plain
+    ``nn.Linear`` instead (same function, fewer weights); :attr:`dense_modules` lists them.
 
     ``reset_best_at_freeze``: at the freeze, reset ``trainer.state.best_metric`` so that the
     Trainer's keep-best snapshot can only come from the final phase, whose masks fit the budget.
@@ -144,6 +146,7 @@ class RankDynaCallback(Callback):
         finalize_on_train_end: bool = True,
         reset_best_at_freeze: bool = True,
         balanced: bool = True,
+        densify: bool = True,
     ):
         self.keep = check_keep(keep)
         check(total_steps is None or total_steps >= 1, f"total steps must be >= 1, got {total_steps}")
@@ -157,6 +160,7 @@ class RankDynaCallback(Callback):
         self.finalize_on_train_end = bool(finalize_on_train_end)
         self.reset_best_at_freeze = bool(reset_best_at_freeze)
         self.balanced = bool(balanced)
+        self.densify = bool(densify)
         self.tracker = SensitivityTracker(beta1, beta2)
 
         self.model: nn.Module | None = None
@@ -170,6 +174,7 @@ class RankDynaCallback(Callback):
         self.history: list[dict[str, int]] = []
         self.rank_history: list[dict[str, Any]] = []
         self.final_ranks: dict[str, int] | None = None
+        self.dense_modules: list[str] = []
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, model: nn.Module, total_steps: int | None = None) -> "RankDynaCallback":
@@ -339,15 +344,20 @@ class RankDynaCallback(Callback):
                 self.frozen = True
         kept = self.kept_params()
         ranks: dict[str, int] = {}
+        self.dense_modules = []
         for n, m in list(self.modules.items()):
-            low = m.truncate(balanced=self.balanced)
-            low.train(m.training)
-            _set_module(model, n, low)
+            low = new = m.truncate(balanced=self.balanced)
+            if self.densify and low.weight_params() >= low.in_features * low.out_features:
+                new = low.to_linear()  # past the break-even rank the dense matrix is the smaller one
+                self.dense_modules.append(n)
+            new.train(m.training)
+            _set_module(model, n, new)
             ranks[n] = low.rank
         self.final_ranks = ranks
         self.modules = {}
         self.tracker.reset()
-        logger.info("RankDyna: truncated %d matrices, %d weights kept (target %d)", len(ranks), kept, self.target_budget)
+        logger.info("RankDyna: truncated %d matrices (%d kept dense), %d weights kept (target %d)", len(ranks),
+                    len(self.dense_modules), kept, self.target_budget)
         return ranks
 
     def summary(self) -> dict[str, Any]:
