@@ -191,3 +191,34 @@ def test_missing_folders_and_density(saved_models, tmp_path):
         analyze_models(dense, out_png=None)
     with pytest.raises(FactorLMError, match="density"):
         analyze_models(dense, density=1.5, out_png=None)
+
+
+def test_rank_errors_over_all_targets(saved_models):
+    from factorlm.analysis import rank_errors
+
+    dense, pruned, targets = saved_models
+    res = rank_errors(dense, pruned, rank=4)
+    assert set(res["modules"]) == set(targets)
+    for row in res["modules"].values():
+        assert row["rank"] == 4 and row["density"] == pytest.approx(0.3, abs=1e-3)
+        # the stand-in pruned model *is* the magnitude pruning: both fits have the same error
+        assert row[LABEL_FIRST] == pytest.approx(row[LABEL_ZERO], abs=1e-9)
+        assert 0 < row[LABEL_DENSE] < 1 and 0 <= row["empty rows+cols"] <= 1
+    mean = res["mean"][LABEL_DENSE]
+    assert mean == pytest.approx(sum(r[LABEL_DENSE] for r in res["modules"].values()) / len(targets))
+    full = rank_errors(dense, pruned, rank=10_000)  # clipped to full rank: exact
+    assert all(r[LABEL_DENSE] < 1e-6 and r[LABEL_FIRST] < 1e-6 for r in full["modules"].values())
+    budget = rank_errors(dense, pruned, keep=0.5)  # 32x32 at keep 0.5 -> rank 8; 64x32 -> rank 10
+    assert {r["rank"] for r in budget["modules"].values()} == {8, 10}
+    with pytest.raises(FactorLMError):
+        rank_errors(dense, pruned)
+
+
+def test_cli_analyze_rank_table(saved_models, capsys):
+    from factorlm.cli import main
+
+    dense, pruned, _ = saved_models
+    assert main(["analyze", dense, "--pruned", pruned, "--rank", "4"]) == 0
+    assert LABEL_DENSE in json.loads(capsys.readouterr().out)
+    assert main(["analyze", dense, "--rank", "4"]) == 2
+    assert "--pruned" in capsys.readouterr().err

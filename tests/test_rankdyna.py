@@ -297,6 +297,13 @@ def test_finalize_enforces_budget_when_training_stops_early():
 
 
 # -- one-shot global rank plan ------------------------------------------------------------------
+def test_global_rank_plan_stops_at_break_even_rank():
+    spectra = {"flat": torch.ones(32), "steep": 0.5 ** torch.arange(32.0)}
+    shapes = {"flat": (32, 96), "steep": (32, 96)}  # break-even rank 32 * 96 / 128 = 24 < 32
+    plan = global_rank_plan(spectra, shapes, keep=0.9)
+    assert plan["flat"] == 24 and 1 <= plan["steep"] <= 24
+
+
 def test_global_rank_plan_fits_budget_and_favours_flat_spectra():
     spectra = {"steep": 0.5 ** torch.arange(32.0), "flat": torch.ones(32)}
     shapes = {"steep": (32, 32), "flat": (32, 32)}

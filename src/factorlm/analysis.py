@@ -356,8 +356,49 @@ def analyze_models(
     }
 
 
+def rank_errors(dense_dir: str, pruned_dir: str, rank: int | None = None, keep: float | None = None) -> dict[str, Any]:
+    """Every target matrix at one rank: relative error of the best rank-``k`` fit of T, of T
+    magnitude-pruned (UP_zero) to the pruned model's per-matrix density, and of the pruned model's
+    matrix (UP_first), plus the fraction of rows and columns the pruning emptied completely.
+
+    ``rank``: a fixed ``k``; or ``keep``: each matrix's uniform budget rank ``keep * m n / (m + n)``.
+    Returns ``{"rank", "keep", "modules": {name: {...}}, "mean": {...}}``: the single-matrix figure of
+    :func:`analyze_models` summarised over the whole model.
+    """
+    from .models import find_targets
+    from .prune import prune_once
+
+    check((rank is None) != (keep is None), "give exactly one of --rank or --keep")
+    check(rank is None or rank >= 1, f"--rank must be >= 1, got {rank}")
+    dense, pruned = _load(dense_dir, "dense model"), _load(pruned_dir, "pruned model")
+    label1 = _pruned_label(pruned_dir)
+    rows: dict[str, dict[str, float]] = {}
+    for name in find_targets(dense):
+        W, W1 = _weight(dense, name), _weight(pruned, name)
+        check(tuple(W1.shape) == tuple(W.shape), f"{name} has shape {tuple(W1.shape)} in {pruned_dir}")
+        m, n = W.shape
+        k = rank if rank is not None else max(1, math.floor(keep * m * n / (m + n)))
+        k = min(k, min(m, n))
+        dens, _ = _pruned_density(pruned_dir, name, W1)
+        prune_once(dense, [name], "magnitude", dens, scope="per_matrix")
+        W0 = _weight(dense, name)
+        zero = W1 == 0
+        rows[name] = {
+            "rank": k, "density": dens,
+            LABEL_DENSE: float(spectrum_report(W)["err"][k]),
+            LABEL_ZERO: float(spectrum_report(W0)["err"][k]),
+            label1: float(spectrum_report(W1)["err"][k]),
+            "empty rows+cols": float(zero.all(1).sum() + zero.all(0).sum()) / (m + n),
+        }
+    keys = [key for key in next(iter(rows.values())) if key != "rank"]
+    mean = {key: sum(r[key] for r in rows.values()) / len(rows) for key in keys}
+    return {"dense_dir": str(dense_dir), "pruned_dir": str(pruned_dir), "rank": rank, "keep": keep,
+            "modules": rows, "mean": mean}
+
+
 __all__ = [
     "analyze_models",
+    "rank_errors",
     "error_at_fraction",
     "lowrank_analysis",
     "matrix_summary",

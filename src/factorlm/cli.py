@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module", help="target layer name or regex (default: the first target layer)")
     p.add_argument("--density", type=float, help="density for UP_zero (default: the pruned model's)")
     p.add_argument("--output", "-o", default="lowrank.png", help="PNG path (default lowrank.png)")
+    p.add_argument("--rank", type=int, help="instead of the figure: every target matrix's error at this rank (JSON)")
+    p.add_argument("--keep", type=float, help="instead of the figure: every matrix's error at its budget rank (JSON)")
 
     p = sub.add_parser("evaluate", help="score a saved model on its task (or --task)")
     p.add_argument("path", help="model folder")
@@ -256,8 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "info":
             _cmd_info(args)
         elif args.command == "analyze":
-            from .analysis import analyze_models
+            from .analysis import analyze_models, rank_errors
 
+            if args.rank is not None or args.keep is not None:
+                if not args.pruned:
+                    raise FactorLMError("--rank/--keep compare with a pruned model: give --pruned DIR")
+                summary = rank_errors(args.dense, args.pruned, rank=args.rank, keep=args.keep)
+                print(json.dumps(summary["mean"], indent=1))
+                return 0
             summary = analyze_models(args.dense, args.pruned, args.module, args.density, args.output)
             print(json.dumps({k: v for k, v in summary.items() if k != "title"}, indent=1, default=str))
         elif args.command == "prune":

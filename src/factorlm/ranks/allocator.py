@@ -241,7 +241,8 @@ def global_rank_plan(
     ``spectra[name]``: singular values of the matrix (or of the Fisher-weighted matrix for FWSVD),
     any order; ``shapes[name] = (out, in)``.  Triplets are scored by :func:`spectrum_scores` and
     the best are kept with one global threshold (scores decrease within a matrix, so each matrix
-    keeps a prefix = a rank).  ``per_param=True`` divides each score by the triplet's cost
+    keeps a prefix = a rank), never past the break-even rank ``in * out // (in + out)`` at which
+    the factors would outweigh the dense matrix.  ``per_param=True`` divides each score by the triplet's cost
     ``in + out`` (value per weight instead of per triplet).  Every matrix gets at least
     ``min_rank``; FactorLMError if that does not fit.
     """
@@ -252,7 +253,7 @@ def global_rank_plan(
     scores, costs = {}, {}
     for n, sv in spectra.items():
         o, i = shapes[n]
-        sc = spectrum_scores(sv, normalize)[: min(o, i)]
+        sc = spectrum_scores(sv, normalize)[: max(1, o * i // (o + i))]  # past break-even, dense is smaller
         check(sc.numel() >= max(min_rank, 1), f"{n}: empty spectrum")
         costs[n] = o + i
         scores[n] = sc / costs[n] if per_param else sc

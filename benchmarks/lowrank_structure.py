@@ -1,0 +1,44 @@
+"""Is the pruned model low-rank? (LPAF's premise, over every target matrix, not one.)
+
+For each pruned model cached by the LPAF benchmark (benchmarks/results/cache/pruned/<task>-k<keep>)
+and its dense teacher: the mean relative error ||W - W_k||_F / ||W||_F of the best rank-k fit, k =
+each matrix's uniform budget rank at that keep, for T, T magnitude-pruned to the same density (UP_zero)
+and the first-order pruned matrix (UP_first); plus the share of rows/columns pruned away entirely.
+
+    python benchmarks/lowrank_structure.py
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from factorlm.analysis import rank_errors
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    cache = RESULTS / "cache"
+    rows = []
+    for pruned in sorted((cache / "pruned").glob("*-k*")):
+        task, keep = pruned.name.rsplit("-k", 1)
+        teachers = sorted((cache / "teachers").glob(f"{task}-*"))
+        if not teachers:
+            continue
+        res = rank_errors(str(teachers[0]), str(pruned), keep=float(keep))
+        rows.append({"task": task, "keep": float(keep), **res["mean"]})
+        print(rows[-1], flush=True)
+    if not rows:
+        raise SystemExit("no cached pruned models: run benchmarks/lpaf.py first")
+    cols = [c for c in rows[0] if c not in ("task", "keep")]
+    md = ["| task | keep | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    md += [f"| {r['task']} | {r['keep']:g} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |" for r in rows]
+    print("\n".join(md))
+    (RESULTS / "lowrank_structure.md").write_text("\n".join(md) + "\n")
+    (RESULTS / "lowrank_structure.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
