@@ -51,11 +51,13 @@ PRESETS = {
              (["svd:epochs=2", "fwsvd:epochs=2"], [0.25, 0.16])],  # baselines at LPAF's step count
     "structures": [(["svd", "svd:structure=monarch", "svd:structure=blockwise", f"svd:{STAGED}",
                      f"svd:structure=monarch,{STAGED}", f"svd:structure=blockwise,{STAGED}"], [0.5, 0.25, 0.16])],
-    "rankdyna": [(["svd", "fwsvd", LPAF, "rankdyna"], [0.5, 0.25, 0.16])],
+    "rankdyna": [(["svd", "fwsvd", LPAF, "rankdyna"], [0.5, 0.25, 0.16]),
+                 (["rankdyna:epochs=3"], [0.16])],  # SST-2/MRPC: the teacher's 2 epochs + 1 = equal total steps
 }
 LABELS = {
     "svd": "SVD_Ft", "fwsvd": "FWSVD_Ft", "svd:epochs=2": "SVD_Ft, 2 epochs (LPAF's steps)",
     "fwsvd:epochs=2": "FWSVD_Ft, 2 epochs (LPAF's steps)", LPAF: "LPAF", "rankdyna": "RankDyna (from the pre-trained model)",
+    "rankdyna:epochs=3": "RankDyna, 3 epochs",
     f"{LPAF},finetune=false": "LPAF w/o re-training (step 3)",
     f"{LPAF},decomposition=svd": "LPAF, vanilla SVD instead of sparsity-aware",
     f"{LPAF},mixed_rank=false": "LPAF, vanilla fine-tuning instead of mixed-rank",
