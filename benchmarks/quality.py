@@ -52,7 +52,7 @@ PRESETS = {
     "structures": [(["svd", "svd:structure=monarch", "svd:structure=blockwise", f"svd:{STAGED}",
                      f"svd:structure=monarch,{STAGED}", f"svd:structure=blockwise,{STAGED}"], [0.5, 0.25, 0.16])],
     "rankdyna": [(["svd", "fwsvd", LPAF, "rankdyna"], [0.5, 0.25, 0.16]),
-                 (["rankdyna:epochs=3"], [0.16])],  # SST-2/MRPC: the teacher's 2 epochs + 1 = equal total steps
+                 (["rankdyna:epochs=3"], [0.25, 0.16])],  # SST-2: the teacher's 2 epochs + 1 = equal total steps
 }
 LABELS = {
     "svd": "SVD_Ft", "fwsvd": "FWSVD_Ft", "svd:epochs=2": "SVD_Ft, 2 epochs (LPAF's steps)",
@@ -62,6 +62,10 @@ LABELS = {
     f"{LPAF},decomposition=svd": "LPAF, vanilla SVD instead of sparsity-aware",
     f"{LPAF},mixed_rank=false": "LPAF, vanilla fine-tuning instead of mixed-rank",
     f"{LPAF},consistency=0": "LPAF, mixed-rank w/o consistency loss",
+    "lpaf:decomposition=em": "LPAF, EM sparsity-aware fit (instead of row-weighted)",
+    "lpaf:density=0.5": "LPAF, pruning density v = 0.5 (instead of v = keep)",
+    "lpaf:prune_epochs=3,save_pruned={task}-k{keep}-e3": "LPAF, 3 pruning epochs (instead of 1)",
+    f"{LPAF},p_init=1.0,p_zero_at=0.8": "LPAF, p_init 1.0 reaching 0 at 80% (instead of 0.5 at 50%)",
     "lpaf:prune=false": "LPAF w/o pruning (step 1)", "lpaf:importance=magnitude": "LPAF, UP_zero (magnitude) pruning",
     "svd:structure=monarch": "Monarch, one-shot", "svd:structure=blockwise": "block-wise, one-shot",
     f"svd:{STAGED}": "low rank, staged", f"svd:structure=monarch,{STAGED}": "Monarch, staged",
@@ -234,6 +238,7 @@ def main() -> None:
                   f"{res['wall_s']}s", flush=True)
     wanted = {run_id(*g) for g in grid}
     runs = [r for r in load_runs() if run_id(r["task"], r["variant"], r["keep"]) in wanted]
+    runs.sort(key=lambda r: args.tasks.index(r["task"]))  # stable: tables in the order of --tasks
     if not runs:
         sys.exit("no finished runs")
     md = table(runs, order=list(dict.fromkeys(v for _, v, _ in grid)))
