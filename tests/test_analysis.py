@@ -212,6 +212,8 @@ def test_rank_errors_over_all_targets(saved_models):
     assert {r["rank"] for r in budget["modules"].values()} == {8, 10}
     with pytest.raises(FactorLMError):
         rank_errors(dense, pruned)
+    with pytest.raises(FactorLMError, match="--keep"):
+        rank_errors(dense, pruned, keep=1.5)
 
 
 def test_cli_analyze_rank_table(saved_models, capsys):

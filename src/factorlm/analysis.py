@@ -365,11 +365,15 @@ def rank_errors(dense_dir: str, pruned_dir: str, rank: int | None = None, keep: 
     Returns ``{"rank", "keep", "modules": {name: {...}}, "mean": {...}}``: the single-matrix figure of
     :func:`analyze_models` summarised over the whole model.
     """
+    from .layers import LowRankLinear
     from .models import find_targets
     from .prune import prune_once
+    from .ranks.budget import check_keep, uniform_plan
 
     check((rank is None) != (keep is None), "give exactly one of --rank or --keep")
     check(rank is None or rank >= 1, f"--rank must be >= 1, got {rank}")
+    if keep is not None:
+        keep = check_keep(keep)
     dense, pruned = _load(dense_dir, "dense model"), _load(pruned_dir, "pruned model")
     label1 = _pruned_label(pruned_dir)
     rows: dict[str, dict[str, float]] = {}
@@ -377,8 +381,10 @@ def rank_errors(dense_dir: str, pruned_dir: str, rank: int | None = None, keep: 
         W, W1 = _weight(dense, name), _weight(pruned, name)
         check(tuple(W1.shape) == tuple(W.shape), f"{name} has shape {tuple(W1.shape)} in {pruned_dir}")
         m, n = W.shape
-        k = rank if rank is not None else max(1, math.floor(keep * m * n / (m + n)))
-        k = min(k, min(m, n))
+        if rank is None:  # this matrix's own budget rank at ``keep``
+            k = uniform_plan({name: (m, n)}, keep, LowRankLinear)[name]["rank"]
+        else:
+            k = min(rank, m, n)
         dens, _ = _pruned_density(pruned_dir, name, W1)
         prune_once(dense, [name], "magnitude", dens, scope="per_matrix")
         W0 = _weight(dense, name)
