@@ -2,7 +2,7 @@ import pytest
 
 from factorlm.errors import FactorLMError
 from factorlm.layers import LowRankLinear
-from factorlm.ranks import fixed_plan, plan_params, uniform_plan
+from factorlm.ranks import break_even_rank, fixed_plan, past_break_even, plan_params, stored_weights, uniform_plan
 
 
 def encoder_shapes(layers, d, ff):
@@ -49,3 +49,14 @@ def test_fixed_rank_checks_range():
         fixed_plan(shapes, LowRankLinear, 9)
     with pytest.raises(FactorLMError, match="positive"):
         fixed_plan(shapes, LowRankLinear, 0)
+
+
+@pytest.mark.parametrize("shape", [(384, 384), (1536, 384), (384, 1536), (32, 96), (7, 5), (1, 10)])
+def test_break_even_rank_is_where_dense_becomes_cheaper(shape):
+    o, i = shape
+    k = break_even_rank(o, i)
+    assert k * (o + i) <= o * i < (k + 1) * (o + i)  # the largest rank whose factors are no larger
+    for r in range(1, min(o, i) + 1):
+        assert past_break_even(o, i, r) == (r * (o + i) >= o * i)
+        assert stored_weights(o, i, r) == (o * i if past_break_even(o, i, r) else r * (o + i))
+    assert break_even_rank(384, 384) == 192 and break_even_rank(1536, 384) == 307

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import check
 from ..models.surgery import count_params, target_shapes
-from ..ranks.budget import Accounting
+from ..ranks.budget import Accounting, stored_weights
 from .base import Method, MethodResult, register_method
 from .common import targets_for
 
@@ -44,7 +44,7 @@ class RankDynaMethod(Method):
         session.finetune(model, phase="rankdyna", callbacks=[cb])
         ranks = cb.final_ranks if cb.final_ranks else cb.finalize(model)
         shapes = target_shapes(model, targets)
-        kept = sum(min(r * (shapes[n][0] + shapes[n][1]), shapes[n][0] * shapes[n][1]) for n, r in ranks.items())
+        kept = sum(stored_weights(*shapes[n], r) for n, r in ranks.items())
         if cb.dense_modules:
             session.log(f"[rankdyna] {len(cb.dense_modules)} matrices kept a rank past break-even: stored dense "
                         f"({', '.join(cb.dense_modules)})")

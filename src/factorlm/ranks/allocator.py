@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import FactorLMError, check
-from .budget import check_keep
+from .budget import break_even_rank, check_keep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def global_rank_plan(
     scores, costs = {}, {}
     for n, sv in spectra.items():
         o, i = shapes[n]
-        sc = spectrum_scores(sv, normalize)[: max(1, o * i // (o + i))]  # past break-even, dense is smaller
+        sc = spectrum_scores(sv, normalize)[: max(1, break_even_rank(o, i))]  # past break-even, dense is smaller
         check(sc.numel() >= max(min_rank, 1), f"{n}: empty spectrum")
         costs[n] = o + i
         scores[n] = sc / costs[n] if per_param else sc

@@ -29,6 +29,21 @@ def check_keep(keep: float) -> float:
     return keep
 
 
+def break_even_rank(out_features: int, in_features: int) -> int:
+    """Largest rank whose factors ``k (in + out)`` are no more than the dense ``in * out`` weights."""
+    return out_features * in_features // (out_features + in_features)
+
+
+def past_break_even(out_features: int, in_features: int, rank: int) -> bool:
+    """True when rank-``rank`` factors need at least as many weights as the dense matrix (store it dense)."""
+    return rank * (in_features + out_features) >= in_features * out_features
+
+
+def stored_weights(out_features: int, in_features: int, rank: int) -> int:
+    """Weights of a rank-``rank`` matrix stored the cheaper way: factors, or dense past break-even."""
+    return min(rank * (in_features + out_features), in_features * out_features)
+
+
 def _params(cls, shape, knob: int, fixed: dict[str, Any]) -> int:
     out_f, in_f = shape
     return cls.weight_params_for(out_f, in_f, **{cls.budget_knob: min(knob, cls.knob_max(out_f, in_f, **fixed))}, **fixed)

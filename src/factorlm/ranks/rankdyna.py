@@ -50,7 +50,7 @@ from ..errors import check
 from ..layers.svd_masked import SVDLinear
 from ..train.callbacks import Callback
 from .allocator import SensitivityTracker, global_allocation, kept_cost
-from .budget import check_keep
+from .budget import check_keep, past_break_even
 from .schedule import budget_at, phase_steps
 
 logger = logging.getLogger("factorlm.rankdyna")
@@ -347,7 +347,7 @@ class RankDynaCallback(Callback):
         self.dense_modules = []
         for n, m in list(self.modules.items()):
             low = new = m.truncate(balanced=self.balanced)
-            if self.densify and low.weight_params() >= low.in_features * low.out_features:
+            if self.densify and past_break_even(low.out_features, low.in_features, low.rank):
                 new = low.to_linear()  # past the break-even rank the dense matrix is the smaller one
                 self.dense_modules.append(n)
             new.train(m.training)
