@@ -11,7 +11,7 @@
    every epoch.  If (b) tracks (a), re-training factorized models is sound, and a low (c) is what the
    truncation removed.
 
-    python benchmarks/sensitivity.py --tasks stsb sst2 --retrain
+    python benchmarks/sensitivity.py --tasks stsb sst2 --retrain stsb
 Writes benchmarks/results/sensitivity.{md,json}.
 """
 
@@ -85,7 +85,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["stsb"], choices=sorted(TASKS))
     p.add_argument("--keeps", nargs="+", type=float, default=[0.9, 0.75, 0.5, 0.25])
-    p.add_argument("--retrain", action="store_true", help="also run the re-training controls (minutes per task)")
+    p.add_argument("--retrain", nargs="*", metavar="TASK",
+                   help="also run the re-training controls (minutes per task): for these tasks, or all if none named")
     p.add_argument("--retrain-keep", type=float, default=0.5)
     p.add_argument("--retrain-epochs", type=float, default=3.0)
     p.add_argument("--threads", type=int)
@@ -116,7 +117,7 @@ def main() -> None:
                 cells.append(f"{100 * r['score']:.1f}" + (f" (spread {r['spread']:.2f})" if reg else ""))
                 print(f"{task} {group} keep={keep:g}: {cells[-1]}", flush=True)
             lines.append(f"| {group} | " + " | ".join(cells) + " |")
-        if not args.retrain:
+        if args.retrain is None or (args.retrain and task not in args.retrain):
             continue
         h = session.config.max_train_samples
         lines += [f"\n{task}: re-training controls ({metric} x100 after each epoch, {h} training examples, "

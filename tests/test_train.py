@@ -316,6 +316,29 @@ def test_regression_task():
     assert metrics["pearson"] > 0.8 and metrics["mse"] < 0.2
 
 
+def test_regression_trains_through_full_rank_factors():
+    """A model whose every encoder Linear is replaced by exact full-rank factors computes the same function
+    and learns a regression target as the dense model does: the path every factorized model is re-trained on."""
+    from factorlm.factorize import budget_plan, factorize
+    from factorlm.models.surgery import find_targets
+
+    dense = make_model(num_labels=1)
+    fact = copy.deepcopy(dense)
+    targets = find_targets(fact)
+    acc = factorize(fact, budget_plan(fact, targets, rank=32))  # 32 = min(out, in) of every target: exact
+    assert len(targets) == 12 and acc.target_weights_after > acc.target_weights_before
+    _, evals = loaders(regression=True)
+    batch = next(iter(evals["dev"]))
+    with torch.no_grad():
+        torch.testing.assert_close(fact.eval()(**batch).logits, dense.eval()(**batch).logits, atol=1e-5, rtol=1e-4)
+    scores = {}
+    for name, model in (("dense", dense), ("factorized", fact)):
+        train, evals = loaders(regression=True)
+        scores[name] = Trainer(model, train, evals, RegTask(), cfg(epochs=4, learning_rate=3e-3)).fit()["pearson"]
+    assert scores["dense"] > 0.8 and scores["factorized"] > 0.8, scores
+    assert abs(scores["dense"] - scores["factorized"]) < 0.1, scores
+
+
 def test_two_eval_splits_prefixed():
     class MnliTask(AccTask):
         eval_splits = ("dev_matched", "dev_mismatched")
