@@ -66,14 +66,14 @@ def staged_factorize(
 
 def run_factorize(session, model, plan, structure, decompose=None) -> Accounting:
     """One-shot or staged according to ``--schedule``."""
-    from .errors import FactorLMError
+    from collections.abc import Mapping
+
     from .factorize import structure_class
 
-    if decompose is not None and structure_class(structure).structure != "lowrank":
-        raise FactorLMError(
-            f"method {session.config.method!r} uses a weighted decomposition, implemented for --structure lowrank "
-            f"only; use --method svd with --structure {structure_class(structure).structure}"
-        )
+    if decompose is not None:  # matrix-level fits (fwsvd, sparsity-aware): the structure applies them its way
+        cls = structure_class(structure)
+        decompose = ({n: cls.lift_decompose(f) for n, f in decompose.items()} if isinstance(decompose, Mapping)
+                     else cls.lift_decompose(decompose))
     if session.config.schedule == "staged":
         return staged_factorize(session, model, plan, structure, decompose)
     return factorize(model, plan, structure, decompose)

@@ -121,13 +121,73 @@ def blockwise_lowrank(
     ranks = normalize_block_ranks(block_rank, nblocks_out, nblocks_in, min(n_out, n_in))
     rmax = max(r for row in ranks for r in row)
     A4, B4 = batched_truncated_svd(split_blocks(W, nblocks_out, nblocks_in), rmax, compute_dtype)
-    if is_uniform(block_rank):  # uniform: a pure reshape
-        A = A4.permute(2, 0, 1, 3).reshape(n_out, -1)
-        B = B4.reshape(-1, n_in)
+    return _assemble(A4, B4, ranks, is_uniform(block_rank), W.dtype)
+
+
+def _assemble(A4, B4, ranks, uniform: bool, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block factors (``A4[i][j]`` (n_out, >= r_ij), ``B4[i][j]`` (>= r_ij, n_in)) -> the layout's ``(A, B)``."""
+    if uniform and torch.is_tensor(A4):  # uniform: a pure reshape
+        n_out, n_in = A4.shape[2], B4.shape[3]
+        A = A4[..., : ranks[0][0]].permute(2, 0, 1, 3).reshape(n_out, -1)
+        B = B4[..., : ranks[0][0], :].reshape(-1, n_in)
     else:
-        A = torch.cat([A4[i, j, :, :r] for i, row in enumerate(ranks) for j, r in enumerate(row)], dim=1)
-        B = torch.cat([B4[i, j, :r, :] for i, row in enumerate(ranks) for j, r in enumerate(row)], dim=0)
-    return A.to(W.dtype).contiguous(), B.to(W.dtype).contiguous()
+        A = torch.cat([A4[i][j][:, :r] for i, row in enumerate(ranks) for j, r in enumerate(row)], dim=1)
+        B = torch.cat([B4[i][j][:r, :] for i, row in enumerate(ranks) for j, r in enumerate(row)], dim=0)
+    return A.to(dtype).contiguous(), B.to(dtype).contiguous()
+
+
+def block_kwargs(kwargs: dict, shape: tuple[int, int], rows: slice, cols: slice) -> dict:
+    """The share of a weighted decomposition's per-matrix arguments that belongs to one block.
+
+    Tensors shaped like the matrix (a pruning mask, first-order scores) are cut to the block; a 1-D
+    tensor is a per-feature weight along the axis named by ``kwargs["dim"]`` (1 = columns = input
+    features, the default and FWSVD's convention; 0 = rows) and is cut to the block's features.
+    Everything else is passed through.
+    """
+    out = {}
+    for k, v in kwargs.items():
+        if torch.is_tensor(v) and v.dim() == 2 and tuple(v.shape) == tuple(shape):
+            v = v[rows, cols]
+        elif torch.is_tensor(v) and v.dim() == 1:
+            axis = kwargs.get("dim", 1)
+            axis = 1 if axis is None else axis
+            check(v.numel() == shape[axis], f"{k}: {v.numel()} weights for an axis of {shape[axis]} features")
+            v = v[cols] if axis == 1 else v[rows]
+        out[k] = v
+    return out
+
+
+def per_block_factors(decompose, W: torch.Tensor, nblocks_out: int, nblocks_in: int, ranks, **kwargs):
+    """Fit every block ``W_ij`` with a matrix-level decomposition ``decompose(W_ij, r_ij, **kw_ij) -> (A, B)``.
+
+    ``kw_ij`` = :func:`block_kwargs`.  A weighted Frobenius objective whose weights are elementwise
+    (sparsity-aware SVD) or per feature (FWSVD) separates over the blocks of a block structure, so
+    fitting each block with its own share of the weights solves the structure's weighted problem
+    (exactly, when ``decompose`` is exact on a matrix, as FWSVD is).  Returns nested lists
+    ``A4[i][j]`` (n_out, r_ij), ``B4[i][j]`` (r_ij, n_in).
+    """
+    n_out, n_in = check_grid(W.shape[0], W.shape[1], nblocks_out, nblocks_in)
+    A4 = [[None] * nblocks_in for _ in range(nblocks_out)]
+    B4 = [[None] * nblocks_in for _ in range(nblocks_out)]
+    for i in range(nblocks_out):
+        for j in range(nblocks_in):
+            rows, cols = slice(i * n_out, (i + 1) * n_out), slice(j * n_in, (j + 1) * n_in)
+            A4[i][j], B4[i][j] = decompose(W[rows, cols], ranks[i][j], **block_kwargs(kwargs, W.shape, rows, cols))
+    return A4, B4
+
+
+def blockwise_weighted(
+    decompose, W: torch.Tensor, block_rank: BlockRank, nblocks_out: int = 2, nblocks_in: int = 2, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise low-rank factors ``(A, B)`` of ``W`` from a matrix-level (e.g. weighted) decomposition per block.
+
+    ``blockwise_weighted(truncated_svd, W, r, 2, 2)`` is :func:`blockwise_lowrank`; with
+    ``fisher_weighted_svd`` and ``importance=...`` it is FWSVD for the block structure.
+    """
+    n_out, n_in = check_grid(W.shape[0], W.shape[1], nblocks_out, nblocks_in)
+    ranks = normalize_block_ranks(block_rank, nblocks_out, nblocks_in, min(n_out, n_in))
+    A4, B4 = per_block_factors(decompose, W, nblocks_out, nblocks_in, ranks, **kwargs)
+    return _assemble(A4, B4, ranks, False, W.dtype)
 
 
 def blockwise_to_dense(A: torch.Tensor, B: torch.Tensor, nblocks_out: int, nblocks_in: int, block_rank: BlockRank) -> torch.Tensor:

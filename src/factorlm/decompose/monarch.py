@@ -32,7 +32,8 @@ from numbers import Integral
 
 import torch
 
-from .blockwise import batched_truncated_svd, blockwise_optimal_error, check_grid, merge_blocks, split_blocks
+from .blockwise import (batched_truncated_svd, blockwise_optimal_error, check_grid, merge_blocks, per_block_factors,
+                        split_blocks)
 
 
 def check_monarch(out_features: int, in_features: int, nblocks: int, block_rank: int | None = None) -> tuple[int, int]:
@@ -83,6 +84,22 @@ def monarch_project(
     """
     check_monarch(W.shape[0], W.shape[1], nblocks, block_rank)
     A4, B4 = batched_truncated_svd(split_blocks(W, nblocks, nblocks), block_rank, compute_dtype)
+    L, R = blocks_to_monarch(A4, B4)
+    return L.to(W.dtype).contiguous(), R.to(W.dtype).contiguous()
+
+
+def monarch_weighted(decompose, W: torch.Tensor, block_rank: int, nblocks: int = 4, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monarch factors ``(L, R)`` of ``W`` from a matrix-level (e.g. weighted) decomposition of each grid block.
+
+    A Monarch matrix is a ``nblocks x nblocks`` grid of rank-``block_rank`` blocks (module docstring),
+    so a weighted fit separates over the blocks: see :func:`~factorlm.decompose.blockwise.per_block_factors`.
+    ``monarch_weighted(truncated_svd, W, r, b)`` equals :func:`monarch_project`.
+    """
+    check_monarch(W.shape[0], W.shape[1], nblocks, block_rank)
+    ranks = [[block_rank] * nblocks for _ in range(nblocks)]
+    A4, B4 = per_block_factors(decompose, W, nblocks, nblocks, ranks, **kwargs)
+    A4 = torch.stack([torch.stack(row) for row in A4])
+    B4 = torch.stack([torch.stack(row) for row in B4])
     L, R = blocks_to_monarch(A4, B4)
     return L.to(W.dtype).contiguous(), R.to(W.dtype).contiguous()
 

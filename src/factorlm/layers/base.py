@@ -63,6 +63,15 @@ class FactorizedLinear(nn.Module):
         """Structure parameters needed to rebuild the module (e.g. ``{"rank": 64}``)."""
         return {}
 
+    @classmethod
+    def lift_decompose(cls, decompose):
+        """Turn a matrix-level fit ``decompose(W, rank, **kw) -> (A, B)`` (e.g. FWSVD or the sparsity-aware
+        SVD, with its weights bound as keywords) into this structure's ``from_linear(decompose=...)``.
+
+        Low rank takes it as it is; block structures fit each block with its share of the weights.
+        """
+        return decompose
+
     # -- shared -------------------------------------------------------------------------------
     @property
     def weight_dtype(self) -> torch.dtype:

@@ -177,6 +177,14 @@ class BlockLowRankLinear(FactorizedLinear):
         return m.load_factors(bias, A=A, B=B)
 
     @classmethod
+    def lift_decompose(cls, decompose):
+        """A matrix-level fit ``decompose(W, rank, **kw)`` applied to every grid block (see :func:`blockwise_weighted`)."""
+        from ..decompose.lift import lift_per_block
+        from ..decompose.blockwise import blockwise_weighted
+
+        return lift_per_block(blockwise_weighted, decompose)
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,

@@ -129,6 +129,14 @@ class MonarchLinear(FactorizedLinear):
         return m.load_factors(bias, L=L, R=R)
 
     @classmethod
+    def lift_decompose(cls, decompose):
+        """A matrix-level fit ``decompose(W, rank, **kw)`` applied to every grid block (see :func:`monarch_weighted`)."""
+        from ..decompose.lift import lift_per_block
+        from ..decompose.monarch import monarch_weighted
+
+        return lift_per_block(monarch_weighted, decompose)
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
