@@ -197,8 +197,8 @@ def test_lpaf_reuses_a_saved_pruned_model(tiny_dir, csv_task, tmp_path, capsys):
     assert code == 2 and "not a factorlm model folder" in err
 
 
-@pytest.mark.parametrize("structure", ["monarch", "blockwise"])
-def test_weighted_decomposition_with_block_structures(structure, tiny_dir, csv_task, tmp_path, capsys):
+@pytest.mark.parametrize("structure,schedule", [("monarch", "oneshot"), ("blockwise", "staged")])
+def test_weighted_decomposition_with_block_structures(structure, schedule, tiny_dir, csv_task, tmp_path, capsys):
     """FWSVD with a block structure: each block gets its Fisher-weighted fit; the saved model reloads."""
     from factorlm import models
     from factorlm.layers import STRUCTURES
@@ -207,7 +207,7 @@ def test_weighted_decomposition_with_block_structures(structure, tiny_dir, csv_t
     code, _, err = run(["compress", "--model", tiny_dir, "--method", "fwsvd", "--structure", structure, "--max-steps", "2",
                         "--keep", "0.5", "--task", "csv", "--train-file", csv_task / "train.csv", "--text-columns", "text",
                         "--label-column", "label", "--quiet", "--cache-dir", tmp_path / "cache", "--output", out,
-                        "--fisher-batches", "1"], capsys)
+                        "--fisher-batches", "1", "--schedule", schedule, "--stages", "2"], capsys)
     assert code == 0, err
     model = models.load(out)
     kinds = {type(m) for m in model.modules()}
