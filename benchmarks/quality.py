@@ -67,6 +67,7 @@ LABELS = {
     "lpaf:prune_epochs=3,save_pruned={task}-k{keep}-e3": "LPAF, 3 pruning epochs (instead of 1)",
     f"{LPAF},p_init=1.0,p_zero_at=0.8": "LPAF, p_init 1.0 reaching 0 at 80% (instead of 0.5 at 50%)",
     "lpaf:prune=false": "LPAF w/o pruning (step 1)", "lpaf:importance=magnitude": "LPAF, UP_zero (magnitude) pruning",
+    "svd:exclude=attention": "SVD_Ft of the FFN only (attention kept dense; keep = share of the FFN weights)",
     "svd:structure=monarch": "Monarch, one-shot", "svd:structure=blockwise": "block-wise, one-shot",
     f"svd:{STAGED}": "low rank, staged", f"svd:structure=monarch,{STAGED}": "Monarch, staged",
     f"svd:structure=blockwise,{STAGED}": "block-wise, staged",
@@ -87,6 +88,8 @@ def parse_variant(v: str) -> tuple[str, dict, dict]:
                     val = cast(val)
                 except ValueError:
                     pass
+        if k in ("include", "exclude"):  # regex lists: one pattern per variant (e.g. exclude=attention)
+            val = [val]
         (cfg if k in RunConfig.field_names() else opts)[k] = val
     return method, cfg, opts
 
