@@ -151,8 +151,11 @@ def teacher_steps(run: dict) -> int:
     return int(dense.get("steps", 0)) if run["method"] != "rankdyna" else 0
 
 
-def table(runs: list[dict], order: list[str] | None = None) -> str:
-    """Markdown tables, one per task; rows follow ``order`` (variants), columns the budgets."""
+def table(runs: list[dict], order: list[str] | None = None, metric: str | None = None) -> str:
+    """Markdown tables, one per task; rows follow ``order`` (variants), columns the budgets.
+
+    ``metric``: a metric other than the task's main one (e.g. MRPC's accuracy), read from the final phase.
+    """
     if order:
         runs = sorted(runs, key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
     by = {}
@@ -163,16 +166,22 @@ def table(runs: list[dict], order: list[str] | None = None) -> str:
         keeps = sorted({k for v in variants.values() for k in v}, reverse=True)
         any_run = next(iter(next(iter(variants.values())).values()))
         dense = any_run.get("dense")
-        metric = any_run["main_metric"]
+        main = any_run["main_metric"]
+        name = metric if metric and metric in any_run["phases"].get("final", {}) else main
+
+        def value(r):
+            return r["phases"].get("final", {}).get(name, r["score"] if name == main else float("nan"))
+
+        dense = any_run["phases"].get("dense", {}).get(name, dense) if name != main else dense
         t_steps = next((r["phases"]["dense"].get("steps") for v in variants.values() for r in v.values()
                         if r["phases"].get("dense", {}).get("steps")), None)
-        head = f"\n### {task} ({metric} x100; dense teacher {100 * dense:.1f}" if dense else f"\n### {task} ({metric} x100"
+        head = f"\n### {task} ({name} x100; dense teacher {100 * dense:.1f}" if dense else f"\n### {task} ({name} x100"
         lines.append(head + (f", {t_steps:g} teacher steps)" if t_steps else ")"))
         lines.append("| method | " + " | ".join(f"keep {k:g}" for k in keeps)
                      + " | compression steps | total steps (teacher + compression) |")
         lines.append("|---|" + "---|" * (len(keeps) + 2))
         for variant, rs in variants.items():
-            cells = [f"{100 * rs[k]['score']:.1f}" if k in rs else "" for k in keeps]
+            cells = [f"{100 * value(rs[k]):.1f}" if k in rs else "" for k in keeps]
             steps = sorted({compress_steps(rs[k]) for k in rs})
             total = sorted({teacher_steps(rs[k]) + compress_steps(rs[k]) for k in rs})
             lines.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells)
@@ -214,6 +223,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, help="cap every phase (smoke test of the benchmark itself)")
     p.add_argument("--name", default="quality", help="basename of the JSON/PNG/MD outputs")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--metric", help="tabulate this metric of the final phase instead of the main one (e.g. accuracy)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (run two benchmarks side by side with 1)")
     args = p.parse_args()
@@ -244,11 +254,12 @@ def main() -> None:
     runs.sort(key=lambda r: args.tasks.index(r["task"]))  # stable: tables in the order of --tasks
     if not runs:
         sys.exit("no finished runs")
-    md = table(runs, order=list(dict.fromkeys(v for _, v, _ in grid)))
+    md = table(runs, order=list(dict.fromkeys(v for _, v, _ in grid)), metric=args.metric)
     print(md)
     (RESULTS / f"{args.name}.md").write_text(md + "\n")
     (RESULTS / f"{args.name}.json").write_text(json.dumps(runs, indent=1, default=str))
-    plot(runs, RESULTS / f"{args.name}.png")
+    if not args.metric:  # the plot shows the main metric
+        plot(runs, RESULTS / f"{args.name}.png")
     plot_rank_maps(runs)
 
 
