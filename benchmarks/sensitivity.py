@@ -59,14 +59,18 @@ def score(session, model) -> dict:
     return out
 
 
-def factorized(teacher, group: str, keep: float | None = None, rank: int | None = None):
+def factorized(teacher, group: str, keep: float | None = None):
+    """A copy of ``teacher`` with ``group``'s matrices factorized by truncated SVD at ``keep`` (None = each at
+    its full rank: the same function, stored as factors)."""
     from factorlm.factorize import budget_plan, factorize
-    from factorlm.models.surgery import find_targets
+    from factorlm.models.surgery import find_targets, target_shapes
 
     model = copy.deepcopy(teacher)
     inc, exc = GROUPS[group]
     targets = find_targets(model, include=inc or None, exclude=exc)
-    factorize(model, budget_plan(model, targets, keep=keep, rank=rank))
+    plan = budget_plan(model, targets, keep=keep) if keep is not None else \
+        {n: {"rank": min(shape)} for n, shape in target_shapes(model, targets).items()}
+    factorize(model, plan)
     return model
 
 
@@ -122,10 +126,9 @@ def main() -> None:
         h = session.config.max_train_samples
         lines += [f"\n{task}: re-training controls ({metric} x100 after each epoch, {h} training examples, "
                   f"lr {session.config.learning_rate:g})", "| model | before | after each epoch |", "|---|---|---|"]
-        full = min(min(m.weight.shape) for m in teacher.modules() if isinstance(m, torch.nn.Linear)
-                   and m.weight.shape[0] > 1)
+        full = "/".join(map(str, sorted({m.rank for m in factorized(teacher, "all").modules() if hasattr(m, "rank")})))
         controls = [("dense teacher", lambda: copy.deepcopy(teacher), 1.0),
-                    (f"all factorized at full rank ({full})", lambda: factorized(teacher, "all", rank=full), 1.0),
+                    (f"all factorized at full rank ({full})", lambda: factorized(teacher, "all"), 1.0),
                     (f"all factorized at keep {args.retrain_keep:g}",
                      lambda: factorized(teacher, "all", keep=args.retrain_keep), args.retrain_epochs)]
         for name, build, epochs in controls:

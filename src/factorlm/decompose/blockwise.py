@@ -126,7 +126,7 @@ def blockwise_lowrank(
 
 def _assemble(A4, B4, ranks, uniform: bool, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block factors (``A4[i][j]`` (n_out, >= r_ij), ``B4[i][j]`` (>= r_ij, n_in)) -> the layout's ``(A, B)``."""
-    if uniform and torch.is_tensor(A4):  # uniform: a pure reshape
+    if uniform:  # one stacked tensor per factor: a pure reshape
         n_out, n_in = A4.shape[2], B4.shape[3]
         A = A4[..., : ranks[0][0]].permute(2, 0, 1, 3).reshape(n_out, -1)
         B = B4[..., : ranks[0][0], :].reshape(-1, n_in)

@@ -49,11 +49,13 @@ from ..decompose.blockwise import (
     BlockRank,
     blockwise_lowrank,
     blockwise_to_dense,
+    blockwise_weighted,
     check_grid,
     is_uniform,
     normalize_block_ranks,
     rank_offsets,
 )
+from ..decompose.lift import lift_per_block
 from ..errors import check
 from .base import FactorizedLinear, register_structure
 
@@ -179,9 +181,6 @@ class BlockLowRankLinear(FactorizedLinear):
     @classmethod
     def lift_decompose(cls, decompose):
         """A matrix-level fit ``decompose(W, rank, **kw)`` applied to every grid block (see :func:`blockwise_weighted`)."""
-        from ..decompose.lift import lift_per_block
-        from ..decompose.blockwise import blockwise_weighted
-
         return lift_per_block(blockwise_weighted, decompose)
 
     @classmethod

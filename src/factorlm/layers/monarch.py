@@ -38,7 +38,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..decompose.monarch import check_monarch, monarch_project, monarch_to_dense
+from ..decompose.lift import lift_per_block
+from ..decompose.monarch import check_monarch, monarch_project, monarch_to_dense, monarch_weighted
 from ..errors import check
 from .base import FactorizedLinear, register_structure
 
@@ -131,9 +132,6 @@ class MonarchLinear(FactorizedLinear):
     @classmethod
     def lift_decompose(cls, decompose):
         """A matrix-level fit ``decompose(W, rank, **kw)`` applied to every grid block (see :func:`monarch_weighted`)."""
-        from ..decompose.lift import lift_per_block
-        from ..decompose.monarch import monarch_weighted
-
         return lift_per_block(monarch_weighted, decompose)
 
     @classmethod
