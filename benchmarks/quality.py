@@ -122,7 +122,7 @@ def run_one(task: str, variant: str, keep: float, args) -> dict:
         "score": report.final, "dense": report.scores.get("dense", {}).get(report.main_metric),
         "phases": with_reused_pruning(report.scores, opts.get("pruned_model")), "accounting": report.accounting, "flops": report.flops,
         "train_steps": report.total_train_steps, "wall_s": round(time.time() - t0, 1), "info": report.info,
-        "config": config.to_dict(),
+        "warnings": report.warnings, "baseline": report.baseline, "config": config.to_dict(),
     }
 
 

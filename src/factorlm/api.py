@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ def load_model_for_task(name_or_path: str | None, task, seed: int | None = None)
         n = getattr(model.config, "num_labels", None)
         if n != task.num_labels:
             raise FactorLMError(f"{path} has {n} labels but task {task.name!r} needs {task.num_labels}")
+        _ensure_padding(model, tokenizer, path)
         return model, tokenizer, meta.get("task") == task.name
     try:
         config = AutoConfig.from_pretrained(path)
@@ -83,7 +85,21 @@ def load_model_for_task(name_or_path: str | None, task, seed: int | None = None)
         hf_logging.set_verbosity(verbosity)
     trained = not info.get("missing_keys") and not info.get("mismatched_keys")
     models.check_finite(model, f"model {path}")
+    _ensure_padding(model, tokenizer, path)
     return model, tokenizer, trained
+
+
+def _ensure_padding(model: nn.Module, tokenizer, path: str) -> None:
+    """Batches are padded, and a decoder used as a classifier pools its last non-padding token, so
+    both the tokenizer and the model config need a pad token: decoders often ship without one, and
+    then the end-of-sequence token is used (the usual choice; it is saved with the model)."""
+    if getattr(tokenizer, "pad_token", None) is None:
+        if getattr(tokenizer, "eos_token", None) is None:
+            raise FactorLMError(f"the tokenizer of {path} has neither a pad nor an end-of-sequence token; "
+                                "add a pad token to it")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 # -- the dense teacher ----------------------------------------------------------------------------
@@ -99,6 +115,7 @@ def _teacher_key(session: Session, source: str) -> str:
         "text_columns": c.text_columns, "label_column": c.label_column, "max_length": c.max_length,
         "max_train_samples": c.max_train_samples, "max_eval_samples": c.max_eval_samples,
         "batch_size": c.batch_size, "seed": c.seed, "epochs": c.teacher_epochs or c.epochs,
+        "selection_size": c.selection_size,
         "lr": c.teacher_learning_rate or c.learning_rate, "max_steps": c.max_steps, "warmup": c.warmup_ratio,
         "weight_decay": c.weight_decay,
     }
@@ -117,12 +134,16 @@ def ensure_teacher(session: Session, validate=None) -> nn.Module:
     if validate is not None:
         validate(model)
     label = source or "the embedded all-MiniLM-L6-v2"
+    resolved = resolve_model(source)
+    main = session.task.main_metric
     if trained:
         session.log(f"starting from {label}, already fine-tuned for {session.task.name}")
         session.evaluate(model, phase="dense")
+        session.teacher = {"source": resolved, "trained_here": False, main: session.phases["dense"].get(main)}
         return model
-    resolved = resolve_model(source)
-    cache = cache_root(c) / "teachers" / f"{session.task.name}-{_teacher_key(session, resolved)}"
+    key = _teacher_key(session, resolved)
+    cache = cache_root(c) / "teachers" / f"{session.task.name}-{key}"
+    session.teacher = {"source": resolved, "cache": str(cache), "cache_key": key}
     if (cache / FACTORLM_JSON).is_file():
         session.log(f"{label} has no trained {session.task.name} head: using the cached dense teacher {cache}")
         model = models.load(cache)
@@ -132,15 +153,26 @@ def ensure_teacher(session: Session, validate=None) -> nn.Module:
             session.record("dense", scores, cached=True)
         else:
             session.evaluate(model, phase="dense")
+        session.teacher.update({"trained_here": False, main: session.phases["dense"].get(main)})
         return model
+    cache_ok = _writable_problem(cache) is None
     session.log(f"{label} has no trained {session.task.name} head: fine-tuning a dense teacher first "
-                f"(cached at {cache})")
+                + (f"(cached at {cache})" if cache_ok else
+                   f"(NOT cached: {_writable_problem(cache)}; set --cache-dir or $FACTORLM_CACHE)"))
     session.finetune(model, phase="dense", epochs=c.teacher_epochs, learning_rate=c.teacher_learning_rate)
-    if session.accelerator.is_main_process:
-        models.save(model, cache, tokenizer=tokenizer, overwrite=True, meta={
-            "task": session.task.name, "method": "dense", "base_model": resolved,
-            "recipe": c.to_dict(), "scores": {"dense": session.phases["dense"]},
-        })
+    session.teacher.update({"trained_here": True, main: session.phases["dense"].get(main)})
+    if not cache_ok:
+        session.teacher["cache"] = None
+    elif session.accelerator.is_main_process:
+        try:
+            models.save(model, cache, tokenizer=tokenizer, overwrite=True, meta={
+                "task": session.task.name, "method": "dense", "base_model": resolved,
+                "recipe": c.to_dict(), "scores": {"dense": session.phases["dense"]},
+                "warnings": list(session.warnings),
+            })
+        except OSError as e:  # a cache that fails is not worth the run
+            session.log(f"WARNING: could not cache the teacher at {cache}: {e}")
+            session.teacher["cache"] = None
     session.accelerator.wait_for_everyone()  # no rank may look for the cache before it is complete
     return model
 
@@ -157,10 +189,22 @@ class Report:
     flops: dict[str, int] = field(default_factory=dict)
     total_train_steps: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # method facts (e.g. RankDyna's per-matrix ranks)
+    baseline: dict[str, float] = field(default_factory=dict)  # majority-class baseline on dev
+    warnings: list[str] = field(default_factory=list)  # collapse, NaN loss, worse than start, ...
+    health: dict[str, Any] = field(default_factory=dict)  # the same as flags
+    teacher: dict[str, Any] | None = None  # the dense model the run started from (source, cache, score)
 
     @property
     def final(self) -> float:
-        return float(self.scores["final"][self.main_metric])
+        from .train.evaluate import main_score
+
+        return main_score(self.scores["final"], self.main_metric)
+
+    @property
+    def ok(self) -> bool:
+        """False when the run collapsed, diverged or ended no better than the majority class."""
+        h = self.health
+        return not (h.get("collapsed") or h.get("diverged") or h.get("below_baseline"))
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -168,11 +212,52 @@ class Report:
         return asdict(self)
 
 
+def _writable_problem(folder: Path) -> str | None:
+    """Why ``folder`` (created if missing, written via a temporary sibling) could not be written,
+    or None.  Probes the nearest existing ancestor by creating and removing a temporary folder, so
+    read-only and virtual file systems are caught, not only permission bits."""
+    folder = Path(folder).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    anc = folder.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"{anc} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".factorlm-probe-", dir=anc))
+    except OSError as e:
+        return f"{anc} is not writable ({e.strerror or type(e).__name__})"
+    return None
+
+
 def _output_dir(c: RunConfig, default: str) -> Path:
+    """The output folder, checked before any work: not an existing non-empty folder (unless
+    ``--overwrite``), and creatable and writable (so a long run cannot fail at save time)."""
     out = Path(c.output or default).expanduser()
     if out.exists() and not c.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FactorLMError(f"output folder {out} already exists and is not empty (use --overwrite)")
+    problem = _writable_problem(out)
+    if problem:
+        raise FactorLMError(f"cannot write the output folder {out}: {problem}")
+    if c.checkpoint_dir:
+        problem = _writable_problem(Path(c.checkpoint_dir) / "step-0")
+        if problem:
+            raise FactorLMError(f"cannot write checkpoints to {c.checkpoint_dir}: {problem}")
     return out
+
+
+def _run_meta(session: Session) -> dict[str, Any]:
+    """What every saved run records about its own trustworthiness, and the task's label spec (so
+    `evaluate` needs only the dev file)."""
+    t = session.task
+    spec = {"name": t.name, "num_labels": t.num_labels, "main_metric": t.main_metric, "metrics": list(t.metrics),
+            "label_names": list(t.label_names) if t.label_names else None,
+            **{k: t.options[k] for k in ("label_kind", "text_columns", "label_column") if t.options.get(k)}}
+    return {"task_spec": spec, "baseline": session.baseline, "warnings": list(session.warnings),
+            "health": session.health, "teacher": getattr(session, "teacher", None),
+            "selection": {"size": len(session.data.select), "from": "train",
+                          "selection_size": session.config.selection_size}}
 
 
 def _flops(model: nn.Module, seq_len: int) -> int:
@@ -190,15 +275,17 @@ def finetune(config: RunConfig, *, quiet: bool = False) -> Report:
     model, tokenizer, _ = load_model_for_task(c.model, session.task, seed=c.seed)
     session.tokenizer = tokenizer
     session.finetune(model, phase="final")
+    session.check_final(session.phases["final"])
     flops = _flops(model, c.max_length)
     if session.accelerator.is_main_process:
         models.save(model, out, tokenizer=tokenizer, overwrite=c.overwrite, meta={
             "task": session.task.name, "method": "dense", "base_model": resolve_model(c.model),
             "recipe": c.to_dict(), "scores": {"dense": session.phases["final"], **session.phases},
-            "params": models.count_params(model), "flops_per_sequence": flops,
+            "params": models.count_params(model), "flops_per_sequence": flops, **_run_meta(session),
         })
     return Report(str(out), session.task.name, "dense", session.task.main_metric, session.phases,
-                  flops={"final": flops}, total_train_steps=session.total_train_steps)
+                  flops={"final": flops}, total_train_steps=session.total_train_steps,
+                  baseline=session.baseline, warnings=list(session.warnings), health=session.health)
 
 
 def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Report:
@@ -234,31 +321,84 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     result = method.run(session, model)
     model = result.model
     session.evaluate(model, phase="final")
+    session.check_final(session.phases["final"])
     flops = {"dense": dense_flops, "final": _flops(model, c.max_length)}
     accounting = result.accounting.to_dict() if result.accounting is not None else {}
     accounting.setdefault("model_params_before", dense_params)
     accounting["model_params_after"] = models.count_params(model)
     report = Report(str(out) if out else None, session.task.name, method.name, session.task.main_metric,
-                    session.phases, accounting, flops, session.total_train_steps, result.info)
+                    session.phases, accounting, flops, session.total_train_steps, result.info,
+                    baseline=session.baseline, warnings=list(session.warnings), health=session.health,
+                    teacher=getattr(session, "teacher", None))
     report.model = model  # the compressed model itself (an attribute, not a serialized field)
     if save and session.accelerator.is_main_process:
         models.save(model, out, tokenizer=session.tokenizer, overwrite=c.overwrite, extra_files=result.extra_files, meta={
             "task": session.task.name, "method": method.name, "structure": c.structure,
-            "base_model": resolve_model(c.model), "teacher": c.teacher,
+            "base_model": resolve_model(c.model),
             "recipe": c.to_dict(), "method_info": result.info, "scores": session.phases,
             "accounting": accounting, "flops_per_sequence": flops, "seq_len_for_flops": c.max_length,
-            "total_train_steps": session.total_train_steps,
+            "total_train_steps": session.total_train_steps, **_run_meta(session),
         })
     return report
 
 
-def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False) -> dict[str, float]:
-    """Evaluate a saved model (factorlm or HF folder) on ``config.task`` (default: the task it was trained on)."""
+# what `evaluate` reuses from a saved folder's recipe (flags override each)
+EVAL_DATA_FIELDS = ("task", "data_dir", "train_file", "dev_file", "text_columns", "label_column", "max_length",
+                    "max_eval_samples", "eval_batch_size")
+
+
+def evaluate_config(path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The evaluation config of a saved folder: the data settings its ``factorlm.json`` recorded
+    (:data:`EVAL_DATA_FIELDS`), then ``overrides`` (the user's flags) on top."""
+    meta = read_meta(resolve_model(path)) or {}
+    recipe = meta.get("recipe") or {}
+    values: dict[str, Any] = {k: recipe[k] for k in EVAL_DATA_FIELDS if recipe.get(k) is not None}
+    if meta.get("task") and "task" not in values:
+        values["task"] = meta["task"]
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values["model"] = path
+    return RunConfig(**{k: v for k, v in values.items() if k in RunConfig.field_names()})
+
+
+def _saved_task(session: Session, meta: dict[str, Any]):
+    """A csv/jsonl task rebuilt from the label spec a saved folder recorded, so evaluation reads only
+    the dev file (None: resolve the task as usual)."""
+    from .data import resolve_task
+
+    c, spec = session.config, meta.get("task_spec") or {}
+    if not (c.dev_file and spec.get("label_kind") and spec.get("name") == c.task and c.task in ("csv", "jsonl")):
+        return None
+    return resolve_task(c.task, dev_file=c.dev_file, label_column=c.label_column or spec.get("label_column"),
+                        text_columns=tuple(c.text_columns or spec.get("text_columns") or ()) or None,
+                        num_labels=spec["num_labels"], label_kind=spec["label_kind"], label_names=spec.get("label_names"))
+
+
+def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: str = "dev") -> dict[str, float]:
+    """Evaluate a saved model (factorlm or HF folder) on ``config.task`` and one ``split`` (``dev``:
+    the task's evaluation splits; ``test`` where the task has one).  Reads no training data."""
+    from .data import load_task_data
+
     c = config.validate()
     session = Session(c, quiet=quiet)
-    model, tokenizer, _ = load_model_for_task(path, session.task)
+    meta = read_meta(resolve_model(path)) or {}
+    task = _saved_task(session, meta) or session.task
+    session.task = task
+    splits = tuple(task.eval_splits) if split == "dev" else (split,)
+    if split == "train" or (split != "dev" and split not in task.available_splits):
+        have = ", ".join(s for s in task.available_splits if s != "train")
+        raise FactorLMError(f"task {task.name!r} has no {split!r} split to evaluate (it has: dev = {have})")
+    session.data = load_task_data(task, data_dir=c.data_dir, max_eval_samples=c.max_eval_samples, seed=c.seed,
+                                  eval_splits=splits, include_train=False, **session._file_options())
+    model, tokenizer, _ = load_model_for_task(path, task)
     session.tokenizer = tokenizer
-    return session.evaluate(model)
+    sizes = ", ".join(f"{s} {len(ex):,} examples" for s, ex in session.data.evals.items())
+    session.log(f"evaluating {path} on {task.name}: {sizes}")
+    metrics = session.evaluate(model, phase=split)
+    base = session.baseline
+    if base:
+        session.log("majority-class baseline (of the evaluated split): "
+                    + " ".join(f"{k}={v:.4f}" for k, v in base.items()))
+    return metrics
 
 
 def info(path: str) -> dict[str, Any]:

@@ -35,6 +35,10 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     g.add_argument("--batch-size", type=int, help="training batch size (default 32)")
     g.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default 128)")
     g.add_argument("--seed", type=int, help="seed for data order, init and sampling (default 0)")
+    if train:
+        g.add_argument("--selection-size", type=float, help="held-out slice of the training split that keep-best "
+                       "selects on (never the reported dev set): a fraction < 1 or a count (default 0.1, at most "
+                       "2,000 examples; 0 = no selection, keep the last weights)")
     g.add_argument("--recipe", help="YAML/JSON file of options (flags override it); a saved factorlm.json works too")
     g.add_argument("--quiet", action="store_true", help="no progress output")
     if not train:
@@ -45,7 +49,7 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     t.add_argument("--max-steps", type=int, help="cap on optimizer steps of every training phase (smoke runs)")
     t.add_argument("--warmup-ratio", type=float, help="linear warm-up fraction (default 0.06)")
     t.add_argument("--weight-decay", type=float)
-    t.add_argument("--eval-every", type=int, help="evaluate every N steps (default: each epoch)")
+    t.add_argument("--eval-every", type=int, help="score the held-out selection slice every N steps (default: each epoch)")
     t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     t.add_argument("--checkpoint-dir", help="write training checkpoints (accelerate state) here")
     t.add_argument("--save-every", type=int, help="steps between checkpoints (needs --checkpoint-dir)")
@@ -157,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="instead of the figure: every target matrix's error at this rank (JSON)")
     p.add_argument("--keep", type=float, help="instead of the figure: every matrix's error at its budget rank (JSON)")
 
-    p = sub.add_parser("evaluate", help="score a saved model on its task (or --task)")
+    p = sub.add_parser("evaluate", help="score a saved model on its task, with the data settings it recorded")
     p.add_argument("path", help="model folder")
+    p.add_argument("--split", default="dev", help="dev (default: the task's evaluation splits) or test (where the task has one)")
     _common(p, train=False)
 
     p = sub.add_parser("info", help="what a saved folder holds: params, per-module ranks, method, recipe")
@@ -189,13 +194,24 @@ def _config_from_args(args: argparse.Namespace, **forced: Any):
     return RunConfig(**values)
 
 
+def _given_fields(args: argparse.Namespace) -> set[str]:
+    """The RunConfig fields the user set (by flag or --recipe)."""
+    from .config import RunConfig, load_recipe
+
+    names = {k for k, v in vars(args).items() if v is not None and k in RunConfig.field_names()}
+    if getattr(args, "recipe", None):
+        names |= set(load_recipe(args.recipe)) & RunConfig.field_names()
+    return names - {"method_options"}
+
+
 def _print_report(report) -> None:
-    scores = report.scores
-    main = report.main_metric
-    rows = [(phase, m.get(main)) for phase, m in scores.items() if main in m]
-    print(f"\n{report.method} on {report.task} ({main})")
-    for phase, v in rows:
-        print(f"  {phase:<12} {v:.4f}")
+    from .summary import score_rows
+
+    print(f"\n{report.method} on {report.task} (selected by {report.main_metric} on held-out training data; dev scores)")
+    for line in score_rows(report.scores, report.baseline):
+        print("  " + line)
+    for w in report.warnings:
+        print(f"  WARNING: {w}")
     acc = report.accounting
     if acc.get("target_weights_before"):
         print(f"  target weights {acc['target_weights_before']:,} -> {acc['target_weights_after']:,} "
@@ -213,30 +229,13 @@ def _print_report(report) -> None:
 
 def _cmd_info(args) -> None:
     from .api import info
+    from .summary import format_info
 
     meta = info(args.path)
     if args.json:
         print(json.dumps(meta, indent=2))
         return
-    print(f"{args.path}: method {meta.get('method')} on task {meta.get('task')} ({meta.get('model_class')})")
-    print(f"  parameters     {meta['params_total']:,}")
-    acc = meta.get("accounting") or {}
-    if acc.get("target_weights_before"):
-        print(f"  target weights {acc['target_weights_before']:,} -> {acc['target_weights_after']:,} "
-              f"({acc['target_weights_after'] / acc['target_weights_before']:.2%} kept)")
-    for phase, m in (meta.get("scores") or {}).items():
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
-        print(f"  {phase:<14} {shown}")
-    mods = meta.get("modules") or {}
-    if mods:
-        print(f"  {len(mods)} factorized modules:")
-        for name, spec in mods.items():
-            extra = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("structure", "shape", "bias"))
-            print(f"    {name:<55} {spec['structure']:<9} {spec['shape'][0]}x{spec['shape'][1]}  {extra}")
-    recipe = meta.get("recipe") or {}
-    if recipe:
-        shown = {k: v for k, v in recipe.items() if v not in (None, [], {}, False)}
-        print("  recipe: " + json.dumps(shown, sort_keys=True))
+    print(format_info(meta, args.path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,13 +281,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _config_from_args(args, method="prune")
             _print_report(api.compress(config, quiet=args.quiet))
         elif args.command == "evaluate":
-            from .api import evaluate_model
-            from .models.loading import read_meta, resolve_model
+            from .api import evaluate_config, evaluate_model
 
-            meta = read_meta(resolve_model(args.path)) or {}
-            task = args.task or meta.get("task") or "rotten_tomatoes"
-            config = _config_from_args(args, task=task, model=args.path)
-            metrics = evaluate_model(args.path, config, quiet=args.quiet)
+            flags = _config_from_args(args, model=args.path)
+            given = {k: getattr(flags, k) for k in _given_fields(args)}
+            config = evaluate_config(args.path, given)
+            metrics = evaluate_model(args.path, config, quiet=args.quiet, split=args.split)
             print(json.dumps(metrics, indent=2))
         else:
             from . import api
@@ -299,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FactorLMError as e:
         print(f"factorlm: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, a read-only file system ...: one line, no traceback
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"factorlm: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("factorlm: interrupted (nothing was written)", file=sys.stderr)
         return 130

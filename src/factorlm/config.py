@@ -27,6 +27,8 @@ class RunConfig:
     batch_size: int = 32
     eval_batch_size: int = 128
     seed: int = 0
+    # held-out slice of the training split that keep-best selects on (fraction < 1, count >= 1, 0 = none)
+    selection_size: float = 0.1
     # -- every training phase ------------------------------------------------------------------
     learning_rate: float = 5e-5
     epochs: float = 3.0
@@ -73,6 +75,8 @@ class RunConfig:
         check(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
         check(self.max_train_samples is None or self.max_train_samples > 0, "--max-train-samples must be > 0")
         check(self.max_eval_samples is None or self.max_eval_samples > 0, "--max-eval-samples must be > 0")
+        check(self.selection_size >= 0 and (self.selection_size < 1 or float(self.selection_size).is_integer()),
+              f"--selection-size must be a fraction in [0, 1) or a whole count, got {self.selection_size}")
         check(self.rank_policy in ("uniform", "global"), f"--rank-policy must be uniform or global, got {self.rank_policy!r}")
         check(self.schedule in ("oneshot", "staged"), f"--schedule must be oneshot or staged, got {self.schedule!r}")
         check(self.stage_order in ("bottom_up", "top_down"), f"--stage-order must be bottom_up or top_down, got {self.stage_order!r}")

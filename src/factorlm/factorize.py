@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from .errors import check
+from .errors import FactorLMError, check
 from .layers.base import STRUCTURES, FactorizedLinear
 from .models.surgery import count_params, get_module, set_module, target_shapes
 from .ranks.budget import Accounting, fixed_plan, uniform_plan
@@ -67,7 +67,10 @@ def factorize(
         kwargs = dict(plan[name])
         if fn is not None:
             kwargs["decompose"] = fn
-        new = cls.from_linear(linear, **kwargs)
+        try:
+            new = cls.from_linear(linear, **kwargs)
+        except FactorLMError as e:  # e.g. a rank out of range: say which module
+            raise FactorLMError(f"{name}: {e}") from None
         set_module(model, name, new)
         after_targets += new.weight_params()
     return Accounting(before_targets, after_targets, before_model, count_params(model))

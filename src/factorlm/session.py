@@ -3,6 +3,13 @@
 Methods receive a :class:`Session` and never deal with files, tokenisation or accelerate
 themselves: ``session.finetune(model, phase=..., callbacks=[...])`` trains with the run's settings,
 ``session.evaluate(model)`` scores it, ``session.log(...)`` talks to the user.
+
+Honest scores: keep-best selects on ``data.select``, a held-out slice of the training split
+(``--selection-size``), and every phase is then reported on the dev split, which nothing selects on.
+The session watches for runs that should not pass as ordinary scores: a phase whose loss became
+non-finite, predictions collapsed to one class (or a constant), a phase that ended below where it
+started, a final score no better than the majority-class baseline. Each becomes a line in
+:attr:`Session.warnings` and a flag in :attr:`Session.health` (both saved in ``factorlm.json``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ class Session:
         self.phases: dict[str, dict[str, Any]] = {}  # phase name -> eval metrics (+ steps)
         self.total_train_steps = 0
         self._tokenizer = None
+        self.teacher: dict[str, Any] | None = None  # set by api.ensure_teacher
+        self.warnings: list[str] = []
+        self.health: dict[str, Any] = {"collapsed": [], "diverged": [], "worse_than_start": [],
+                                       "below_baseline": False}
 
     # -- user output ----------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -49,7 +60,8 @@ class Session:
 
         c = self.config
         return load_task_data(self.task, data_dir=c.data_dir, max_train_samples=c.max_train_samples,
-                              max_eval_samples=c.max_eval_samples, seed=c.seed, **self._file_options())
+                              max_eval_samples=c.max_eval_samples, seed=c.seed, selection_size=c.selection_size,
+                              **self._file_options())
 
     def _file_options(self) -> dict:
         """The generic csv/jsonl task's file and column options (None for built-in tasks)."""
@@ -77,16 +89,34 @@ class Session:
 
     @functools.cached_property
     def eval_loaders(self):
+        """The reported evaluation splits (dev; never used to select)."""
+        return {split: self._eval_loader(ex) for split, ex in self.data.evals.items()}
+
+    @functools.cached_property
+    def select_loaders(self):
+        """``{"select": loader}`` over the held-out training slice keep-best selects on ({} if none)."""
+        return {"select": self._eval_loader(self.data.select)} if self.data.select else {}
+
+    def _eval_loader(self, examples):
         from .data import make_dataloader
 
-        return {
-            split: make_dataloader(ex, self.tokenizer, batch_size=self.config.eval_batch_size, max_length=self.config.max_length)
-            for split, ex in self.data.evals.items()
-        }
+        return make_dataloader(examples, self.tokenizer, batch_size=self.config.eval_batch_size,
+                               max_length=self.config.max_length, is_regression=self.task.is_regression)
+
+    @functools.cached_property
+    def baseline(self) -> dict[str, float]:
+        """Dev metrics of always predicting the training set's majority class ({} for regression)."""
+        import numpy as np
+
+        from .train.evaluate import majority_baseline
+
+        train = [e.label for e in self.data.train] + [e.label for e in self.data.select]
+        return majority_baseline(self.task, {s: np.array([e.label for e in ex]) for s, ex in self.data.evals.items()},
+                                 np.array(train) if train else None)
 
     # -- training / evaluation -------------------------------------------------------------------
     def train_config(self, *, epochs: float | None = None, learning_rate: float | None = None,
-                     max_steps: int | None = None, keep_best: bool = True):
+                     max_steps: int | None = None, keep_best: bool = True, phase: str = "train"):
         from .train import TrainConfig
 
         c = self.config
@@ -105,6 +135,7 @@ class Session:
             progress=c.progress and not self.quiet,
             checkpoint_dir=c.checkpoint_dir,
             save_every=c.save_every,
+            name=phase,
         )
 
     def finetune(
@@ -119,40 +150,103 @@ class Session:
         keep_best: bool = True,
         param_groups: Any = None,
     ) -> dict[str, float]:
-        """Train ``model`` in place on the task; returns the kept model's eval metrics.
+        """Train ``model`` in place on the task; returns the kept model's **dev** metrics.
 
-        ``param_groups(model) -> list[dict]`` overrides the optimizer groups (e.g. movement pruning's
-        learned scores at their own learning rate)."""
+        With ``keep_best`` the weights kept are the best on the held-out selection slice (if there
+        is one; else the last).  ``param_groups(model) -> list[dict]`` overrides the optimizer groups
+        (e.g. movement pruning's learned scores at their own learning rate)."""
         from .train import Trainer
+        from .train.evaluate import main_score
 
-        cfg = self.train_config(epochs=epochs, learning_rate=learning_rate, max_steps=max_steps, keep_best=keep_best)
-        self.log(f"[{phase}] training: {len(self.data.train):,} examples, "
-                 + (f"{cfg.max_steps} steps" if cfg.max_steps is not None else f"{cfg.epochs:g} epochs")
-                 + f", lr {cfg.learning_rate:g}, batch {cfg.batch_size}")
-        trainer = Trainer(model, self.train_loader(), self.eval_loaders, self.task, cfg,
-                          callbacks=callbacks, accelerator=self.accelerator, param_groups=param_groups)
+        cfg = self.train_config(epochs=epochs, learning_rate=learning_rate, max_steps=max_steps,
+                                keep_best=keep_best, phase=phase)
+        select = self.select_loaders
+        start = None
+        if keep_best and select:  # where the phase starts, to flag one that ends below it
+            from .train import evaluate
+
+            model.to(self.accelerator.device)
+            start = main_score(evaluate(model, select, self.task), self.task.main_metric)
+        trainer = Trainer(model, self.train_loader(), select, self.task, cfg, callbacks=callbacks,
+                          accelerator=self.accelerator, param_groups=param_groups, log=self.log)
+        n_sel = len(self.data.select)
+        self.log(f"[{phase}] training: {len(self.data.train):,} examples, {trainer.state.total_steps} steps "
+                 f"({trainer.state.total_steps / trainer.steps_per_epoch:.3g} epochs), lr {cfg.learning_rate:g}, "
+                 f"batch {cfg.batch_size}; "
+                 + (f"keeping the best weights on {n_sel:,} held-out training examples" if keep_best and n_sel else
+                    "keeping the last weights"))
         try:
-            metrics = trainer.fit()
+            selected = trainer.fit()
         finally:
             trainer.close()  # the accelerator is shared by every phase: release what this one prepared
         self.total_train_steps += trainer.state.step
-        self.record(phase, metrics, steps=trainer.state.step)
-        return metrics
+        extra: dict[str, Any] = {"steps": trainer.state.step}
+        if trainer.state.seconds_per_step:
+            extra["seconds_per_step"] = round(trainer.state.seconds_per_step, 4)
+        if selected:
+            extra["select_" + self.task.main_metric] = main_score(selected, self.task.main_metric)
+            extra["best_step"] = trainer.state.best_step
+        if trainer.state.stopped:
+            self.health["diverged"].append(phase)
+            self._warn(f"[{phase}] training stopped early: {trainer.state.stopped}")
+        if start is not None and selected and extra["select_" + self.task.main_metric] < start:
+            self.health["worse_than_start"].append(phase)
+            self._warn(f"[{phase}] ended worse than it started on the selection slice "
+                       f"({self.task.main_metric} {start:.4f} -> {extra['select_' + self.task.main_metric]:.4f})")
+        return self.evaluate(model, phase=phase, **extra)
 
-    def evaluate(self, model: nn.Module, phase: str | None = None) -> dict[str, float]:
+    def _warn(self, msg: str) -> None:
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+        self.log("WARNING: " + msg)
+
+    def evaluate(self, model: nn.Module, phase: str | None = None, *, check: bool = True, **extra: Any) -> dict[str, float]:
+        """Dev metrics of ``model``; with ``phase``, recorded (with ``extra``) and, with ``check``,
+        checked for collapse (``check=False`` for an intermediate state expected to be poor, such as
+        a one-shot factorization before its fine-tune)."""
         from .train import evaluate
 
         model.to(self.accelerator.device)
-        metrics = evaluate(model, self.eval_loaders, self.task, accelerator=None)
+        stats: dict[str, dict[str, float]] = {}
+        metrics = evaluate(model, self.eval_loaders, self.task, accelerator=None, stats=stats)
         if phase:
-            self.record(phase, metrics)
+            self.record(phase, metrics, **extra)
+            if check:
+                self.check_collapse(phase, stats)
         return metrics
+
+    def check_collapse(self, phase: str, stats: dict[str, dict[str, float]]) -> None:
+        """Flag predictions that ignore the input: one class for every example, or a constant score."""
+        for split, st in stats.items():
+            if self.task.is_regression:
+                bad = st.get("nonfinite", 0) > 0 or st.get("pred_std", 0.0) <= 1e-6 * max(st.get("label_std", 1.0), 1e-12)
+                what = "constant or non-finite scores"
+            else:
+                bad = st.get("top_class_share", 0.0) >= 1.0
+                what = "one class for every example"
+            if bad:
+                if phase not in self.health["collapsed"]:
+                    self.health["collapsed"].append(phase)
+                self._warn(f"[{phase}] collapsed: the model predicts {what} on {split} ({int(st['n'])} examples)")
+
+    def check_final(self, metrics: dict[str, float]) -> None:
+        """The last check of a run: a final score no better than always predicting the majority class."""
+        from .train.evaluate import main_score
+
+        base = self.baseline
+        if not base or not metrics:
+            return
+        final, floor = main_score(metrics, self.task.main_metric), main_score(base, self.task.main_metric)
+        if final <= floor:
+            self.health["below_baseline"] = True
+            self._warn(f"the final {self.task.main_metric} {final:.4f} is no better than the majority-class "
+                       f"baseline's {floor:.4f}")
 
     def record(self, phase: str, metrics: dict[str, float], **extra: Any) -> None:
         self.phases[phase] = {**{k: float(v) for k, v in metrics.items()}, **extra}
-        main = self.task.main_metric
-        if main in metrics:
-            self.log(f"[{phase}] {main} = {metrics[main]:.4f}")
+        shown = " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items())
+        if shown:
+            self.log(f"[{phase}] {'/'.join(self.data.evals)}: {shown}")
 
     def main_score(self, metrics: dict[str, float]) -> float:
         return float(metrics[self.task.main_metric])

@@ -26,7 +26,7 @@ rotten_tomatoes (the default, see :mod:`.rotten_tomatoes`), csv, jsonl (see :mod
 
 from . import generic, glue, rotten_tomatoes  # noqa: F401  (register the tasks)
 from .glue import DATA_DIR_ENV, GLUE_SPECS
-from .loaders import load_task_data, make_dataloader, subsample
+from .loaders import DEFAULT_SELECTION_SIZE, load_task_data, make_dataloader, selection_count, split_off, subsample
 from .metrics import accuracy, compute_metric_set, f1_binary, matthews_corrcoef, pearson, spearman
 from .rotten_tomatoes import rotten_tomatoes_splits
 from .tasks import TASKS, Example, Task, TaskData, get_task, merge_split_metrics, resolve_task, split_prefix
@@ -43,6 +43,9 @@ __all__ = [
     "load_task_data",
     "make_dataloader",
     "subsample",
+    "split_off",
+    "selection_count",
+    "DEFAULT_SELECTION_SIZE",
     "rotten_tomatoes_splits",
     "accuracy",
     "f1_binary",

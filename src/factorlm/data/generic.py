@@ -217,8 +217,16 @@ def _generic_loader(task: Task, opts: dict[str, Any]):
     o.update({k: opts[k] for k in ("train_file", "dev_file", "text_columns", "label_column") if opts.get(k)})
     fmt = o["format"]
     train_file, dev_file = o.get("train_file"), o.get("dev_file")
+    if "train" not in opts["splits"] and dev_file and o.get("label_kind"):
+        # evaluation only, labels known (e.g. from a saved model's factorlm.json): the dev file alone
+        spec = {"kind": o["label_kind"], "num_labels": task.num_labels, "label_names": task.label_names}
+        columns, dev_records = read_records(dev_file, fmt)
+        text_columns, label_column = _resolve_columns(dev_file, columns, o.get("text_columns"), o.get("label_column"))
+        dev = _to_examples(dev_file, dev_records, text_columns, label_column, spec)
+        return {s: {"dev": dev}[s] for s in opts["splits"]}, (list(task.label_names) if task.label_names else None)
     if not train_file:
-        raise FactorLMError(f"task {task.name!r} needs a train file (--train-file)")
+        raise FactorLMError(f"task {task.name!r} needs a train file (--train-file)"
+                            + ("" if dev_file else " or, for evaluation, a dev file (--dev-file)"))
     columns, train_records = read_records(train_file, fmt)
     text_columns, label_column = _resolve_columns(train_file, columns, o.get("text_columns"), o.get("label_column"))
     if task.options.get("label_kind"):
@@ -253,12 +261,16 @@ def _make_generic(fmt: str):
         label_column: str | None = None,
         num_labels: int | None = None,
         main_metric: str | None = None,
+        label_kind: str | None = None,
+        label_names: Sequence[str] | None = None,
     ) -> Task:
+        """``label_kind`` (ids | names | regression) + ``num_labels`` (+ ``label_names``) describe the
+        labels without reading ``train_file``, as a saved model's ``factorlm.json`` records them."""
         options: dict[str, Any] = {"format": fmt, "train_file": train_file, "dev_file": dev_file,
                                    "label_column": label_column, "text_columns": text_columns}
         if num_labels is not None and num_labels < 1:
             raise FactorLMError(f"num_labels must be >= 1, got {num_labels}")
-        label_names = None
+        given_names, label_names = label_names, None
         if isinstance(text_columns, str):
             text_columns = tuple(c.strip() for c in text_columns.split(",") if c.strip())
         cols: tuple[str, ...] = tuple(text_columns or ())
@@ -270,6 +282,11 @@ def _make_generic(fmt: str):
             spec = infer_label_spec([r.get(label_column) for r in records], num_labels, train_file)
             num_labels, label_names = spec["num_labels"], spec["label_names"]
             options.update(text_columns=cols, label_column=label_column, label_kind=spec["kind"])
+        elif label_kind is not None and num_labels is not None:
+            if label_kind not in ("ids", "names", "regression"):
+                raise FactorLMError(f"label_kind must be ids, names or regression, got {label_kind!r}")
+            label_names = tuple(given_names) if given_names else None
+            options.update(text_columns=cols or None, label_kind=label_kind)
         elif num_labels is None:
             raise FactorLMError(f"task {fmt!r} needs --train-file (to infer the labels) or num_labels")
         if num_labels == 1:

@@ -13,8 +13,10 @@ Layout (``<dir>`` = ``data_dir`` argument, else ``$FACTORLM_DATA_DIR``; ``<dir>/
     <dir>/WNLI/{train,dev}.tsv     index, sentence1, sentence2, label (0/1)
 
 Each ``X.tsv`` may also be ``X.tsv.gz``. A split whose file is not there is loaded from the hub
-(``datasets.load_dataset("nyu-mll/glue", config, split=...)``, imported lazily); if that fails too
-(offline) a one-line :class:`FactorLMError` names the missing file and the fix.
+(``datasets.load_dataset("nyu-mll/glue", config, split=...)``, imported lazily; ``datasets`` is the
+optional extra ``pip install 'factorlm[hub]'``); if that fails too (offline, or ``datasets`` not
+installed) a one-line :class:`FactorLMError` names the missing file and the fix, and the hub
+libraries' retry warnings are kept off stderr.
 
 Label ids follow the hub's ``nyu-mll/glue`` features, so local and hub data agree:
 MNLI entailment=0, neutral=1, contradiction=2; QNLI / RTE entailment=0, not_entailment=1;
@@ -24,7 +26,9 @@ positive / acceptable). STS-B is regression (float score). Rows without a usable
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,11 +160,31 @@ def read_glue_file(path: str, spec: GlueSpec) -> list[Example]:
     return out
 
 
+HUB_EXTRA_HINT = "the optional 'datasets' package: pip install 'factorlm[hub]'"
+_HUB_LOGGERS = ("huggingface_hub", "datasets", "fsspec")
+
+
+@contextmanager
+def _quiet_hub_logs():
+    """Keep the hub libraries' warnings (offline: "'...' thrown while requesting HEAD ...",
+    "Retrying in 1s") off stderr; a failure becomes our one-line error instead."""
+    loggers = [logging.getLogger(n) for n in _HUB_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _load_from_hub(config: str, split: str):
     """Tests monkeypatch this; returns an iterable of row dicts."""
-    import datasets  # lazy: slow import, and only needed without local files
+    import datasets  # lazy: slow import, optional (extra 'hub'), only needed without local files
 
-    return datasets.load_dataset(HUB_DATASET, config, split=split)
+    with _quiet_hub_logs():  # after the import: importing configures (resets) these loggers
+        return datasets.load_dataset(HUB_DATASET, config, split=split)
 
 
 def _hub_examples(spec: GlueSpec, split: str, local_hint: str) -> list[Example]:
@@ -175,14 +199,26 @@ def _hub_examples(spec: GlueSpec, split: str, local_hint: str) -> list[Example]:
             texts = [str(row[c]).strip() for c in spec.hub_text_cols]
             out.append(Example(texts[0], texts[1] if len(texts) > 1 else None, label))
         return out
-    except Exception as e:  # offline, datasets missing, schema change ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    except ImportError as e:
+        if e.name != "datasets":  # datasets is installed but one of its own imports failed
+            raise _hub_error(spec, split, hub_split, local_hint, e) from None
         raise FactorLMError(
-            f"GLUE {spec.name} {split} data not found: {local_hint}, and the hub copy "
-            f"({HUB_DATASET} {spec.name}/{hub_split}) could not be loaded ({type(e).__name__}: {reason}); "
-            f"download GLUE and pass --data-dir DIR or set {DATA_DIR_ENV}=DIR "
-            f"with DIR/{spec.dir_name}/{split}.tsv"
+            f"GLUE {spec.name} {split} data not found: {local_hint}; loading it from the hub "
+            f"({HUB_DATASET}) needs {HUB_EXTRA_HINT}; or download GLUE and pass --data-dir DIR "
+            f"or set {DATA_DIR_ENV}=DIR with DIR/{spec.dir_name}/{split}.tsv"
         ) from None
+    except Exception as e:  # offline, schema change ...
+        raise _hub_error(spec, split, hub_split, local_hint, e) from None
+
+
+def _hub_error(spec: GlueSpec, split: str, hub_split: str, local_hint: str, e: BaseException) -> FactorLMError:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return FactorLMError(
+        f"GLUE {spec.name} {split} data not found: {local_hint}, and the hub copy "
+        f"({HUB_DATASET} {spec.name}/{hub_split}) could not be loaded ({type(e).__name__}: {reason}); "
+        f"download GLUE and pass --data-dir DIR or set {DATA_DIR_ENV}=DIR "
+        f"with DIR/{spec.dir_name}/{split}.tsv"
+    )
 
 
 def _glue_loader(task: Task, opts: dict[str, Any]):

@@ -11,10 +11,16 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import FactorLMError, check
 from .tasks import Example, Task, TaskData
 
-__all__ = ["load_task_data", "make_dataloader", "subsample"]
+__all__ = ["load_task_data", "make_dataloader", "subsample", "split_off", "selection_count",
+           "DEFAULT_SELECTION_SIZE", "MAX_DEFAULT_SELECTION"]
+
+# model selection holds out this fraction of the training split (at most MAX_DEFAULT_SELECTION examples)
+DEFAULT_SELECTION_SIZE = 0.1
+MAX_DEFAULT_SELECTION = 2000
 
 
-def subsample(examples: Sequence[Example], n: int | None, seed: int = 0, stream: int = 0) -> list[Example]:
+def subsample(examples: Sequence[Any], n: int | None, seed: int = 0, stream: int = 0,
+              label=lambda e: e.label) -> list[Any]:
     """A seeded random subset of ``n`` examples, kept in their original order.
 
     Classification (int labels) is stratified: each class keeps its share (largest remainder), so
@@ -25,7 +31,7 @@ def subsample(examples: Sequence[Example], n: int | None, seed: int = 0, stream:
         return examples
     check(n > 0, f"a max-samples limit must be positive, got {n}")
     rng = np.random.default_rng([seed % 2**32, stream])
-    labels = [e.label for e in examples]
+    labels = [label(e) for e in examples]
     if all(isinstance(y, int) for y in labels):
         y = np.asarray(labels)
         classes, counts = np.unique(y, return_counts=True)
@@ -42,6 +48,33 @@ def subsample(examples: Sequence[Example], n: int | None, seed: int = 0, stream:
     return [examples[i] for i in idx]
 
 
+def selection_count(n_train: int, size: float | int | None) -> int:
+    """How many training examples ``--selection-size`` holds out: a fraction in (0, 1) of the
+    training split (capped at :data:`MAX_DEFAULT_SELECTION`), a count >= 1, or 0 / None for none.
+    At least one example is always left for training."""
+    if not size or n_train < 2:
+        return 0
+    check(size > 0, f"--selection-size must be >= 0, got {size}")
+    if size < 1:
+        n = min(max(1, round(n_train * size)), MAX_DEFAULT_SELECTION)
+    else:
+        check(float(size).is_integer(), f"--selection-size must be a fraction in (0, 1) or a whole count, got {size}")
+        n = int(size)
+    check(n < n_train, f"--selection-size {size} leaves no training examples (the train split has {n_train})")
+    return n
+
+
+def split_off(examples: Sequence[Example], n: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """``(rest, held)``: a seeded, stratified random set of ``n`` examples held out, and the others;
+    both keep the original order and together are exactly ``examples``."""
+    examples = list(examples)
+    if n <= 0:
+        return examples, []
+    held = subsample(list(enumerate(examples)), n, seed, stream=1000, label=lambda p: p[1].label)
+    idx = {i for i, _ in held}
+    return [e for i, e in enumerate(examples) if i not in idx], [e for _, e in held]
+
+
 def load_task_data(
     task: Task,
     *,
@@ -55,11 +88,16 @@ def load_task_data(
     seed: int = 0,
     eval_splits: Sequence[str] | None = None,
     include_train: bool = True,
+    selection_size: float | int | None = None,
 ) -> TaskData:
     """Load ``task``'s train split and its eval splits (default ``task.eval_splits``; e.g.
     ``("test",)`` for rotten_tomatoes). ``max_*_samples``: seeded stratified subsets (None = all).
     ``include_train=False`` returns ``train=[]`` without reading it (evaluation only).
     File/column options only apply to the generic ``csv`` / ``jsonl`` tasks.
+
+    ``selection_size`` (see :func:`selection_count`) holds a seeded, stratified slice of the full
+    training split out as ``select`` for model selection, *before* ``max_train_samples`` subsamples
+    what is left; ``max_eval_samples`` caps it too. The reported eval splits are never used to select.
     """
     check(task.loader is not None, f"task {task.name!r} has no data loader")
     splits = tuple(eval_splits) if eval_splits is not None else tuple(task.eval_splits)
@@ -76,13 +114,17 @@ def load_task_data(
         raise FactorLMError(f"task {task.name!r} is built in and does not take {flags}; use task 'csv' or 'jsonl'")
     opts: dict[str, Any] = dict(file_opts, data_dir=data_dir, splits=(("train",) if include_train else ()) + splits)
     loaded, label_names = task.loader(task, opts)
-    train = subsample(loaded["train"], max_train_samples, seed, stream=0) if include_train else []
+    train, select = [], []
+    if include_train:
+        rest, select = split_off(loaded["train"], selection_count(len(loaded["train"]), selection_size), seed)
+        train = subsample(rest, max_train_samples, seed, stream=0)
+        select = subsample(select, max_eval_samples, seed, stream=999)
     evals = {s: subsample(loaded[s], max_eval_samples, seed, stream=1 + i) for i, s in enumerate(splits)}
     if include_train:
         check(len(train) > 0, f"task {task.name!r}: the train split has no examples")
     for s, ex in evals.items():
         check(len(ex) > 0, f"task {task.name!r}: the {s} split has no examples")
-    return TaskData(train=train, evals=evals, label_names=label_names)
+    return TaskData(train=train, evals=evals, label_names=label_names, select=select)
 
 
 class _Encoded(Dataset):

@@ -50,6 +50,8 @@ class TaskData:
     train: list[Example]
     evals: dict[str, list[Example]]  # split name -> examples (MNLI: dev_matched, dev_mismatched)
     label_names: list[str] | None  # label id -> name (None for regression / unnamed ids)
+    # held-out slice of the training split for model selection (keep-best); disjoint from ``train``
+    select: list[Example] = field(default_factory=list)
 
 
 # loader(task, options) -> (splits dict, label_names); see loaders.load_task_data
@@ -107,6 +109,8 @@ def resolve_task(
     text_columns: tuple[str, ...] | list[str] | str | None = None,
     label_column: str | None = None,
     num_labels: int | None = None,
+    label_kind: str | None = None,
+    label_names: tuple[str, ...] | list[str] | None = None,
 ) -> Task:
     """What the CLI should call: like :func:`get_task`, but passes the file/column options to the
     generic ``csv`` / ``jsonl`` tasks (which then read ``train_file`` to infer ``num_labels``,
@@ -118,6 +122,8 @@ def resolve_task(
         "text_columns": text_columns,
         "label_column": label_column,
         "num_labels": num_labels,
+        "label_kind": label_kind,
+        "label_names": label_names,
     }
     given = {k: v for k, v in opts.items() if v is not None}
     factory = TASKS.get(name)

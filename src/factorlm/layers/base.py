@@ -17,11 +17,14 @@ Contract (tested for every registered structure):
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..errors import FactorLMError
 from ..registry import Registry
 
 #: structure name -> FactorizedLinear subclass
@@ -122,7 +125,22 @@ class FactorizedLinear(nn.Module):
 
 
 def structure_from_spec(spec: dict[str, Any], *, dtype=None, device=None) -> FactorizedLinear:
-    return STRUCTURES.get(spec["structure"]).from_spec(spec, dtype=dtype, device=device)
+    """An uninitialised module of ``spec["structure"]`` with the shapes ``spec`` describes.
+
+    A malformed spec (not an object, no ``structure``, an unknown structure, a missing or ill-typed
+    entry, a rank out of range) raises a one-line :class:`FactorLMError` about the spec alone; callers
+    that know which module it belongs to (:func:`factorlm.models.io.load`) prefix its name.
+    """
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("structure"), str):
+        raise FactorLMError(f"a structure spec must be an object with a 'structure' entry, got {spec!r}")
+    name = spec["structure"]
+    cls = STRUCTURES.get(name)
+    try:
+        return cls.from_spec(spec, dtype=dtype, device=device)
+    except KeyError as e:
+        raise FactorLMError(f"the {name} spec has no {e.args[0]!r} entry") from None
+    except (TypeError, ValueError) as e:
+        raise FactorLMError(f"invalid {name} spec {json.dumps(spec, default=str)}: {e}") from None
 
 
 def linear_params(module: nn.Module) -> int:

@@ -4,16 +4,23 @@ A folder holds the HF ``config.json``, the tokenizer files, ``model.safetensors`
 factor weights under the original module names, e.g. ``...query.A`` / ``...query.B``) and
 ``factorlm.json``: the model class, one entry per replaced module (``structure``, ``shape``, plus the
 structure's parameters such as ``rank``), the method, the full recipe, library versions and scores.
-:func:`load` rebuilds the architecture from the config, swaps in empty structures from those specs
-and loads the tensors strictly, so logits are bit-identical to the saved model's.
+The saved ``config.json`` names the class actually saved in ``architectures`` (e.g.
+``BertForSequenceClassification``, not the ``BertForMaskedLM`` the source checkpoint came as).
+:func:`load` rebuilds the architecture from the config, swaps in empty structures from those specs,
+checks the tensor names and shapes in the ``model.safetensors`` header against it (a mismatch is a
+one-line :class:`FactorLMError` naming the tensor, the expected and the found shape) and loads the
+tensors strictly, so logits are bit-identical to the saved model's.
 
 Writes are atomic: everything goes to a hidden temporary sibling folder that is renamed into
-place only when complete, so an interrupted run never leaves a folder that looks finished.
+place only when complete, so an interrupted run never leaves a folder that looks finished.  The
+finished folder honours the umask like an ordinary ``mkdir`` / ``open``: folders ``0o777 & ~umask``,
+files ``0o666 & ~umask`` (the temporary folder itself is created private, ``0o700``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import json
 import os
@@ -57,9 +64,41 @@ def module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: m.spec() for name, m in factorized_modules(model).items()}
 
 
+def current_umask() -> int:
+    """The process umask (``os.umask`` can only be read by setting it, so set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_modes(root: Path) -> None:
+    """Give ``root`` and everything below it the modes a plain ``mkdir`` / ``open`` would have:
+    folders ``0o777 & ~umask``, files ``0o666 & ~umask`` (symlinks are left alone).
+
+    ``tempfile.mkdtemp`` makes ``0o700`` folders and safetensors writes ``0o600`` files, which would
+    otherwise hide a saved model from the rest of a group that shares it.
+    """
+    mask = current_umask()
+    dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    for here, dirs, files in os.walk(root):
+        for f in files:
+            fp = os.path.join(here, f)
+            if not os.path.islink(fp):
+                os.chmod(fp, file_mode)
+        for d in dirs:
+            dp = os.path.join(here, d)
+            if not os.path.islink(dp):
+                os.chmod(dp, dir_mode)
+    os.chmod(root, dir_mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``out_dir`` only if the block finishes without error."""
+    """Yield a temporary folder that becomes ``out_dir`` only if the block finishes without error.
+
+    The temporary folder is private (``0o700``) while it is written; just before the rename its
+    folders and files get the umask's default modes (:func:`apply_umask_modes`).
+    """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FactorLMError(f"output folder {out} already exists and is not empty (use --overwrite)")
@@ -67,6 +106,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        apply_umask_modes(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -90,6 +130,10 @@ def save(
 ) -> Path:
     """Write ``model`` (dense or factorized) to ``out_dir`` atomically; returns the folder.
 
+    ``config.json`` is a copy of ``model.config`` whose ``architectures`` is ``[type(model).__name__]``
+    (``model.config`` itself is not changed).  Folder and file modes follow the umask (see
+    :func:`atomic_dir`).
+
     ``extra_files``: ``{relative name: bytes | str | callable(path)}`` written into the folder too
     (e.g. plots, pruning masks) so they appear atomically with the weights.
     """
@@ -107,8 +151,10 @@ def save(
         "versions": library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        model.config.save_pretrained(tmp)
+        config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -146,8 +192,71 @@ def _model_class(name: str):
     return cls
 
 
+def _first_and_count(items: list[str]) -> str:
+    return items[0] + (f" (+{len(items) - 1} more)" if len(items) > 1 else "")
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_weights_match(model: nn.Module, weights: Path, factorized: set[str] = frozenset()) -> None:
+    """Compare the tensor names and shapes in the header of ``weights`` with ``model.state_dict()``.
+
+    Raises a one-line :class:`FactorLMError` naming the first mismatched tensor with its expected and
+    found shapes, and the first missing / unexpected tensor, each with a count (``(+N more)``).
+    Tied weights (one storage under several names, which safetensors saves once) count as present
+    when any of their names is in the file.  ``factorized``: module names whose structures came from
+    ``factorlm.json`` (the message blames that file when every offending tensor is under one of
+    them, else ``config.json`` and ``factorlm.json``).
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file is the user's folder
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise FactorLMError(f"cannot read {weights}: {msg}") from None
+    expected = model.state_dict()
+    aliases: dict[tuple, list[str]] = {}
+    for k, t in expected.items():
+        if t.device.type != "meta" and t.numel() > 0:
+            st = t.untyped_storage()
+            aliases.setdefault((t.device, st.data_ptr(), st.nbytes()), []).append(k)
+    group = {k: names for names in aliases.values() for k in names}
+
+    mismatched, missing = [], []
+    for k, t in expected.items():
+        if k in found:
+            if found[k] != tuple(t.shape):
+                mismatched.append(k)
+        elif not any(a in found and found[a] == tuple(t.shape) for a in group.get(k, ())):
+            missing.append(k)
+    unexpected = [k for k in found if k not in expected]
+    if not (mismatched or missing or unexpected):
+        return
+    parts = []
+    if mismatched:
+        k = mismatched[0]
+        parts.append(f"{k} expected {_shape(expected[k].shape)}, found {_shape(found[k])}"
+                     + (f" (+{len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
+    if missing:
+        parts.append(f"missing {_first_and_count(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {_first_and_count(unexpected)}")
+    in_specs = all(any(k.startswith(m + ".") for m in factorized) for k in mismatched + missing + unexpected)
+    against = FACTORLM_JSON if in_specs else f"config.json and {FACTORLM_JSON}"
+    raise FactorLMError(f"{weights} does not match {against}: " + "; ".join(parts))
+
+
 def load(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a model saved by :func:`save` and return the transformers model in eval mode."""
+    """Rebuild a model saved by :func:`save` and return the transformers model in eval mode.
+
+    Every problem with the folder is a one-line :class:`FactorLMError`: a module spec that cannot be
+    built names its module (``factorlm.json: module X: rank must be in [1, 384] ...``), and weights
+    that do not fit the rebuilt model name the tensor and both shapes (:func:`check_weights_match`).
+    """
     from safetensors.torch import load_model
     from transformers import AutoConfig
 
@@ -163,19 +272,33 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None, d
         raise FactorLMError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}") from None
     cls = _model_class(meta.get("model_class", ""))
     model = cls(config)
-    for name, spec in meta.get("modules", {}).items():
+    specs = meta.get("modules", {})
+    if not isinstance(specs, dict):
+        raise FactorLMError(f"{FACTORLM_JSON}: 'modules' must be an object of module name -> spec")
+    for name, spec in specs.items():
         try:
-            set_module(model, name, structure_from_spec(spec))
+            old = model.get_submodule(name)
         except AttributeError:
             raise FactorLMError(f"{FACTORLM_JSON} names module {name} which {cls.__name__} does not have") from None
+        try:
+            new = structure_from_spec(spec)
+        except FactorLMError as e:
+            raise FactorLMError(f"{FACTORLM_JSON}: module {name}: {e}") from None
+        shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+        if None not in shape and shape != (new.out_features, new.in_features):
+            raise FactorLMError(f"{FACTORLM_JSON}: module {name}: shape {new.out_features}x{new.in_features} does not "
+                                f"match the {shape[0]}x{shape[1]} layer of {cls.__name__} in config.json")
+        set_module(model, name, new)
+    weights = p / WEIGHTS_NAME
+    check_weights_match(model, weights, set(specs))
     try:
-        missing, unexpected = load_model(model, str(p / WEIGHTS_NAME), strict=False)
+        missing, unexpected = load_model(model, str(weights), strict=False)
     except Exception as e:  # noqa: BLE001
-        raise FactorLMError(f"cannot load {p / WEIGHTS_NAME}: {str(e).splitlines()[0]}") from None
-    if missing or unexpected:
-        raise FactorLMError(
-            f"{p / WEIGHTS_NAME} does not match {FACTORLM_JSON}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-        )
+        raise FactorLMError(f"cannot load {weights}: {' '.join(str(e).split())}") from None
+    if missing or unexpected:  # check_weights_match saw the same names; kept as a safety net
+        parts = ([f"missing {_first_and_count(sorted(missing))}"] if missing else []) + (
+            [f"unexpected {_first_and_count(sorted(unexpected))}"] if unexpected else [])
+        raise FactorLMError(f"{weights} does not match {FACTORLM_JSON}: " + "; ".join(parts))
     if dtype is not None:
         model.to(dtype)
     if device is not None:

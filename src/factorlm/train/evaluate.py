@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import FactorLMError
 
-__all__ = ["predict", "evaluate", "main_score", "split_prefix"]
+__all__ = ["predict", "evaluate", "main_score", "split_prefix", "prediction_stats", "majority_baseline"]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -99,25 +99,65 @@ def _ordered_splits(eval_loaders: Mapping[str, Any], task) -> list[str]:
     return preferred + [s for s in eval_loaders if s not in preferred]
 
 
-def evaluate(model: nn.Module, eval_loaders: Mapping[str, Any], task, accelerator=None) -> dict[str, float]:
+def prediction_stats(preds: np.ndarray, labels: np.ndarray, is_regression: bool) -> dict[str, float]:
+    """What a collapse check needs: ``n``; classification: ``top_class_share`` (fraction of the
+    predictions in the most predicted class); regression: ``pred_std`` / ``label_std`` (NaN-safe)."""
+    p = np.asarray(preds).reshape(-1)
+    out: dict[str, float] = {"n": float(p.size)}
+    if is_regression:
+        finite = np.isfinite(p)
+        out["pred_std"] = float(np.std(p[finite])) if finite.any() else 0.0
+        out["label_std"] = float(np.std(np.asarray(labels, dtype=np.float64)))
+        out["nonfinite"] = float((~finite).sum())
+    elif p.size:
+        out["top_class_share"] = float(np.bincount(p.astype(np.int64)).max() / p.size)
+    return out
+
+
+def evaluate(model: nn.Module, eval_loaders: Mapping[str, Any], task, accelerator=None,
+             stats: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
     """Metrics of ``model`` on every loader of ``eval_loaders`` (split name -> DataLoader).
 
     One split: ``task.compute_metrics`` as-is (e.g. ``{"accuracy": 0.9}``).  Several splits: each
     metric prefixed with the split name minus ``dev_`` (``matched_accuracy``, ``mismatched_accuracy``).
-    Values are python floats.  No loaders -> ``{}``.
+    Values are python floats.  No loaders -> ``{}``.  ``stats``, when given, receives
+    :func:`prediction_stats` per split.
     """
     if not eval_loaders:
         return {}
     is_regression = bool(getattr(task, "is_regression", False))
     splits = _ordered_splits(eval_loaders, task)
-    out: dict[str, float] = {}
+    per_split = {}
     for split in splits:
         preds, labels, _ = predict(model, eval_loaders[split], accelerator, is_regression)
-        metrics = task.compute_metrics(preds, labels)
-        for k, v in metrics.items():
+        per_split[split] = task.compute_metrics(preds, labels)
+        if stats is not None:
+            stats[split] = prediction_stats(preds, labels, is_regression)
+    return _merge(per_split, splits)
+
+
+def _merge(per_split: Mapping[str, Mapping[str, float]], splits: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for split in splits:
+        for k, v in per_split[split].items():
             key = k if len(splits) == 1 else f"{split_prefix(split)}_{k}"
             out[key] = float(v)
     return out
+
+
+def majority_baseline(task, eval_labels: Mapping[str, np.ndarray], train_labels=None) -> dict[str, float]:
+    """The task's metrics for a model that always predicts the majority class of ``train_labels``
+    (or, without them, of each evaluated split), keyed like :func:`evaluate`.  ``{}`` for regression
+    (a constant prediction has no correlation)."""
+    if getattr(task, "is_regression", False) or not eval_labels:
+        return {}
+    splits = _ordered_splits(eval_labels, task)
+    per_split = {}
+    for split in splits:
+        y = np.asarray(eval_labels[split], dtype=np.int64)
+        ref = np.asarray(train_labels if train_labels is not None and len(train_labels) else y, dtype=np.int64)
+        per_split[split] = task.compute_metrics(np.full_like(y, np.bincount(ref).argmax()), y)
+    return _merge(per_split, splits)
 
 
 def main_score(metrics: Mapping[str, float], main_metric: str) -> float:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -59,6 +60,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     save_every: int | None = None  # steps; needs checkpoint_dir
     progress: bool = True
+    name: str = "train"  # the phase's name: progress bar, log lines, messages
 
     def __post_init__(self) -> None:
         check(self.learning_rate > 0, f"learning rate must be > 0, got {self.learning_rate}")
@@ -94,6 +96,8 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)
+    stopped: str | None = None  # why training stopped before total_steps (e.g. a non-finite loss)
+    seconds_per_step: float | None = None  # measured over the first steps (the time estimate)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,16 +157,24 @@ class Trainer:
     it is.  When omitted, one is created with ``config.mixed_precision``.
     ``param_groups(unwrapped_model) -> list[dict]`` overrides :func:`default_param_groups` (groups
     without ``weight_decay`` get ``config.weight_decay``; frozen parameters are dropped).
+    ``eval_loaders`` are what keep-best selects on (a held-out slice of the training data, never the
+    reported dev set).  ``log(msg)`` receives the user-facing lines (time estimate, evaluations, a
+    stop); default: the ``factorlm.train`` logger.
+
+    A non-finite training loss stops the phase before it reaches the weights: ``state.stopped`` says
+    why, and the best weights so far (keep-best) or the last finite ones are kept.
     """
 
     def __init__(self, model: nn.Module, train_loader, eval_loaders: dict[str, Any] | None, task,
                  config: TrainConfig, callbacks: Sequence[Callback] = (), accelerator=None,
-                 param_groups: Callable[[nn.Module], list[dict]] | None = None):
+                 param_groups: Callable[[nn.Module], list[dict]] | None = None,
+                 log: Callable[[str], None] | None = None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.config = config
         self.task = task
+        self._log = log
         self.callbacks: list[Callback] = list(callbacks)
         if accelerator is None:
             accelerator = Accelerator(mixed_precision=config.mixed_precision,
@@ -231,6 +243,19 @@ class Trainer:
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
 
+    def say(self, msg: str) -> None:
+        """A user-facing line (main process only), printed above the progress bar when one is shown."""
+        if not self.is_main_process:
+            return
+        if self._pbar is not None and not self._pbar.disable:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+        elif self._log is not None:
+            self._log(msg)
+        else:
+            logger.info(msg)
+
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
@@ -283,11 +308,8 @@ class Trainer:
             if self.config.keep_best:
                 self._snapshot()
         self.state.history.append({"kind": "eval", "step": self.state.step, "epoch": self.state.epoch, **metrics})
-        if self.is_main_process:
-            msg = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            logger.info("eval step %d: %s", self.state.step, msg)
-            if self._pbar is not None and not self._pbar.disable:
-                self._pbar.write(f"eval step {self.state.step}: {msg}")
+        msg = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        self.say(f"[{self.config.name}] step {self.state.step}/{self.state.total_steps} selection: {msg}")
         self._call("on_evaluate", metrics)
         return metrics
 
@@ -299,10 +321,33 @@ class Trainer:
             with open(os.path.join(path, "trainer_state.json"), "w") as f:
                 json.dump({"state": self.state.to_dict(), "config": self.config.to_dict()}, f, indent=1)
             torch.save([cb.state_dict() for cb in self.callbacks], os.path.join(path, "callbacks.pt"))
+            from ..models.io import apply_umask_modes  # safetensors writes 0600 files
+
+            apply_umask_modes(path)
         self.accelerator.wait_for_everyone()
         return path
 
     # -- training -------------------------------------------------------------------------------
+    _ESTIMATE_AFTER = 5  # steps timed (after the first, which pays one-off costs) for the time estimate
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        bad = (~torch.isfinite(loss.detach())).any().float()
+        if self.accelerator.num_processes > 1:  # every rank must stop together
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return bool(bad.item() > 0)
+
+    def _estimate(self) -> None:
+        """Time the first steps and say how long the phase will take (training steps only)."""
+        state, k = self.state, self._ESTIMATE_AFTER
+        if state.step == 1:
+            self._t_first = time.perf_counter()
+        elif state.step == 1 + k and state.total_steps > 1 + k:
+            per_step = (time.perf_counter() - self._t_first) / k
+            state.seconds_per_step = per_step
+            left = per_step * (state.total_steps - state.step)
+            self.say(f"[{self.config.name}] {state.total_steps} steps at {per_step:.2f} s/step: "
+                     f"about {_duration(left)} left (estimated from steps 2-{1 + k}, evaluations not included)")
+
     def fit(self) -> dict[str, float]:
         """Train for ``state.total_steps`` optimizer steps.
 
@@ -317,7 +362,7 @@ class Trainer:
         self.model.train()
         self._call("on_train_begin")
         self._pbar = tqdm(total=state.total_steps, disable=not (cfg.progress and self.is_main_process),
-                          desc="train", dynamic_ncols=True)
+                          desc=cfg.name, dynamic_ncols=True)
         trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
 
         win_loss = torch.zeros((), device=acc.device)
@@ -333,6 +378,15 @@ class Trainer:
                 with acc.accumulate(self.model):
                     outputs = self.model(**batch)
                     loss = self.compute_loss(batch, outputs)
+                    if self._nonfinite(loss):  # stop before a NaN/Inf reaches the weights
+                        self.optimizer.zero_grad(set_to_none=True)
+                        state.stopped = (f"the training loss became {loss.detach().float().item()} at step "
+                                         f"{state.step + 1}/{state.total_steps}")
+                        self.say(f"[{cfg.name}] stopped: {state.stopped}; keeping "
+                                 + ("the best weights so far" if cfg.keep_best and self.eval_loaders else
+                                    "the last weights with a finite loss"))
+                        done = True
+                        break
                     acc.backward(loss)
                     win_loss += loss.detach().float()
                     win_micro += 1
@@ -361,6 +415,7 @@ class Trainer:
                 self._call("on_step_end")
                 self._pbar.update(1)
                 done = state.step >= state.total_steps
+                self._estimate()
 
                 if state.step % cfg.log_every == 0 or done:
                     mean_loss = acc.reduce(win_loss / max(win_micro, 1), reduction="mean").item()
@@ -388,7 +443,6 @@ class Trainer:
                     self.save_checkpoint()
                 if done:
                     break
-
         # leaving the train loader early (max_steps) skips accelerate's end-of-iteration cleanup
         end = getattr(self.train_loader, "end", None)
         if callable(end):
@@ -405,3 +459,11 @@ class Trainer:
         self.model.train()
         self._call("on_train_end")
         return result
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
