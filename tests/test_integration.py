@@ -42,14 +42,16 @@ def test_dense_finetune_beats_majority(teacher):
 
 
 def _compress(teacher_dir, tmp_path, method, **kw):
-    cfg = RunConfig(method=method, teacher=str(teacher_dir), output=str(tmp_path / method), epochs=1,
-                    cache_dir=str(tmp_path / "cache"), **{**SMALL, **kw})
+    cfg = RunConfig(method=method, teacher=str(teacher_dir), output=str(tmp_path / method),
+                    cache_dir=str(tmp_path / "cache"), **{"epochs": 1, **SMALL, **kw})
     return factorlm.compress(cfg, quiet=True)
 
 
 def test_svd_ft_real_run_and_exact_reload(teacher, tmp_path):
     teacher_dir, _ = teacher
-    report = _compress(teacher_dir, tmp_path, "svd", keep=0.5)
+    # 2 epochs: keep-best now selects on 71 held-out training examples, not on the dev set it reports
+    # (1 epoch scored 0.633 there, +0.056 over the majority class; 2 epochs 0.677)
+    report = _compress(teacher_dir, tmp_path, "svd", keep=0.5, epochs=2)
     assert report.final >= majority() + 0.08
     assert report.accounting["target_weights_after"] <= 0.5 * report.accounting["target_weights_before"]
     model = factorlm.load(tmp_path / "svd")

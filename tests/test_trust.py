@@ -75,16 +75,21 @@ def test_unwritable_output_fails_before_any_training(where, tmp_path, minilm_pat
     assert "training" not in err and "Traceback" not in err
 
 
-def test_os_error_anywhere_is_one_line(monkeypatch, capsys):
+@pytest.mark.parametrize("exc,line", [
+    (OSError(28, "No space left on device", "/data/run/model.safetensors"),
+     "No space left on device: /data/run/model.safetensors"),
+    (FileNotFoundError("Couldn't find\n a file"), "Couldn't find a file"),  # no strerror: the message itself
+])
+def test_os_error_anywhere_is_one_line(exc, line, monkeypatch, capsys):
     from factorlm import api
 
-    def full_disk(*a, **k):
-        raise OSError(28, "No space left on device", "/data/run/model.safetensors")
+    def fail(*a, **k):
+        raise exc
 
-    monkeypatch.setattr(api, "compress", full_disk)
+    monkeypatch.setattr(api, "compress", fail)
     code, out, err = run(["compress", "--method", "svd"], capsys)
     assert code == 1
-    assert err == "factorlm: error: No space left on device: /data/run/model.safetensors\n"
+    assert err == f"factorlm: error: {line}\n"
 
 
 # -- held-out selection ---------------------------------------------------------------------------
@@ -106,9 +111,11 @@ def test_selection_slice_is_held_out_seeded_and_stratified():
     assert load_task_data(task, selection_size=0.1, seed=4).select != d.select
     # a count, the cap on fractions, and max_train_samples applied to what is left
     assert len(load_task_data(task, selection_size=300).select) == 300
-    assert selection_count(100_000, 0.5) == 2000
-    small = load_task_data(task, selection_size=0.1, seed=3, max_train_samples=50)
-    assert small.select == d.select and len(small.train) == 50
+    assert selection_count(100_000, 0.5) == 2000 and selection_count(50, 0.99) == 49
+    # a capped run holds out 10% of the data it uses: 900 trained on -> 100 held out
+    small = load_task_data(task, selection_size=0.1, seed=3, max_train_samples=900)
+    assert len(small.select) == 100 and len(small.train) == 900
+    assert not {key(e) for e in small.select} & {key(e) for e in small.train}
 
 
 def test_split_off_partitions_exactly():
@@ -182,7 +189,8 @@ def test_nan_loss_stops_the_phase_and_is_flagged(tmp_path, minilm_path, csv_task
     assert s.phases["ft"]["steps"] == 4  # stopped before step 5 touched the weights
     assert s.health["diverged"] == ["ft"]
     assert any("training stopped early" in w and "nan" in w and "step 5/10" in w for w in s.warnings)
-    assert any(line.startswith("[ft] stopped: the training loss became nan") for line in lines)
+    assert any(line.startswith("[ft] stopped: the training loss became non-finite at step 5/10 (nan)")
+               for line in lines)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -215,7 +223,7 @@ def test_healthy_run_has_no_warnings(tmp_path, minilm_path, csv_task, capsys):
     assert code == 0, err
     meta = json.loads((out / "factorlm.json").read_text())
     assert meta["warnings"] == [] and meta["health"] == {"collapsed": [], "diverged": [], "worse_than_start": [],
-                                                         "below_baseline": False}
+                                                         "below_baseline": False, "teacher_below_baseline": False}
     assert meta["scores"]["final"]["accuracy"] > 0.9
 
 
@@ -266,3 +274,75 @@ def test_decoder_without_pad_token_gets_eos_as_pad(tmp_path):
     assert tokenizer.pad_token == "</s>" and model.config.pad_token_id == 1
     batch = tokenizer(["w1 w2 w3", "w4"], padding=True, return_tensors="pt")
     assert model(**batch).logits.shape == (2, 2)
+
+
+def test_selection_on_a_two_dev_split_task(tmp_path, minilm_path):
+    """MNLI's main metric is split-prefixed (matched_accuracy); the one-split selection slice scores
+    by its base (accuracy)."""
+    d = tmp_path / "glue" / "MNLI"
+    d.mkdir(parents=True)
+    head = "index\tpromptID\tpairID\tgenre\ts1bp\ts2bp\ts1p\ts2p\tsentence1\tsentence2\tlabel1\tgold_label"
+    labels = ["entailment", "neutral", "contradiction"]
+
+    def rows(n, off):
+        return [head] + [f"{i}\t0\t0\tg\tx\tx\tx\tx\ta{i + off} b\tc{i} d\t-\t{labels[i % 3]}" for i in range(n)]
+
+    (d / "train.tsv").write_text("\n".join(rows(60, 0)) + "\n")
+    (d / "dev_matched.tsv").write_text("\n".join(rows(18, 100)) + "\n")
+    (d / "dev_mismatched.tsv").write_text("\n".join(rows(18, 200)) + "\n")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    m = tmp_path / "m"
+    BertForSequenceClassification(cfg).save_pretrained(m)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(m)
+    s = Session(RunConfig(model=str(m), task="mnli", data_dir=str(tmp_path / "glue"), max_length=16, max_steps=2,
+                          eval_every=1, selection_size=12, progress=False), quiet=True)
+    from factorlm.api import load_model_for_task
+
+    model, s.tokenizer, _ = load_model_for_task(str(m), s.task)
+    out = s.finetune(model, phase="ft")
+    assert set(out) == {"matched_accuracy", "mismatched_accuracy"}
+    assert "select_accuracy" in s.phases["ft"] and s.phases["ft"]["best_step"] in (1, 2)
+
+
+def test_evaluate_reuses_the_seed_and_a_new_task_drops_the_recorded_files(tmp_path, minilm_path, csv_task, capsys):
+    from factorlm.api import evaluate_config
+
+    out = tmp_path / "seeded"
+    code, _, err = run(["finetune", "--model", _classifier_dir(tmp_path, minilm_path), "--max-steps", "2", "--seed", "7",
+                        "--max-eval-samples", "16", "--output", out, "--quiet", *csv_task], capsys)
+    assert code == 0, err
+    meta = json.loads((out / "factorlm.json").read_text())
+    code, stdout, err = run(["evaluate", out], capsys)
+    assert code == 0 and json.loads(stdout)["accuracy"] == meta["scores"]["final"]["accuracy"]
+    c = evaluate_config(str(out))
+    assert (c.seed, c.max_eval_samples, c.task, c.max_length) == (7, 16, "csv", 16)
+    c = evaluate_config(str(out), {"task": "rotten_tomatoes"})
+    assert c.task == "rotten_tomatoes" and c.train_file is None and c.dev_file is None and c.text_columns is None
+
+
+def test_unhealthy_teacher_warns_again_when_reused(tmp_path, minilm_path, csv_task, capsys):
+    # a bare encoder gets a teacher trained here; a learning rate of ~0 leaves it at chance level
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    enc = tmp_path / "enc"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(enc)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(enc)
+    metas = []
+    for out in ("o1", "o2"):
+        code, stdout, err = run(["compress", "--model", enc, "--method", "svd", "--max-steps", "1",
+                                 "--teacher-learning-rate", "1e-12", "--cache-dir", tmp_path / "cache",
+                                 "--output", tmp_path / out, *csv_task], capsys)
+        assert code == 0, err
+        metas.append(json.loads((tmp_path / out / "factorlm.json").read_text()))
+    first, second = metas
+    assert first["teacher"]["trained_here"] and not second["teacher"]["trained_here"]
+    assert first["teacher"]["cache"] == second["teacher"]["cache"]
+    for m in metas:
+        assert m["health"]["teacher_below_baseline"]
+        assert any("dense teacher's accuracy" in w for w in m["warnings"])
+    assert "dense" in first["health"]["collapsed"] and "dense" in second["health"]["collapsed"]
+    assert any(w.startswith("(cached teacher) [dense] collapsed") for w in second["warnings"])

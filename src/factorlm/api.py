@@ -140,6 +140,7 @@ def ensure_teacher(session: Session, validate=None) -> nn.Module:
         session.log(f"starting from {label}, already fine-tuned for {session.task.name}")
         session.evaluate(model, phase="dense")
         session.teacher = {"source": resolved, "trained_here": False, main: session.phases["dense"].get(main)}
+        session.check_final(session.phases["dense"], what="dense teacher's")
         return model
     key = _teacher_key(session, resolved)
     cache = cache_root(c) / "teachers" / f"{session.task.name}-{key}"
@@ -154,12 +155,19 @@ def ensure_teacher(session: Session, validate=None) -> nn.Module:
         else:
             session.evaluate(model, phase="dense")
         session.teacher.update({"trained_here": False, main: session.phases["dense"].get(main)})
+        for w in meta.get("warnings") or []:  # a teacher's faults come back every time it is reused
+            session._warn(f"(cached teacher) {w}")
+        for flag in ("collapsed", "diverged"):
+            if "dense" in (meta.get("health") or {}).get(flag, []):
+                session.health[flag].append("dense")
+        session.check_final(session.phases["dense"], what="dense teacher's")
         return model
     cache_ok = _writable_problem(cache) is None
     session.log(f"{label} has no trained {session.task.name} head: fine-tuning a dense teacher first "
                 + (f"(cached at {cache})" if cache_ok else
                    f"(NOT cached: {_writable_problem(cache)}; set --cache-dir or $FACTORLM_CACHE)"))
     session.finetune(model, phase="dense", epochs=c.teacher_epochs, learning_rate=c.teacher_learning_rate)
+    session.check_final(session.phases["dense"], what="dense teacher's")
     session.teacher.update({"trained_here": True, main: session.phases["dense"].get(main)})
     if not cache_ok:
         session.teacher["cache"] = None
@@ -168,7 +176,8 @@ def ensure_teacher(session: Session, validate=None) -> nn.Module:
             models.save(model, cache, tokenizer=tokenizer, overwrite=True, meta={
                 "task": session.task.name, "method": "dense", "base_model": resolved,
                 "recipe": c.to_dict(), "scores": {"dense": session.phases["dense"]},
-                "warnings": list(session.warnings),
+                "warnings": list(session.warnings),  # replayed whenever the teacher is reused
+                "health": {k: [p for p in v if p == "dense"] for k, v in session.health.items() if isinstance(v, list)},
             })
         except OSError as e:  # a cache that fails is not worth the run
             session.log(f"WARNING: could not cache the teacher at {cache}: {e}")
@@ -216,7 +225,7 @@ def _writable_problem(folder: Path) -> str | None:
     """Why ``folder`` (created if missing, written via a temporary sibling) could not be written,
     or None.  Probes the nearest existing ancestor by creating and removing a temporary folder, so
     read-only and virtual file systems are caught, not only permission bits."""
-    folder = Path(folder).expanduser().absolute()
+    folder = Path(folder).expanduser().resolve()  # as atomic_dir will write it (symlinks followed)
     if folder.exists() and not folder.is_dir():
         return f"{folder} is a file, not a folder"
     anc = folder.parent
@@ -342,9 +351,11 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     return report
 
 
-# what `evaluate` reuses from a saved folder's recipe (flags override each)
+# what `evaluate` reuses from a saved folder's recipe (flags override each); the file, column and
+# data-dir settings only while the task is the recorded one
 EVAL_DATA_FIELDS = ("task", "data_dir", "train_file", "dev_file", "text_columns", "label_column", "max_length",
-                    "max_eval_samples", "eval_batch_size")
+                    "max_eval_samples", "eval_batch_size", "seed")
+_TASK_DATA_FIELDS = ("data_dir", "train_file", "dev_file", "text_columns", "label_column")
 
 
 def evaluate_config(path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -355,7 +366,11 @@ def evaluate_config(path: str, overrides: dict[str, Any] | None = None) -> RunCo
     values: dict[str, Any] = {k: recipe[k] for k in EVAL_DATA_FIELDS if recipe.get(k) is not None}
     if meta.get("task") and "task" not in values:
         values["task"] = meta["task"]
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if overrides.get("task") not in (None, values.get("task")):  # another task: its own data settings
+        for k in _TASK_DATA_FIELDS:
+            values.pop(k, None)
+    values.update(overrides)
     values["model"] = path
     return RunConfig(**{k: v for k, v in values.items() if k in RunConfig.field_names()})
 
@@ -385,11 +400,17 @@ def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: 
     session.task = task
     splits = tuple(task.eval_splits) if split == "dev" else (split,)
     if split == "train" or (split != "dev" and split not in task.available_splits):
-        have = ", ".join(s for s in task.available_splits if s != "train")
-        raise FactorLMError(f"task {task.name!r} has no {split!r} split to evaluate (it has: dev = {have})")
+        others = [x for x in task.available_splits if x not in ("train", *task.eval_splits)]
+        raise FactorLMError(f"task {task.name!r} has no {split!r} split to evaluate (dev = {', '.join(task.eval_splits)}"
+                            + (f"; other splits: {', '.join(others)})" if others else "; no other split)"))
     session.data = load_task_data(task, data_dir=c.data_dir, max_eval_samples=c.max_eval_samples, seed=c.seed,
                                   eval_splits=splits, include_train=False, **session._file_options())
-    model, tokenizer, _ = load_model_for_task(path, task)
+    model, tokenizer, trained = load_model_for_task(path, task)
+    if not trained:
+        if not meta:
+            raise FactorLMError(f"{path} has no classification head trained for {task.name!r} "
+                                f"({task.num_labels} labels): its scores would be those of a random head")
+        session.log(f"note: {path} was trained on {meta.get('task')!r}, evaluated on {task.name!r}")
     session.tokenizer = tokenizer
     sizes = ", ".join(f"{s} {len(ex):,} examples" for s, ex in session.data.evals.items())
     session.log(f"evaluating {path} on {task.name}: {sizes}")

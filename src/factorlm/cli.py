@@ -31,7 +31,7 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     g.add_argument("--label-column", help="csv/jsonl task: label column")
     g.add_argument("--max-length", type=int, help="max tokens per example (default 128)")
     g.add_argument("--max-train-samples", type=int, help="random subset of the training set (quick runs)")
-    g.add_argument("--max-eval-samples", type=int, help="random subset of each evaluation split")
+    g.add_argument("--max-eval-samples", type=int, help="random subset of each evaluation split (and of the selection slice)")
     g.add_argument("--batch-size", type=int, help="training batch size (default 32)")
     g.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default 128)")
     g.add_argument("--seed", type=int, help="seed for data order, init and sampling (default 0)")
@@ -207,7 +207,7 @@ def _given_fields(args: argparse.Namespace) -> set[str]:
 def _print_report(report) -> None:
     from .summary import score_rows
 
-    print(f"\n{report.method} on {report.task} (selected by {report.main_metric} on held-out training data; dev scores)")
+    print(f"\n{report.method} on {report.task} (dev scores)")
     for line in score_rows(report.scores, report.baseline):
         print("  " + line)
     for w in report.warnings:
@@ -299,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as e:  # disk full, permissions, a read-only file system ...: one line, no traceback
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"factorlm: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        text = e.strerror or " ".join(str(e).split()) or type(e).__name__
+        print(f"factorlm: error: {text}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("factorlm: interrupted (nothing was written)", file=sys.stderr)

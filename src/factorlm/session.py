@@ -34,7 +34,7 @@ class Session:
         self.teacher: dict[str, Any] | None = None  # set by api.ensure_teacher
         self.warnings: list[str] = []
         self.health: dict[str, Any] = {"collapsed": [], "diverged": [], "worse_than_start": [],
-                                       "below_baseline": False}
+                                       "below_baseline": False, "teacher_below_baseline": False}
 
     # -- user output ----------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -153,10 +153,12 @@ class Session:
         """Train ``model`` in place on the task; returns the kept model's **dev** metrics.
 
         With ``keep_best`` the weights kept are the best on the held-out selection slice (if there
-        is one; else the last).  ``param_groups(model) -> list[dict]`` overrides the optimizer groups
+        is one; else the last), and a phase whose kept weights score below its starting weights on
+        that slice is flagged ``worse_than_start`` (phases without keep-best, such as pruning, which
+        trades score for sparsity by design, and runs with ``--selection-size 0`` are not checked).  ``param_groups(model) -> list[dict]`` overrides the optimizer groups
         (e.g. movement pruning's learned scores at their own learning rate)."""
         from .train import Trainer
-        from .train.evaluate import main_score
+        from .train.evaluate import main_score, metric_name
 
         cfg = self.train_config(epochs=epochs, learning_rate=learning_rate, max_steps=max_steps,
                                 keep_best=keep_best, phase=phase)
@@ -183,16 +185,18 @@ class Session:
         extra: dict[str, Any] = {"steps": trainer.state.step}
         if trainer.state.seconds_per_step:
             extra["seconds_per_step"] = round(trainer.state.seconds_per_step, 4)
-        if selected:
-            extra["select_" + self.task.main_metric] = main_score(selected, self.task.main_metric)
-            extra["best_step"] = trainer.state.best_step
+        if selected:  # the held-out score of the weights kept (the best with keep_best, else the last)
+            name = metric_name(selected, self.task.main_metric)
+            extra["select_" + name] = end = main_score(selected, self.task.main_metric)
+            if keep_best:
+                extra["best_step"] = trainer.state.best_step
+            if start is not None and end < start:
+                self.health["worse_than_start"].append(phase)
+                self._warn(f"[{phase}] ended worse than it started on the held-out selection slice "
+                           f"({name} {start:.4f} -> {end:.4f})")
         if trainer.state.stopped:
             self.health["diverged"].append(phase)
             self._warn(f"[{phase}] training stopped early: {trainer.state.stopped}")
-        if start is not None and selected and extra["select_" + self.task.main_metric] < start:
-            self.health["worse_than_start"].append(phase)
-            self._warn(f"[{phase}] ended worse than it started on the selection slice "
-                       f"({self.task.main_metric} {start:.4f} -> {extra['select_' + self.task.main_metric]:.4f})")
         return self.evaluate(model, phase=phase, **extra)
 
     def _warn(self, msg: str) -> None:
@@ -215,12 +219,16 @@ class Session:
                 self.check_collapse(phase, stats)
         return metrics
 
+    MIN_COLLAPSE_EXAMPLES = 16
+
     def check_collapse(self, phase: str, stats: dict[str, dict[str, float]]) -> None:
         """Flag predictions that ignore the input: one class for every example, or a constant score."""
         for split, st in stats.items():
+            if st.get("n", 0) < self.MIN_COLLAPSE_EXAMPLES:  # too few to tell a collapse from chance
+                continue
             if self.task.is_regression:
-                bad = st.get("nonfinite", 0) > 0 or st.get("pred_std", 0.0) <= 1e-6 * max(st.get("label_std", 1.0), 1e-12)
-                what = "constant or non-finite scores"
+                bad = st.get("nonfinite", 0) > 0 or st.get("pred_std", 0.0) <= 1e-3 * st.get("label_std", 0.0)
+                what = "a (nearly) constant or non-finite score"
             else:
                 bad = st.get("top_class_share", 0.0) >= 1.0
                 what = "one class for every example"
@@ -229,17 +237,19 @@ class Session:
                     self.health["collapsed"].append(phase)
                 self._warn(f"[{phase}] collapsed: the model predicts {what} on {split} ({int(st['n'])} examples)")
 
-    def check_final(self, metrics: dict[str, float]) -> None:
-        """The last check of a run: a final score no better than always predicting the majority class."""
+    def check_final(self, metrics: dict[str, float], what: str = "final") -> None:
+        """A score no better than always predicting the majority class: the run's final one (flagged
+        ``below_baseline``), or the dense teacher's (``what="dense teacher's"``, flagged
+        ``teacher_below_baseline``: everything distilled or factorized from it inherits the problem)."""
         from .train.evaluate import main_score
 
         base = self.baseline
         if not base or not metrics:
             return
-        final, floor = main_score(metrics, self.task.main_metric), main_score(base, self.task.main_metric)
-        if final <= floor:
-            self.health["below_baseline"] = True
-            self._warn(f"the final {self.task.main_metric} {final:.4f} is no better than the majority-class "
+        score, floor = main_score(metrics, self.task.main_metric), main_score(base, self.task.main_metric)
+        if score <= floor:
+            self.health["below_baseline" if what == "final" else "teacher_below_baseline"] = True
+            self._warn(f"the {what} {self.task.main_metric} {score:.4f} is no better than the majority-class "
                        f"baseline's {floor:.4f}")
 
     def record(self, phase: str, metrics: dict[str, float], **extra: Any) -> None:

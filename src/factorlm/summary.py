@@ -165,7 +165,7 @@ def _metrics(m: Any) -> str:
         notes.append(f"{m['steps']} steps")
     sel = {k[7:]: v for k, v in m.items() if str(k).startswith("select_")}
     for k, v in sel.items():
-        notes.append(f"selected {k} {_value(v)}" + (f" at step {m['best_step']}" if m.get("best_step") is not None else ""))
+        notes.append(f"held-out {k} {_value(v)}" + (f", kept step {m['best_step']}" if m.get("best_step") is not None else ""))
     if m.get("cached"):
         notes.append("cached")
     if notes:

@@ -48,15 +48,18 @@ def subsample(examples: Sequence[Any], n: int | None, seed: int = 0, stream: int
     return [examples[i] for i in idx]
 
 
-def selection_count(n_train: int, size: float | int | None) -> int:
+def selection_count(n_train: int, size: float | int | None, max_train_samples: int | None = None) -> int:
     """How many training examples ``--selection-size`` holds out: a fraction in (0, 1) of the
-    training split (capped at :data:`MAX_DEFAULT_SELECTION`), a count >= 1, or 0 / None for none.
-    At least one example is always left for training."""
+    training data in use (the split, or ``max_train_samples / (1 - fraction)`` of it when training
+    is capped, so a 10% slice stays 10% of what a quick run touches), capped at
+    :data:`MAX_DEFAULT_SELECTION`; a count >= 1; or 0 / None for none.  At least one example is
+    always left for training."""
     if not size or n_train < 2:
         return 0
     check(size > 0, f"--selection-size must be >= 0, got {size}")
     if size < 1:
-        n = min(max(1, round(n_train * size)), MAX_DEFAULT_SELECTION)
+        used = n_train if max_train_samples is None else min(n_train, round(max_train_samples / (1 - size)))
+        n = min(max(1, round(used * size)), MAX_DEFAULT_SELECTION, n_train - 1)
     else:
         check(float(size).is_integer(), f"--selection-size must be a fraction in (0, 1) or a whole count, got {size}")
         n = int(size)
@@ -95,7 +98,7 @@ def load_task_data(
     ``include_train=False`` returns ``train=[]`` without reading it (evaluation only).
     File/column options only apply to the generic ``csv`` / ``jsonl`` tasks.
 
-    ``selection_size`` (see :func:`selection_count`) holds a seeded, stratified slice of the full
+    ``selection_size`` (see :func:`selection_count`) holds a seeded, stratified slice of the
     training split out as ``select`` for model selection, *before* ``max_train_samples`` subsamples
     what is left; ``max_eval_samples`` caps it too. The reported eval splits are never used to select.
     """
@@ -116,7 +119,8 @@ def load_task_data(
     loaded, label_names = task.loader(task, opts)
     train, select = [], []
     if include_train:
-        rest, select = split_off(loaded["train"], selection_count(len(loaded["train"]), selection_size), seed)
+        n_select = selection_count(len(loaded["train"]), selection_size, max_train_samples)
+        rest, select = split_off(loaded["train"], n_select, seed)
         train = subsample(rest, max_train_samples, seed, stream=0)
         select = subsample(select, max_eval_samples, seed, stream=999)
     evals = {s: subsample(loaded[s], max_eval_samples, seed, stream=1 + i) for i, s in enumerate(splits)}

@@ -157,7 +157,13 @@ def save(
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        try:
+            save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk etc. as its own error type
+            if isinstance(e, OSError):
+                raise
+            raise FactorLMError(f"could not write {Path(out_dir) / WEIGHTS_NAME}: "
+                                f"{' '.join(str(e).split()) or type(e).__name__}") from None
         (tmp / FACTORLM_JSON).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
         for rel, content in (extra_files or {}).items():
             dst = tmp / rel

@@ -164,13 +164,26 @@ def main_score(metrics: Mapping[str, float], main_metric: str) -> float:
     """The score used to pick the best checkpoint (higher is better).
 
     ``metrics[main_metric]`` when present; otherwise (several splits, unprefixed ``main_metric``)
-    the mean over every ``<split>_<main_metric>`` key.  NaN is returned as ``-inf``.
+    the mean over every ``<split>_<main_metric>`` key; otherwise (one split scored for a task whose
+    main metric is split-prefixed, e.g. MNLI's ``matched_accuracy`` on the selection slice) the
+    unprefixed metric it ends with.  NaN is returned as ``-inf``.
     """
     if main_metric in metrics:
         value = float(metrics[main_metric])
     else:
         vals = [float(v) for k, v in metrics.items() if k.endswith("_" + main_metric)]
         if not vals:
-            raise FactorLMError(f"main metric {main_metric!r} is not among the eval metrics {sorted(metrics)}")
+            base = [k for k in metrics if main_metric.endswith("_" + k)]
+            if not base:
+                raise FactorLMError(f"main metric {main_metric!r} is not among the eval metrics {sorted(metrics)}")
+            vals = [float(metrics[max(base, key=len)])]
         value = sum(vals) / len(vals)
     return -math.inf if math.isnan(value) else value
+
+
+def metric_name(metrics: Mapping[str, float], main_metric: str) -> str:
+    """The name :func:`main_score` scores ``metrics`` by (``main_metric``, or its unprefixed base)."""
+    if main_metric in metrics or any(k.endswith("_" + main_metric) for k in metrics):
+        return main_metric
+    base = [k for k in metrics if main_metric.endswith("_" + k)]
+    return max(base, key=len) if base else main_metric

@@ -336,13 +336,20 @@ class Trainer:
             bad = self.accelerator.reduce(bad, reduction="sum")
         return bool(bad.item() > 0)
 
+    def _stop(self, why: str) -> None:
+        self.state.stopped = why
+        kept = "the best weights so far" if self.config.keep_best and self.eval_loaders else "the last weights"
+        self.say(f"[{self.config.name}] stopped: {why}; keeping {kept}")
+
     def _estimate(self) -> None:
-        """Time the first steps and say how long the phase will take (training steps only)."""
+        """Time the first steps and say how long the phase will take (training steps only:
+        evaluations and checkpoints in between are subtracted)."""
         state, k = self.state, self._ESTIMATE_AFTER
         if state.step == 1:
             self._t_first = time.perf_counter()
+            self._t_other = 0.0
         elif state.step == 1 + k and state.total_steps > 1 + k:
-            per_step = (time.perf_counter() - self._t_first) / k
+            per_step = (time.perf_counter() - self._t_first - self._t_other) / k
             state.seconds_per_step = per_step
             left = per_step * (state.total_steps - state.step)
             self.say(f"[{self.config.name}] {state.total_steps} steps at {per_step:.2f} s/step: "
@@ -366,6 +373,7 @@ class Trainer:
         trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
 
         win_loss = torch.zeros((), device=acc.device)
+        step_loss = torch.zeros((), device=acc.device)  # this optimizer step's loss (all micro-batches)
         win_micro = 0
         win_examples = 0
         win_t0 = time.perf_counter()
@@ -378,16 +386,8 @@ class Trainer:
                 with acc.accumulate(self.model):
                     outputs = self.model(**batch)
                     loss = self.compute_loss(batch, outputs)
-                    if self._nonfinite(loss):  # stop before a NaN/Inf reaches the weights
-                        self.optimizer.zero_grad(set_to_none=True)
-                        state.stopped = (f"the training loss became {loss.detach().float().item()} at step "
-                                         f"{state.step + 1}/{state.total_steps}")
-                        self.say(f"[{cfg.name}] stopped: {state.stopped}; keeping "
-                                 + ("the best weights so far" if cfg.keep_best and self.eval_loaders else
-                                    "the last weights with a finite loss"))
-                        done = True
-                        break
                     acc.backward(loss)
+                    step_loss += loss.detach().float()
                     win_loss += loss.detach().float()
                     win_micro += 1
                     win_examples += _batch_size(batch)
@@ -395,6 +395,13 @@ class Trainer:
                     if not acc.sync_gradients:
                         continue
                     micro_in_step = 0
+                    if self._nonfinite(step_loss):  # stop before a NaN/Inf reaches the weights
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self._stop(f"the training loss became non-finite at step {state.step + 1}/{state.total_steps}"
+                                   + (f" ({step_loss.item()})" if acc.num_processes == 1 else " (on some process)"))
+                        done = True
+                        break
+                    step_loss.zero_()
                     # hooks that read gradients (PLATON, RankDyna, ...) must see them unscaled: under
                     # fp16 loss scaling unscale first (once per step), then clip without unscaling again
                     scaler = getattr(acc, "scaler", None)
@@ -437,10 +444,14 @@ class Trainer:
                 if self.eval_loaders and (
                         (cfg.eval_every is not None and state.step % cfg.eval_every == 0)
                         or (cfg.eval_every is None and epoch_end and not done)):
+                    t = time.perf_counter()
                     self._run_eval()
                     self.model.train()
+                    self._t_other = getattr(self, "_t_other", 0.0) + time.perf_counter() - t
                 if cfg.save_every is not None and state.step % cfg.save_every == 0:
+                    t = time.perf_counter()
                     self.save_checkpoint()
+                    self._t_other = getattr(self, "_t_other", 0.0) + time.perf_counter() - t
                 if done:
                     break
         # leaving the train loader early (max_steps) skips accelerate's end-of-iteration cleanup
@@ -455,6 +466,11 @@ class Trainer:
             result = dict(self.best_metrics)
         else:
             result = dict(self.last_metrics)
+        if state.stopped:
+            bad = next((n for n, p in self.unwrapped_model.named_parameters() if not torch.isfinite(p).all()), None)
+            if bad is not None:
+                raise FactorLMError(f"[{cfg.name}] {state.stopped}, and the weights kept are not finite ({bad}); "
+                                    "lower the learning rate or use --mixed-precision no")
         self._best_state = self._best_extra = None  # free memory
         self.model.train()
         self._call("on_train_end")
