@@ -115,7 +115,7 @@ def _teacher_key(session: Session, source: str) -> str:
         "text_columns": c.text_columns, "label_column": c.label_column, "max_length": c.max_length,
         "max_train_samples": c.max_train_samples, "max_eval_samples": c.max_eval_samples,
         "batch_size": c.batch_size, "seed": c.seed, "epochs": c.teacher_epochs or c.epochs,
-        "selection_size": c.selection_size,
+        "selection_size": c.selection_size, "selection_examples": len(session.data.select),
         "lr": c.teacher_learning_rate or c.learning_rate, "max_steps": c.max_steps, "warmup": c.warmup_ratio,
         "weight_decay": c.weight_decay,
     }
