@@ -61,7 +61,15 @@ def test_compress_save_info_evaluate(method, tiny_dir, csv_task, tmp_path, capsy
     ids = torch.randint(0, 30522, (2, 8))
     assert model(input_ids=ids).logits.shape == (2, 2)
     code, stdout, err = run(["info", out], capsys)
-    assert code == 0 and "all layers: 9" in stdout and method in stdout and len(stdout.splitlines()) < 40
+    assert code == 0 and "all layers: 9" in stdout and method in stdout and len(stdout.splitlines()) < 45
+    # measured latency: dense source vs compressed, same process, in the report and in factorlm.json
+    lat = meta["latency"]
+    assert lat["batch_size"] == 32 and lat["seq_len"] == 16 and lat["flop_ratio"] > 1
+    for res in lat["dtypes"].values():
+        assert res["dense"]["median_ms"] > 0 and res["compressed"]["median_ms"] > 0 and res["speedup"]["compressed"] > 0
+    assert "latency (batch 32 x 16 tokens" in stdout
+    png = (out / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
     # evaluate needs no flags: the saved recipe names the files, columns and max length, and the
     # recorded label spec means only the dev file is read (the train file may be gone)
     (csv_task / "train.csv").unlink()

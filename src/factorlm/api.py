@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -202,6 +203,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)  # collapse, NaN loss, worse than start, ...
     health: dict[str, Any] = field(default_factory=dict)  # the same as flags
     teacher: dict[str, Any] | None = None  # the dense model the run started from (source, cache, score)
+    latency: dict[str, Any] = field(default_factory=dict)  # measured: dense source vs compressed
 
     @property
     def final(self) -> float:
@@ -275,6 +277,25 @@ def _flops(model: nn.Module, seq_len: int) -> int:
     return count_flops(model, 1, seq_len)
 
 
+def measure_latency(session: Session, dense: nn.Module, compressed: nn.Module) -> dict[str, Any]:
+    """Dense source vs compressed forward latency, measured now in this process (see
+    :func:`factorlm.profiling.compare_latency`), with the FLOP ratio at the same length beside it;
+    ``{}`` with ``--no-latency``."""
+    from .profiling import compare_latency
+    from .summary import latency_lines
+
+    c = session.config
+    if not c.latency:
+        return {}
+    seq = c.latency_seq or c.max_length
+    session.log(f"measuring latency: batch {c.latency_batch} x {seq} tokens (--no-latency skips it)")
+    lat = compare_latency({"dense": dense, "compressed": compressed}, batch_size=c.latency_batch, seq_len=seq)
+    lat["flop_ratio"] = round(_flops(dense, seq) / max(_flops(compressed, seq), 1), 3)
+    for line in latency_lines(lat):
+        session.log(line)
+    return lat
+
+
 def finetune(config: RunConfig, *, quiet: bool = False) -> Report:
     """Dense fine-tuning of a (pre-trained) model on the task: the usual starting point / teacher."""
     c = config.validate()
@@ -323,6 +344,7 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
         model, tokenizer, _ = load_model_for_task(c.model, session.task, seed=c.seed)
         session.tokenizer = tokenizer
         validate(model)
+    dense_ref = copy.deepcopy(model) if c.latency else None  # the source, timed beside the result
     dense_flops = _flops(model, c.max_length)
     dense_params = models.count_params(model)
     session.log(f"[{method.name}] compressing {len(models.find_targets(model, c.include, c.exclude))} target layers "
@@ -331,6 +353,8 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     model = result.model
     session.evaluate(model, phase="final")
     session.check_final(session.phases["final"])
+    latency = measure_latency(session, dense_ref, model) if dense_ref is not None else {}
+    del dense_ref
     flops = {"dense": dense_flops, "final": _flops(model, c.max_length)}
     accounting = result.accounting.to_dict() if result.accounting is not None else {}
     accounting.setdefault("model_params_before", dense_params)
@@ -338,17 +362,30 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     report = Report(str(out) if out else None, session.task.name, method.name, session.task.main_metric,
                     session.phases, accounting, flops, session.total_train_steps, result.info,
                     baseline=session.baseline, warnings=list(session.warnings), health=session.health,
-                    teacher=getattr(session, "teacher", None))
+                    teacher=session.teacher, latency=latency)
     report.model = model  # the compressed model itself (an attribute, not a serialized field)
     if save and session.accelerator.is_main_process:
-        models.save(model, out, tokenizer=session.tokenizer, overwrite=c.overwrite, extra_files=result.extra_files, meta={
+        meta = {
             "task": session.task.name, "method": method.name, "structure": c.structure,
             "base_model": resolve_model(c.model),
             "recipe": c.to_dict(), "method_info": result.info, "scores": session.phases,
             "accounting": accounting, "flops_per_sequence": flops, "seq_len_for_flops": c.max_length,
-            "total_train_steps": session.total_train_steps, **_run_meta(session),
-        })
+            "total_train_steps": session.total_train_steps, "latency": latency, **_run_meta(session),
+        }
+        extra = {**(result.extra_files or {}), "report.png": lambda dst: _report_png(session, meta, dst)}
+        models.save(model, out, tokenizer=session.tokenizer, overwrite=c.overwrite, extra_files=extra, meta=meta)
+        session.log(f"the picture of this run: {out / 'report.png'}")
     return report
+
+
+def _report_png(session: Session, meta: dict[str, Any], dst: Path) -> None:
+    """The run's one-page picture; a plotting failure costs the picture, never the saved model."""
+    from .plots import report_png
+
+    try:
+        report_png(meta, dst)
+    except Exception as e:  # noqa: BLE001
+        session.log(f"WARNING: could not draw {dst.name}: {_first_line(e)}")
 
 
 # what `evaluate` reuses from a saved folder's recipe (flags override each); the file, column and
@@ -419,6 +456,8 @@ def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: 
     if base:
         session.log("majority-class baseline (of the evaluated split): "
                     + " ".join(f"{k}={v:.4f}" for k, v in base.items()))
+    if models.factorized_modules(model):  # timed against its dense equivalent (factors multiplied back)
+        session.latency = measure_latency(session, models.densify(model), model)
     return metrics
 
 

@@ -41,6 +41,10 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
                        "2,000 examples; 0 = no selection, keep the last weights)")
     g.add_argument("--recipe", help="YAML/JSON file of options (flags override it); a saved factorlm.json works too")
     g.add_argument("--quiet", action="store_true", help="no progress output")
+    lt = p.add_argument_group("measured latency (dense source vs compressed, in the report)")
+    lt.add_argument("--latency-batch", type=int, help="batch size of the latency measurement (default 32)")
+    lt.add_argument("--latency-seq", type=int, help="sequence length of the latency measurement (default --max-length)")
+    lt.add_argument("--no-latency", dest="latency", action="store_const", const=False, help="skip the measurement")
     if not train:
         return
     t = p.add_argument_group("training (every phase)")
@@ -170,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="model folder")
     p.add_argument("--json", action="store_true", help="print factorlm.json as JSON")
 
+    from . import export
+
+    export.add_parser(sub)
+
     sub.add_parser("methods", help="list compression methods")
     sub.add_parser("tasks", help="list tasks")
     return parser
@@ -223,6 +231,11 @@ def _print_report(report) -> None:
         print(f"  FLOPs/sequence {report.flops['dense']:,} -> {report.flops['final']:,} "
               f"({report.flops['dense'] / report.flops['final']:.2f}x fewer)")
     print(f"  training steps {report.total_train_steps}")
+    if report.latency:
+        from .summary import latency_lines
+
+        for line in latency_lines(report.latency):
+            print("  " + line)
     if report.output:
         print(f"saved to {report.output}")
 
@@ -264,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{name:<16} your own files (--train-file/--dev-file/--text-columns/--label-column)")
         elif args.command == "info":
             _cmd_info(args)
+        elif args.command == "export":
+            from . import export
+
+            export.run(args)
         elif args.command == "analyze":
             from .analysis import analyze_models, rank_errors
 

@@ -59,6 +59,10 @@ class RunConfig:
     stage_order: str = "bottom_up"  # staged: bottom_up | top_down
     stage_epochs: float = 0.0  # staged: training after each stage; 0 = epochs / number of stages
     method_options: dict[str, Any] = field(default_factory=dict)
+    # -- measured latency in the report (dense source vs compressed, same process) -------------
+    latency: bool = True
+    latency_batch: int = 32
+    latency_seq: int | None = None  # default: max_length
     # -- output --------------------------------------------------------------------------------
     output: str | None = None
     overwrite: bool = False
@@ -75,6 +79,8 @@ class RunConfig:
         check(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
         check(self.max_train_samples is None or self.max_train_samples > 0, "--max-train-samples must be > 0")
         check(self.max_eval_samples is None or self.max_eval_samples > 0, "--max-eval-samples must be > 0")
+        check(self.latency_batch > 0, f"--latency-batch must be > 0, got {self.latency_batch}")
+        check(self.latency_seq is None or self.latency_seq > 1, f"--latency-seq must be > 1, got {self.latency_seq}")
         check(self.selection_size >= 0 and (self.selection_size < 1 or float(self.selection_size).is_integer()),
               f"--selection-size must be a fraction in [0, 1) or a whole count, got {self.selection_size}")
         check(self.rank_policy in ("uniform", "global"), f"--rank-policy must be uniform or global, got {self.rank_policy!r}")

@@ -1,10 +1,19 @@
-"""Measured cost of a model: FLOPs (counted by torch, not estimated) and wall-clock latency."""
+"""Measured cost of a model: FLOPs (counted by torch, not estimated) and wall-clock latency.
+
+:func:`compare_latency` is what every report carries: a dense model and its compressed version timed
+in the same process, round-robin (each round times every model once, so slow drifts of a shared
+machine hit both alike), median over rounds, in fp32 and, where the hardware has native bf16 (CUDA
+with bf16, or a CPU with AVX-512 BF16 / AMX), in bf16 (the models cast to bf16, as deployed).
+"""
 
 from __future__ import annotations
 
+import copy
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -72,3 +81,86 @@ def measure_latency(
                 times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return Latency(statistics.median(times), q[0], q[-1], repeats, batch_size, seq_len)
+
+
+def bf16_native(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` runs bf16 matmuls natively (else bf16 is emulated and slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def _time_forward(model: nn.Module, batch: Mapping[str, torch.Tensor], repeats: int) -> float:
+    cuda = batch["input_ids"].is_cuda
+    with torch.inference_mode():
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model(**batch)
+        if cuda:
+            torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    *,
+    batch_size: int = 32,
+    seq_len: int = 128,
+    dtypes: tuple[str, ...] | None = None,
+    rounds: int = 5,
+    repeats: int = 2,
+    warmup: int = 1,
+    reference: str = "dense",
+) -> dict[str, Any]:
+    """Forward latency of each of ``models`` (name -> model, e.g. ``dense`` and ``compressed``) on
+    one ``batch_size x seq_len`` batch of random tokens, in inference mode.
+
+    Returns ``{"batch_size", "seq_len", "device", "threads", "rounds", "repeats", "dtypes": {dtype:
+    {name: {"median_ms", "min_ms", "sequences_per_s"}, "speedup": {name: reference_ms / name_ms}}}}``.
+    ``dtypes`` default: ``("fp32", "bf16")`` where bf16 is native (:func:`bf16_native`), else fp32.
+    The models are not modified (bf16 timing uses cast copies).
+    """
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
+    if dtypes is None:
+        dtypes = ("fp32", "bf16") if bf16_native(device) else ("fp32",)
+    batch = dummy_batch(first, batch_size, seq_len, device)
+    out: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq_len, "device": str(device),
+                           "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                           "rounds": rounds, "repeats": repeats, "dtypes": {}}
+    for dt in dtypes:
+        cast = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+        timed = {}
+        for name, m in models.items():
+            was_training = m.training
+            mm = m if cast == torch.float32 and all(p.dtype == torch.float32 for p in m.parameters()) else \
+                copy.deepcopy(m).to(cast)
+            timed[name] = (mm.eval(), was_training, m)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        try:
+            for name, (mm, _, _) in timed.items():
+                _time_forward(mm, batch, warmup)
+            for _ in range(rounds):
+                for name, (mm, _, _) in timed.items():
+                    times[name].append(_time_forward(mm, batch, repeats))
+        finally:
+            for name, (mm, was_training, orig) in timed.items():
+                if mm is orig:
+                    orig.train(was_training)
+        res: dict[str, Any] = {}
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            res[name] = {"median_ms": round(med, 3), "min_ms": round(min(ts), 3),
+                         "sequences_per_s": round(batch_size / med * 1e3, 1)}
+        if reference in res:
+            res["speedup"] = {name: round(res[reference]["median_ms"] / r["median_ms"], 3)
+                              for name, r in res.items() if name != reference and isinstance(r, dict) and "median_ms" in r}
+        out["dtypes"][dt] = res
+    return out
+

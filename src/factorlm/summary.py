@@ -121,9 +121,11 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
         else:
             text = _compact(flops)
         rows.append(("FLOPs/sequence", text))
-    if "latency" in meta and meta["latency"] not in (None, {}, []):
-        rows.append(("latency", _compact(meta["latency"])))
-    return _section("parameters", rows)
+    lat = meta.get("latency")
+    measured = isinstance(lat, dict) and "dtypes" in lat
+    if lat not in (None, {}, []) and not measured:
+        rows.append(("latency", _compact(lat)))
+    return _section("parameters", rows) + (latency_lines(lat) if measured else [])
 
 
 # -- scores -------------------------------------------------------------------------------------
@@ -430,3 +432,25 @@ def _num(x: Any) -> str:
     if isinstance(x, (list, tuple, dict)):
         return json.dumps(x, default=str)
     return re.sub(r"\s+", " ", str(x))
+
+
+# -- latency ------------------------------------------------------------------------------------
+
+
+def latency_lines(lat: Any) -> list[str]:
+    """A measured-latency record (``profiling.compare_latency`` + ``flop_ratio``) as aligned lines."""
+    if not isinstance(lat, dict) or not isinstance(lat.get("dtypes"), dict):
+        return [f"latency  {_compact(lat)}"] if lat else []
+    where = lat.get("device", "?") + (f", {lat['threads']} threads" if lat.get("threads") else "")
+    limit = f"; FLOP-ratio limit {lat['flop_ratio']:.2f}x" if lat.get("flop_ratio") else ""
+    lines = [f"latency (batch {lat.get('batch_size')} x {lat.get('seq_len')} tokens, {where}; "
+             f"median of {lat.get('rounds')} rounds{limit})"]
+    for dt, res in lat["dtypes"].items():
+        if not isinstance(res, dict):
+            continue
+        names = [n for n, r in res.items() if isinstance(r, dict) and "median_ms" in r]
+        parts = [f"{n} {res[n]['median_ms']:.1f} ms" for n in names]
+        sp = res.get("speedup") or {}
+        text = "  ".join(parts) + "".join(f"  -> {v:.2f}x" for v in sp.values())
+        lines.append(f"  {dt:<5} {text}")
+    return lines

@@ -2,12 +2,13 @@
 
 from .io import check_finite, library_versions, load, save
 from .loading import default_model_path, read_meta, resolve_model
-from .surgery import count_params, factorized_modules, find_targets, get_module, set_module, target_shapes
+from .surgery import count_params, densify, factorized_modules, find_targets, get_module, set_module, target_shapes
 
 __all__ = [
     "check_finite",
     "count_params",
     "default_model_path",
+    "densify",
     "factorized_modules",
     "find_targets",
     "get_module",

@@ -90,3 +90,16 @@ def target_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int
 def count_params(model: nn.Module) -> int:
     """Trainable-or-not parameters (buffers such as training-only dense twins excluded)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The same model with every factorized module multiplied back into a plain ``nn.Linear``
+    (``W = to_dense()``, same bias): the dense architecture of the source, with logits equal to the
+    factorized model's up to float rounding.  It gives up the size benefit; it is what a stack that
+    cannot run factored layers deploys, and the dense reference a saved folder is timed against."""
+    import copy
+
+    out = model if inplace else copy.deepcopy(model)
+    for name, m in factorized_modules(out).items():
+        set_module(out, name, m.to_linear())
+    return out

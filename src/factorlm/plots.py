@@ -1,0 +1,117 @@
+"""The one-page picture of a compression run (``report.png`` in every ``compress`` output folder).
+
+Three panels, all read from the saved metadata (a pure function of ``factorlm.json``'s content):
+
+1. **Score**: the task's main metric after every phase (dense teacher, intermediate states, final)
+   with the majority-class baseline as a dashed line, so a collapse is visible at a glance.
+2. **Size and compute**: target weights, whole-model parameters and FLOPs per sequence, compressed as a
+   percentage of dense.
+3. **Measured latency**: dense source vs compressed, per dtype (fp32, bf16 where native), with the
+   speed-up written on the bars and the FLOP-ratio limit in the title.
+
+Only matplotlib's Agg canvas is used (no global backend change, no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["report_png"]
+
+_DENSE, _COMP, _BASE, _WARN = "#7f8c9a", "#2a7ab9", "#c0392b", "#c0392b"
+
+
+def _main_value(metrics: dict[str, Any], main: str) -> float | None:
+    v = metrics.get(main)
+    if v is None:
+        vals = [x for k, x in metrics.items() if k.endswith("_" + main) and isinstance(x, (int, float))]
+        v = sum(vals) / len(vals) if vals else None
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def report_png(meta: dict[str, Any], path: str | Path) -> Path:
+    """Draw the run summary of ``meta`` (a ``factorlm.json`` dict) to ``path``; returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    spec = meta.get("task_spec") or {}
+    main = spec.get("main_metric") or "accuracy"
+    scores = meta.get("scores") or {}
+    lat = meta.get("latency") or {}
+    dtypes = {k: v for k, v in (lat.get("dtypes") or {}).items() if isinstance(v, dict) and "dense" in v}
+    ncols = 3 if dtypes else 2
+    fig = Figure(figsize=(4.6 * ncols, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    title = f"{meta.get('method', '?')} on {meta.get('task', '?')}"
+    keep = (meta.get("recipe") or {}).get("keep")
+    if keep:
+        title += f", keep {keep:g} of the target weights"
+    if meta.get("warnings"):
+        title += f"  -  {len(meta['warnings'])} warning(s): see factorlm.json"
+    fig.suptitle(title, fontsize=11, color=_WARN if meta.get("warnings") else "black")
+
+    # 1. score per phase
+    ax = axes[0]
+    phases = [(p, _main_value(m, main)) for p, m in scores.items() if isinstance(m, dict)]
+    phases = [(p, v) for p, v in phases if v is not None]
+    if phases:
+        names, vals = zip(*phases)
+        colors = [_DENSE if p == "dense" else (_COMP if p == "final" else "#9dc3e6") for p in names]
+        bars = ax.bar(range(len(vals)), vals, color=colors)
+        ax.set_xticks(range(len(vals)), names, rotation=30, ha="right", fontsize=8)
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+        base = _main_value(meta.get("baseline") or {}, main)
+        if base is not None:
+            ax.axhline(base, color=_BASE, ls="--", lw=1, label=f"majority class {base:.3f}")
+            ax.legend(fontsize=8, loc="lower left")
+        lo = min(list(vals) + ([base] if base is not None else []))
+        ax.set_ylim(max(0.0, lo - 0.1) if lo > 0 else lo - 0.1, max(vals) + 0.08)
+    ax.set_title(f"dev {main} after each phase", fontsize=10)
+
+    # 2. size and compute, % of dense
+    ax = axes[1]
+    acc = meta.get("accounting") or {}
+    flops = meta.get("flops_per_sequence") or {}
+    rows = []
+    if acc.get("target_weights_before"):
+        rows.append(("target weights", acc["target_weights_after"] / acc["target_weights_before"]))
+    if acc.get("model_params_before"):
+        rows.append(("model parameters", acc["model_params_after"] / acc["model_params_before"]))
+    if flops.get("dense") and flops.get("final"):
+        rows.append(("FLOPs / sequence", flops["final"] / flops["dense"]))
+    if rows:
+        names, fr = zip(*rows)
+        y = range(len(rows))
+        ax.barh(y, [1.0] * len(rows), color="#e4e8ec")
+        ax.barh(y, fr, color=_COMP)
+        for i, f in enumerate(fr):
+            ax.text(min(f, 0.98), i, f" {f:.0%}", va="center", ha="left" if f < 0.8 else "right",
+                    color="black" if f < 0.8 else "white", fontsize=9)
+        ax.set_yticks(list(y), names, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+    ax.set_title("compressed, % of dense", fontsize=10)
+
+    # 3. measured latency
+    if dtypes:
+        ax = axes[2]
+        labels = list(dtypes)
+        x = range(len(labels))
+        d = [dtypes[k]["dense"]["median_ms"] for k in labels]
+        c = [dtypes[k]["compressed"]["median_ms"] for k in labels]
+        ax.bar([i - 0.2 for i in x], d, width=0.4, color=_DENSE, label="dense")
+        ax.bar([i + 0.2 for i in x], c, width=0.4, color=_COMP, label="compressed")
+        for i, k in enumerate(labels):
+            ax.text(i + 0.2, c[i], f"{d[i] / c[i]:.2f}x", ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(list(x), labels)
+        ax.set_ylabel("ms per batch (median)", fontsize=9)
+        ax.legend(fontsize=8)
+        limit = f", FLOP limit {lat['flop_ratio']:.2f}x" if lat.get("flop_ratio") else ""
+        ax.set_title(f"latency, batch {lat.get('batch_size')} x {lat.get('seq_len')}{limit}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path

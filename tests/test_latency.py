@@ -1,0 +1,90 @@
+"""Measured latency in reports: dense source vs compressed, same process, fp32 and native bf16."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from factorlm.cli import main
+from factorlm.factorize import factorize
+from factorlm.models import densify
+from factorlm.profiling import bf16_native, compare_latency
+
+from conftest import bert_targets, tiny_bert
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_compare_latency_record_is_complete_and_consistent():
+    dense = tiny_bert()
+    comp = copy.deepcopy(dense)
+    factorize(comp, {n: {"rank": 4} for n in bert_targets(comp)}, "lowrank")
+    before = {k: v.clone() for k, v in comp.state_dict().items()}
+    comp.train()
+    lat = compare_latency({"dense": dense, "compressed": comp}, batch_size=3, seq_len=8, rounds=3, repeats=1)
+    assert (lat["batch_size"], lat["seq_len"], lat["rounds"], lat["device"]) == (3, 8, 3, "cpu")
+    assert list(lat["dtypes"]) == (["fp32", "bf16"] if bf16_native("cpu") else ["fp32"])
+    for res in lat["dtypes"].values():
+        for name in ("dense", "compressed"):
+            r = res[name]
+            assert 0 < r["min_ms"] <= r["median_ms"]
+            assert r["sequences_per_s"] == pytest.approx(3 / r["median_ms"] * 1e3, rel=1e-2)
+        assert res["speedup"]["compressed"] == pytest.approx(res["dense"]["median_ms"] / res["compressed"]["median_ms"], rel=1e-2)
+    # the models are left as they were: weights, dtype and training mode
+    assert comp.training and all(torch.equal(v, comp.state_dict()[k]) for k, v in before.items())
+    assert all(p.dtype == torch.float32 for p in comp.parameters())
+
+
+def test_densify_matches_the_factorized_logits():
+    m = tiny_bert()
+    factorize(m, {n: {"rank": 4} for n in bert_targets(m)}, "lowrank")
+    d = densify(m)
+    ids = torch.randint(0, 100, (2, 9))
+    assert torch.allclose(m(input_ids=ids).logits, d(input_ids=ids).logits, atol=1e-6)
+    assert all(type(mod) is torch.nn.Linear for n, mod in d.named_modules() if n in bert_targets(m))
+    assert type(m.bert.encoder.layer[0].attention.self.query) is not torch.nn.Linear  # the original is untouched
+
+
+@pytest.fixture
+def csv_args(tmp_path, minilm_path):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    enc = tmp_path / "enc"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(enc)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(enc)
+    rows = ["text,label"] + [f"good {i},pos" for i in range(20)] + [f"bad {i},neg" for i in range(20)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    return ["--model", enc, "--task", "csv", "--train-file", tmp_path / "train.csv", "--text-columns", "text",
+            "--max-length", "16", "--max-steps", "1", "--cache-dir", tmp_path / "cache", "--method", "svd", "--keep", "0.5"]
+
+
+def test_no_latency_skips_it_and_evaluate_measures_it(tmp_path, csv_args, capsys):
+    assert main([str(a) for a in ["compress", *csv_args, "--no-latency", "--output", tmp_path / "a", "--quiet"]]) == 0
+    assert json.loads((tmp_path / "a" / "factorlm.json").read_text())["latency"] == {}
+    assert "latency (" not in capsys.readouterr().out
+    assert main([str(a) for a in ["evaluate", tmp_path / "a", "--latency-batch", "4", "--latency-seq", "8"]]) == 0
+    err = capsys.readouterr().err
+    assert "latency (batch 4 x 8 tokens" in err and "fp32 " in err and "-> " in err
+
+
+@pytest.mark.parametrize("with_latency", [True, False])
+def test_report_png_draws_every_panel_it_has_data_for(with_latency, tmp_path):
+    from matplotlib.image import imread
+
+    from factorlm.plots import report_png
+
+    meta = {"method": "svd", "task": "sst2", "recipe": {"keep": 0.25}, "task_spec": {"main_metric": "accuracy"},
+            "scores": {"dense": {"accuracy": 0.9, "steps": 10}, "factorized": {"accuracy": 0.5}, "final": {"accuracy": 0.85}},
+            "baseline": {"accuracy": 0.51}, "warnings": ["x"],
+            "accounting": {"target_weights_before": 100, "target_weights_after": 25, "model_params_before": 200,
+                           "model_params_after": 125},
+            "flops_per_sequence": {"dense": 10, "final": 4}}
+    if with_latency:
+        meta["latency"] = {"batch_size": 32, "seq_len": 64, "flop_ratio": 2.5, "dtypes": {
+            "fp32": {"dense": {"median_ms": 300.0}, "compressed": {"median_ms": 150.0}},
+            "bf16": {"dense": {"median_ms": 80.0}, "compressed": {"median_ms": 60.0}}}}
+    img = imread(report_png(meta, tmp_path / "r.png"))
+    width = img.shape[1]
+    assert width == pytest.approx((3 if with_latency else 2) * 4.6 * 110, abs=2)
