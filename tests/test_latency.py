@@ -88,3 +88,28 @@ def test_report_png_draws_every_panel_it_has_data_for(with_latency, tmp_path):
     img = imread(report_png(meta, tmp_path / "r.png"))
     width = img.shape[1]
     assert width == pytest.approx((3 if with_latency else 2) * 4.6 * 110, abs=2)
+
+
+def test_bf16_save_is_half_the_size_and_reloads_bit_exact(tmp_path, csv_args, capsys):
+    import factorlm
+
+    for dt, out in (("fp32", "f32"), ("bf16", "b16")):
+        assert main([str(a) for a in ["compress", *csv_args, "--dtype", dt, "--no-latency", "--output",
+                                      tmp_path / out, "--quiet"]]) == 0
+    size = {o: (tmp_path / o / "model.safetensors").stat().st_size for o in ("f32", "b16")}
+    assert size["b16"] == pytest.approx(size["f32"] / 2, rel=0.01)
+    meta = json.loads((tmp_path / "b16" / "factorlm.json").read_text())
+    assert meta["dtype"] == "bf16" and {"final_fp32", "final"} <= set(meta["scores"])
+    m = factorlm.load(tmp_path / "b16")
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    ids = torch.randint(1000, 2000, (2, 8))
+    again = factorlm.load(tmp_path / "b16")
+    assert torch.equal(m(input_ids=ids).logits, again(input_ids=ids).logits)
+    up = factorlm.load(tmp_path / "b16", dtype="fp32")
+    assert all(p.dtype == torch.float32 for p in up.parameters())
+    assert all(torch.equal(a.float(), b) for a, b in zip(m.state_dict().values(), up.state_dict().values()))
+    # evaluate runs in the saved dtype unless told otherwise
+    assert main(["evaluate", str(tmp_path / "b16"), "--no-latency"]) == 0
+    assert "(bf16)" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "b16"), "--no-latency", "--dtype", "fp32"]) == 0
+    assert "(fp32)" in capsys.readouterr().err

@@ -351,6 +351,9 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
                 f"to keep {c.keep if c.rank is None else f'rank {c.rank}'} ({c.structure})")
     result = method.run(session, model)
     model = result.model
+    if c.dtype != "fp32":  # deployed in a lower precision: its score in it is the final one
+        session.evaluate(model, phase="final_fp32")
+        model.to(models.io.DTYPES[c.dtype])
     session.evaluate(model, phase="final")
     session.check_final(session.phases["final"])
     latency = measure_latency(session, dense_ref, model) if dense_ref is not None else {}
@@ -425,9 +428,11 @@ def _saved_task(session: Session, meta: dict[str, Any]):
                         num_labels=spec["num_labels"], label_kind=spec["label_kind"], label_names=spec.get("label_names"))
 
 
-def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: str = "dev") -> dict[str, float]:
+def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: str = "dev",
+                   dtype: str | None = None) -> dict[str, float]:
     """Evaluate a saved model (factorlm or HF folder) on ``config.task`` and one ``split`` (``dev``:
-    the task's evaluation splits; ``test`` where the task has one).  Reads no training data."""
+    the task's evaluation splits; ``test`` where the task has one), in the dtype it was saved in or
+    ``dtype`` (fp32 / bf16 / fp16).  Reads no training data."""
     from .data import load_task_data
 
     c = config.validate()
@@ -443,6 +448,8 @@ def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: 
     session.data = load_task_data(task, data_dir=c.data_dir, max_eval_samples=c.max_eval_samples, seed=c.seed,
                                   eval_splits=splits, include_train=False, **session._file_options())
     model, tokenizer, trained = load_model_for_task(path, task)
+    if dtype is not None:
+        model.to(models.io.DTYPES[dtype])
     if not trained:
         if not meta:
             raise FactorLMError(f"{path} has no classification head trained for {task.name!r} "
@@ -450,7 +457,7 @@ def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: 
         session.log(f"note: {path} was trained on {meta.get('task')!r}, evaluated on {task.name!r}")
     session.tokenizer = tokenizer
     sizes = ", ".join(f"{s} {len(ex):,} examples" for s, ex in session.data.evals.items())
-    session.log(f"evaluating {path} on {task.name}: {sizes}")
+    session.log(f"evaluating {path} on {task.name}: {sizes} ({models.io.model_dtype_name(model)})")
     metrics = session.evaluate(model, phase=split)
     base = session.baseline
     if base:

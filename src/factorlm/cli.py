@@ -45,6 +45,9 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     lt.add_argument("--latency-batch", type=int, help="batch size of the latency measurement (default 32)")
     lt.add_argument("--latency-seq", type=int, help="sequence length of the latency measurement (default --max-length)")
     lt.add_argument("--no-latency", dest="latency", action="store_const", const=False, help="skip the measurement")
+    lt.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                    help="the final model's dtype: final evaluation, latency and saved weights (a bf16 save is half "
+                         "the size; default fp32); evaluate: cast the loaded model (default: as saved)")
     if not train:
         return
     t = p.add_argument_group("training (every phase)")
@@ -139,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--teacher-epochs", type=float, help="epochs of the dense teacher fine-tune (default --epochs)")
     c.add_argument("--teacher-learning-rate", type=float)
     c.add_argument("--cache-dir", help="where dense teachers are cached (default $FACTORLM_CACHE or ~/.cache/factorlm)")
+    c.add_argument("--skip-slow", action="store_const", const=True,
+                   help="keep dense the target matrices that the speed check finds no faster factorized (at the "
+                        "latency batch and --dtype), within the same --keep budget")
     _method_flags(p)
 
     p = sub.add_parser("prune", help="unstructured pruning alone (movement or magnitude): a sparse model + masks")
@@ -303,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags = _config_from_args(args, model=args.path)
             given = {k: getattr(flags, k) for k in _given_fields(args)}
             config = evaluate_config(args.path, given)
-            metrics = evaluate_model(args.path, config, quiet=args.quiet, split=args.split)
+            metrics = evaluate_model(args.path, config, quiet=args.quiet, split=args.split, dtype=args.dtype)
             print(json.dumps(metrics, indent=2))
         else:
             from . import api

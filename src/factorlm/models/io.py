@@ -146,6 +146,7 @@ def save(
     info = {
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
+        "dtype": model_dtype_name(model),
         "modules": module_specs(model),
         **(meta or {}),
         "versions": library_versions(),
@@ -256,8 +257,22 @@ def check_weights_match(model: nn.Module, weights: Path, factorized: set[str] = 
     raise FactorLMError(f"{weights} does not match {against}: " + "; ".join(parts))
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a model saved by :func:`save` and return the transformers model in eval mode.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_dtype_name(model: nn.Module) -> str:
+    """``fp32`` / ``bf16`` / ``fp16``: the dtype of the model's floating-point parameters."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return next((k for k, v in DTYPES.items() if v == p.dtype), str(p.dtype))
+    return "fp32"
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device | None = None,
+         dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save` and return the transformers model in eval mode, in the
+    dtype it was saved in (``factorlm.json``'s ``dtype``; a bf16 save is half the size), or cast to
+    ``dtype`` (a torch dtype or ``"fp32"`` / ``"bf16"`` / ``"fp16"``).
 
     Every problem with the folder is a one-line :class:`FactorLMError`: a module spec that cannot be
     built names its module (``factorlm.json: module X: rank must be in [1, 384] ...``), and weights
@@ -305,8 +320,13 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None, d
         parts = ([f"missing {_first_and_count(sorted(missing))}"] if missing else []) + (
             [f"unexpected {_first_and_count(sorted(unexpected))}"] if unexpected else [])
         raise FactorLMError(f"{weights} does not match {FACTORLM_JSON}: " + "; ".join(parts))
-    if dtype is not None:
-        model.to(dtype)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise FactorLMError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    target = dtype if dtype is not None else DTYPES.get(meta.get("dtype") or "fp32", torch.float32)
+    if target != torch.float32:
+        model.to(target)
     if device is not None:
         model.to(device)
     check_finite(model, f"model in {path}")
