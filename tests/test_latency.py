@@ -113,3 +113,25 @@ def test_bf16_save_is_half_the_size_and_reloads_bit_exact(tmp_path, csv_args, ca
     assert "(bf16)" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "b16"), "--no-latency", "--dtype", "fp32"]) == 0
     assert "(fp32)" in capsys.readouterr().err
+
+
+def test_skip_slow_from_the_cli_keeps_slow_matrices_dense_within_the_budget(tmp_path, csv_args, monkeypatch, capsys):
+    from factorlm.ranks import speed
+
+    monkeypatch.setattr(speed, "_CACHE", {})
+    # square (attention) matrices 'slow': 2 ms factorized vs 1 ms dense; the FFN ones fast
+    monkeypatch.setattr(speed, "measure_group", lambda dense, variants, x, **kw: (
+        1.0, [2.0 if dense.out_features == dense.in_features else 0.5 for _ in variants]))
+    out = tmp_path / "skip"
+    # 1 layer: q,k,v,o 32x32 (4,096 weights) + FFN 64x32, 32x64 (4,096): keep 0.7 leaves the FFN 1,638
+    assert main([str(a) for a in ["compress", *csv_args, "--keep", "0.7", "--skip-slow", "--no-latency",
+                                  "--output", out]]) == 0
+    err = capsys.readouterr().err
+    assert "would not run faster factorized" in err and "--skip-slow" in err
+    meta = json.loads((out / "factorlm.json").read_text())
+    assert meta["modules"] and all(".attention." not in n for n in meta["modules"])  # attention kept dense
+    assert meta["speed_check"]["skip_slow"] and len(meta["speed_check"]["kept_dense"]) == 4  # 1 layer x q,k,v,o
+    acc = meta["accounting"]  # the matrices kept dense are still targets: counted on both sides
+    assert acc["target_weights_before"] == 8192
+    assert acc["target_weights_after"] == 4096 + 2 * 96 * 8 <= 0.7 * 8192  # rank floor(1638 / 192) = 8
+    assert {m["rank"] for m in meta["modules"].values()} == {8}

@@ -336,7 +336,7 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
         from .methods.common import plan_for, targets_for
 
         if c.rank_policy == "uniform" or c.rank is not None:
-            plan_for(session, m, targets_for(session, m))
+            plan_for(session, m, targets_for(session, m), speed_check=None if method.uses_plan else False)
 
     if method.needs_teacher:
         model = ensure_teacher(session, validate)
@@ -373,7 +373,8 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
             "base_model": resolve_model(c.model),
             "recipe": c.to_dict(), "method_info": result.info, "scores": session.phases,
             "accounting": accounting, "flops_per_sequence": flops, "seq_len_for_flops": c.max_length,
-            "total_train_steps": session.total_train_steps, "latency": latency, **_run_meta(session),
+            "total_train_steps": session.total_train_steps, "latency": latency,
+            "speed_check": getattr(session, "speed_check", {}), **_run_meta(session),
         }
         extra = {**(result.extra_files or {}), "report.png": lambda dst: _report_png(session, meta, dst)}
         models.save(model, out, tokenizer=session.tokenizer, overwrite=c.overwrite, extra_files=extra, meta=meta)

@@ -125,7 +125,23 @@ def run_factorize(session, model, plan, structure, decompose: DecomposeArg | Dec
         lift = structure_class(structure).lift_decompose
         decompose = decompose.map(lift) if isinstance(decompose, DecomposeFactory) else map_decompose(lift, decompose)
     if session.config.schedule == "staged":
-        return staged_factorize(session, model, plan, structure, decompose)
-    if isinstance(decompose, DecomposeFactory):
-        decompose = decompose(model, list(plan))
-    return factorize(model, plan, structure, decompose)
+        acc = staged_factorize(session, model, plan, structure, decompose)
+    else:
+        if isinstance(decompose, DecomposeFactory):
+            decompose = decompose(model, list(plan))
+        acc = factorize(model, plan, structure, decompose)
+    return _with_kept_dense(session, model, acc)
+
+
+def _with_kept_dense(session, model, acc: Accounting) -> Accounting:
+    """Targets that ``--skip-slow`` kept dense are still targets: their weights count on both sides."""
+    from dataclasses import replace
+
+    from .models.surgery import target_shapes
+
+    kept = (getattr(session, "speed_check", None) or {}).get("kept_dense") or []
+    if not kept:
+        return acc
+    w = sum(o * i for o, i in target_shapes(model, kept).values())
+    return replace(acc, target_weights_before=acc.target_weights_before + w,
+                   target_weights_after=acc.target_weights_after + w)

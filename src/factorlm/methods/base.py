@@ -42,6 +42,8 @@ class Method:
     name: ClassVar[str] = "abstract"
     #: starts from a dense model fine-tuned on the task (the teacher); False = from pre-trained
     needs_teacher: ClassVar[bool] = True
+    # factorizes with the budget plan of `methods.common.plan_for` (its speed check then applies)
+    uses_plan: ClassVar[bool] = True
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
 

@@ -128,6 +128,7 @@ def pruning_file_writer(masks, scores, density):
 
 @register_method("prune")
 class PruneMethod(Method):
+    uses_plan = False  # no budget plan: the speed check does not apply
     summary = "unstructured pruning: movement (first-order) or magnitude, cubic schedule (LPAF step 1)"
 
     Options = PruneOptions

@@ -29,6 +29,7 @@ def _stored_weights(module: nn.Module) -> int:
 
 @register_method("rankdyna")
 class RankDynaMethod(Method):
+    uses_plan = False  # no budget plan: the speed check does not apply
     needs_teacher = False
     summary = "dynamic rank allocation during one fine-tune (RankDyna, Hua et al. 2023)"
 
