@@ -21,6 +21,17 @@ def tiny_bert(num_labels: int = 2, seed: int = 0, layers: int = 2):
     return BertForSequenceClassification(cfg).eval()
 
 
+def encoder_shapes(layers: int = 6, d: int = 384, ff: int = 1536) -> dict[str, tuple[int, int]]:
+    """Target shapes of a BERT-style encoder (default: MiniLM-L6): q, k, v, o and the two FFN matrices."""
+    shapes = {}
+    for i in range(layers):
+        for n in ("q", "k", "v", "o"):
+            shapes[f"layer.{i}.{n}"] = (d, d)
+        shapes[f"layer.{i}.ffn_in"] = (ff, d)
+        shapes[f"layer.{i}.ffn_out"] = (d, ff)
+    return shapes
+
+
 def bert_targets(model) -> list[str]:
     """The encoder-layer nn.Linear names of a BERT model (the default factorization targets)."""
     from torch import nn

@@ -5,14 +5,7 @@ from factorlm.layers import LowRankLinear
 from factorlm.ranks import break_even_rank, fixed_plan, past_break_even, plan_params, stored_weights, uniform_plan
 
 
-def encoder_shapes(layers, d, ff):
-    shapes = {}
-    for i in range(layers):
-        for n in ("q", "k", "v", "o"):
-            shapes[f"layer.{i}.{n}"] = (d, d)
-        shapes[f"layer.{i}.ffn_in"] = (ff, d)
-        shapes[f"layer.{i}.ffn_out"] = (d, ff)
-    return shapes
+from conftest import encoder_shapes  # noqa: E402
 
 
 @pytest.mark.parametrize(

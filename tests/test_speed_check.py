@@ -13,17 +13,13 @@ from factorlm.ranks import plan_params, uniform_plan
 from factorlm.ranks import speed
 from factorlm.ranks.speed import skip_slow_plan, time_matmuls
 
+from conftest import encoder_shapes  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def minilm_shapes(layers=6, d=384, ff=1536):
-    shapes = {}
-    for i in range(layers):
-        for n in ("q", "k", "v", "o"):
-            shapes[f"layer.{i}.{n}"] = (d, d)
-        shapes[f"layer.{i}.ffn_in"] = (ff, d)
-        shapes[f"layer.{i}.ffn_out"] = (d, ff)
-    return shapes
+    return encoder_shapes(layers, d, ff)
 
 
 def square(shapes):
