@@ -135,3 +135,45 @@ def test_skip_slow_from_the_cli_keeps_slow_matrices_dense_within_the_budget(tmp_
     assert acc["target_weights_before"] == 8192
     assert acc["target_weights_after"] == 4096 + 2 * 96 * 8 <= 0.7 * 8192  # rank floor(1638 / 192) = 8
     assert {m["rank"] for m in meta["modules"].values()} == {8}
+
+
+def _slow_attention(monkeypatch):
+    from factorlm.ranks import speed
+
+    monkeypatch.setattr(speed, "_CACHE", {})
+    monkeypatch.setattr(speed, "measure_group", lambda dense, variants, x, **kw: (
+        1.0, [2.0 if dense.out_features == dense.in_features else 0.5 for _ in variants]))
+
+
+def test_lpaf_skip_slow_keeps_the_unpruned_teacher_matrices(tmp_path, csv_args, monkeypatch, capsys):
+    import factorlm
+
+    _slow_attention(monkeypatch)
+    out = tmp_path / "lpaf"
+    args = [a if a != "svd" else "lpaf" for a in csv_args]
+    assert main([str(a) for a in ["compress", *args, "--keep", "0.7", "--skip-slow", "--no-latency",
+                                  "--importance", "magnitude", "--output", out, "--quiet"]]) == 0, capsys.readouterr().err
+    m = factorlm.load(out)
+    att = m.bert.encoder.layer[0].attention.self.query
+    assert type(att) is torch.nn.Linear and (att.weight == 0).float().mean() < 0.01  # pruned to ~30% zeros otherwise
+    assert json.loads((out / "factorlm.json").read_text())["speed_check"]["kept_dense"]
+
+
+def test_skip_slow_refused_for_methods_without_a_plan(tmp_path, csv_args, capsys):
+    args = [a if a != "svd" else "rankdyna" for a in csv_args]
+    assert main([str(a) for a in ["compress", *args, "--skip-slow", "--output", tmp_path / "r"]]) == 2
+    assert "--skip-slow applies to methods that factorize" in capsys.readouterr().err
+
+
+def test_evaluate_json_carries_latency_and_bf16_saves_export(tmp_path, csv_args, capsys):
+    from factorlm.export import export
+
+    out = tmp_path / "b16"
+    assert main([str(a) for a in ["compress", *csv_args, "--dtype", "bf16", "--no-latency", "--output", out, "--quiet"]]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--latency-batch", "2", "--latency-seq", "8"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["latency"]["batch_size"] == 2 and rep["latency"]["dtypes"]["fp32"]["compressed"]["median_ms"] > 0
+    for fmt in ("dense", "onnx"):  # the reference is the fp32 cast of the bf16 weights
+        r = export(str(out), fmt, str(tmp_path / fmt), seq_len=8)
+        assert r["max_abs_diff"] <= r["tolerance"]

@@ -31,7 +31,8 @@ def _first_line(e: BaseException) -> str:
     return s[0] if s else type(e).__name__
 
 
-def load_model_for_task(name_or_path: str | None, task, seed: int | None = None) -> tuple[nn.Module, Any, bool]:
+def load_model_for_task(name_or_path: str | None, task, seed: int | None = None,
+                        keep_dtype: bool = False) -> tuple[nn.Module, Any, bool]:
     """``(model, tokenizer, trained_for_task)`` from a factorlm folder, an HF folder or a hub id.
 
     A plain encoder (no task head, e.g. the embedded MiniLM) gets a fresh classification head
@@ -49,8 +50,8 @@ def load_model_for_task(name_or_path: str | None, task, seed: int | None = None)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
         raise FactorLMError(f"cannot load a tokenizer from {path!r}: {_first_line(e)}") from None
-    if meta is not None:
-        model = models.load(path)
+    if meta is not None:  # a factorlm folder: trained from in fp32, evaluated in its saved dtype
+        model = models.load(path, dtype=None if keep_dtype else "fp32")
         n = getattr(model.config, "num_labels", None)
         if n != task.num_labels:
             raise FactorLMError(f"{path} has {n} labels but task {task.name!r} needs {task.num_labels}")
@@ -284,12 +285,18 @@ def measure_latency(session: Session, dense: nn.Module, compressed: nn.Module) -
     from .profiling import compare_latency
     from .summary import latency_lines
 
+    from .profiling import bf16_native
+
     c = session.config
-    if not c.latency:
+    if not c.latency or not session.accelerator.is_main_process:  # one process times (they share the machine)
         return {}
     seq = c.latency_seq or c.max_length
-    session.log(f"measuring latency: batch {c.latency_batch} x {seq} tokens (--no-latency skips it)")
-    lat = compare_latency({"dense": dense, "compressed": compressed}, batch_size=c.latency_batch, seq_len=seq)
+    device = next(compressed.parameters()).device
+    dtypes = ("fp32",) + (("bf16",) if bf16_native(device) else ()) + \
+        ((c.dtype,) if c.dtype not in ("fp32", "bf16") or (c.dtype == "bf16" and not bf16_native(device)) else ())
+    session.log(f"measuring latency: batch {c.latency_batch} x {seq} tokens, {', '.join(dtypes)} (--no-latency skips it)")
+    lat = compare_latency({"dense": dense, "compressed": compressed}, batch_size=c.latency_batch, seq_len=seq,
+                          dtypes=dtypes)
     lat["flop_ratio"] = round(_flops(dense, seq) / max(_flops(compressed, seq), 1), 3)
     for line in latency_lines(lat):
         session.log(line)
@@ -330,6 +337,8 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     out = _output_dir(c, f"runs/{c.task}-{c.method}-{keep_tag}") if save else None
     session = Session(c, quiet=quiet)
     method.validate(c, session.accelerator.num_processes)
+    if c.skip_slow and not method.uses_plan:
+        raise FactorLMError(f"--skip-slow applies to methods that factorize with a budget plan, not {method.name!r}")
     session.task, session.data  # noqa: B018
 
     def validate(m):  # budget / rank / patterns must fit this model before anything trains
@@ -344,7 +353,8 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
         model, tokenizer, _ = load_model_for_task(c.model, session.task, seed=c.seed)
         session.tokenizer = tokenizer
         validate(model)
-    dense_ref = copy.deepcopy(model) if c.latency else None  # the source, timed beside the result
+    # the source, timed beside the result; kept on the CPU meanwhile (no second copy on an accelerator)
+    dense_ref = copy.deepcopy(model).cpu() if c.latency and session.accelerator.is_main_process else None
     dense_flops = _flops(model, c.max_length)
     dense_params = models.count_params(model)
     session.log(f"[{method.name}] compressing {len(models.find_targets(model, c.include, c.exclude))} target layers "
@@ -378,7 +388,8 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
         }
         extra = {**(result.extra_files or {}), "report.png": lambda dst: _report_png(session, meta, dst)}
         models.save(model, out, tokenizer=session.tokenizer, overwrite=c.overwrite, extra_files=extra, meta=meta)
-        session.log(f"the picture of this run: {out / 'report.png'}")
+        if (out / "report.png").is_file():
+            session.log(f"the picture of this run: {out / 'report.png'}")
     return report
 
 
@@ -430,10 +441,11 @@ def _saved_task(session: Session, meta: dict[str, Any]):
 
 
 def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: str = "dev",
-                   dtype: str | None = None) -> dict[str, float]:
+                   dtype: str | None = None, details: dict[str, Any] | None = None) -> dict[str, float]:
     """Evaluate a saved model (factorlm or HF folder) on ``config.task`` and one ``split`` (``dev``:
     the task's evaluation splits; ``test`` where the task has one), in the dtype it was saved in or
-    ``dtype`` (fp32 / bf16 / fp16).  Reads no training data."""
+    ``dtype`` (fp32 / bf16 / fp16).  Reads no training data.  ``details`` (a dict), when given,
+    receives the measured ``latency`` (vs the dense equivalent), ``baseline`` and ``warnings``."""
     from .data import load_task_data
 
     c = config.validate()
@@ -448,7 +460,7 @@ def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: 
                             + (f"; other splits: {', '.join(others)})" if others else "; no other split)"))
     session.data = load_task_data(task, data_dir=c.data_dir, max_eval_samples=c.max_eval_samples, seed=c.seed,
                                   eval_splits=splits, include_train=False, **session._file_options())
-    model, tokenizer, trained = load_model_for_task(path, task)
+    model, tokenizer, trained = load_model_for_task(path, task, keep_dtype=True)
     if dtype is not None:
         model.to(models.io.DTYPES[dtype])
     if not trained:
@@ -466,6 +478,8 @@ def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: 
                     + " ".join(f"{k}={v:.4f}" for k, v in base.items()))
     if models.factorized_modules(model):  # timed against its dense equivalent (factors multiplied back)
         session.latency = measure_latency(session, models.densify(model), model)
+    if details is not None:
+        details.update(latency=session.latency, baseline=base, warnings=list(session.warnings))
     return metrics
 
 

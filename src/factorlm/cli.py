@@ -309,8 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags = _config_from_args(args, model=args.path)
             given = {k: getattr(flags, k) for k in _given_fields(args)}
             config = evaluate_config(args.path, given)
-            metrics = evaluate_model(args.path, config, quiet=args.quiet, split=args.split, dtype=args.dtype)
-            print(json.dumps(metrics, indent=2))
+            report: dict = {}
+            metrics = evaluate_model(args.path, config, quiet=args.quiet, split=args.split, dtype=args.dtype,
+                                     details=report)
+            print(json.dumps({**metrics, **({"latency": report["latency"]} if report.get("latency") else {})},
+                             indent=2))
         else:
             from . import api
 

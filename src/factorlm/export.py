@@ -149,7 +149,7 @@ def export(
     from .models.io import atomic_dir
     from .models.surgery import factorized_modules
 
-    model = load(str(src))
+    model = load(str(src), dtype="fp32")  # the reference in fp32 whatever the saved dtype (bf16 has no ORT kernels)
     meta = read_meta(str(src)) or {}
     tokenizer = _load_tokenizer(src)
     inputs = _example_inputs(model, tokenizer, batch_size, seq_len, seed=_SEED)
@@ -388,9 +388,15 @@ def _export_dense(model, meta, tokenizer, tmp: Path, inputs, ref, report) -> Non
     from .models import densify, load, save
 
     dense = densify(model).eval()
-    keep = {k: v for k, v in meta.items() if k not in ("format_version", "model_class", "modules", "versions", "created")}
+    # what describes the factorized source (its accounting, FLOPs, latency, speed check, structure)
+    # would be false of this folder: it moves under export.source_meta
+    about_source = ("accounting", "flops_per_sequence", "latency", "speed_check", "structure", "method_info", "dtype")
+    skip = ("format_version", "model_class", "modules", "versions", "created", *about_source)
+    keep = {k: v for k, v in meta.items() if k not in skip}
+    keep["method"] = f"dense export of {meta.get('method', '?')}"
     keep["export"] = {"format": "dense", "source": report["source"], "params_factorized": report["params_factorized"],
-                      "source_modules": meta.get("modules", {})}
+                      "source_modules": meta.get("modules", {}),
+                      "source_meta": {k: meta[k] for k in about_source if k in meta}}
     save(dense, tmp, tokenizer=tokenizer, meta=keep, overwrite=True)
     tol = _tolerance(ref, FP32_RTOL)
     reloaded = load(str(tmp))

@@ -126,11 +126,11 @@ def compare_latency(
     ``dtypes`` default: ``("fp32", "bf16")`` where bf16 is native (:func:`bf16_native`), else fp32.
     The models are not modified (bf16 timing uses cast copies).
     """
-    first = next(iter(models.values()))
-    device = next(first.parameters()).device
+    last = list(models.values())[-1]
+    device = next(last.parameters()).device  # every model is timed here (copies move, originals stay)
     if dtypes is None:
         dtypes = ("fp32", "bf16") if bf16_native(device) else ("fp32",)
-    batch = dummy_batch(first, batch_size, seq_len, device)
+    batch = dummy_batch(last, batch_size, seq_len, device)
     out: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq_len, "device": str(device),
                            "threads": torch.get_num_threads() if device.type == "cpu" else None,
                            "rounds": rounds, "repeats": repeats, "dtypes": {}}
@@ -139,8 +139,8 @@ def compare_latency(
         timed = {}
         for name, m in models.items():
             was_training = m.training
-            mm = m if cast == torch.float32 and all(p.dtype == torch.float32 for p in m.parameters()) else \
-                copy.deepcopy(m).to(cast)
+            as_is = all(p.dtype == cast and p.device == device for p in m.parameters())
+            mm = m if as_is else copy.deepcopy(m).to(device=device, dtype=cast)
             timed[name] = (mm.eval(), was_training, m)
         times: dict[str, list[float]] = {name: [] for name in models}
         try:

@@ -449,7 +449,8 @@ def latency_lines(lat: Any) -> list[str]:
         if not isinstance(res, dict):
             continue
         names = [n for n, r in res.items() if isinstance(r, dict) and "median_ms" in r]
-        parts = [f"{n} {res[n]['median_ms']:.1f} ms" for n in names]
+        parts = [f"{n} {res[n]['median_ms']:.1f} ms" + (f" ({res[n]['sequences_per_s']:,.0f} seq/s)"
+                                                         if res[n].get("sequences_per_s") else "") for n in names]
         sp = res.get("speedup") or {}
         text = "  ".join(parts) + "".join(f"  -> {v:.2f}x" for v in sp.values())
         lines.append(f"  {dt:<5} {text}")

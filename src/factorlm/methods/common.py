@@ -169,7 +169,7 @@ def speed_check_plan(session, model: nn.Module, shapes: dict, plan: dict, cls, f
             o, i = g["shape"]
             session.log(f"[speed check] {g['matrices']} matrices ({o}x{i} at {speed.describe_entry(g['plan'], cls)}, {dt}) "
                         f"would not run faster factorized: {g['dense_ms']:.3g} ms dense vs {g['factorized_ms']:.3g} ms")
-    if not slow:
+    if not slow and groups:
         sp = [g["speedup"] for g in groups]
         session.log(f"[speed check] {batch} x {seq} rows, {where}: every factorized matrix runs faster than dense "
                     f"({min(sp):.2f}x-{max(sp):.2f}x)")

@@ -50,6 +50,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 
+import torch
 from torch import nn
 
 from ..errors import check
@@ -121,6 +122,8 @@ class LPAFMethod(Method):
 
         # -- step 1: prune --------------------------------------------------------------------------
         masks = scores = None
+        # --skip-slow may keep some targets dense: they go back to their unpruned weights below
+        unpruned = {n: get_module(model, n).weight.detach().clone() for n in targets} if c.skip_slow else {}
         if o.pruned_model:
             from .. import models
 
@@ -142,7 +145,6 @@ class LPAFMethod(Method):
                             meta={"task": session.task.name, "method": "prune", "recipe": c.to_dict(),
                                   "method_info": {"density": density}, "scores": dict(session.phases)})
                 session.log(f"[lpaf] pruned model saved to {o.save_pruned}")
-        twins = {n: get_module(model, n).weight.detach().clone() for n in targets}
 
         # -- step 2: sparsity-aware factorization ----------------------------------------------------
         if masks is not None and o.decomposition != "svd":
@@ -157,7 +159,13 @@ class LPAFMethod(Method):
         else:
             decompose = None  # plain truncated SVD
         plan = plan_for(session, model, targets)
-        session.log(f"[lpaf] factorizing {len(targets)} matrices ({'sparsity-aware ' + o.decomposition if decompose else 'plain SVD'})")
+        kept_dense = [n for n in targets if n not in plan]
+        with torch.no_grad():
+            for n in kept_dense:  # not factorized: the dense teacher's matrix, not its pruned copy
+                get_module(model, n).weight.copy_(unpruned[n])
+        del unpruned
+        twins = {n: get_module(model, n).weight.detach().clone() for n in plan}
+        session.log(f"[lpaf] factorizing {len(plan)} matrices ({'sparsity-aware ' + o.decomposition if decompose else 'plain SVD'})")
         accounting = run_factorize(session, model, plan, c.structure, decompose)
         for line in accounting.lines():
             session.log(line)

@@ -146,9 +146,9 @@ def save(
     info = {
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
-        "dtype": model_dtype_name(model),
         "modules": module_specs(model),
         **(meta or {}),
+        "dtype": model_dtype_name(model),  # what is saved, whatever the caller's metadata says
         "versions": library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
