@@ -292,8 +292,7 @@ def measure_latency(session: Session, dense: nn.Module, compressed: nn.Module) -
         return {}
     seq = c.latency_seq or c.max_length
     device = next(compressed.parameters()).device
-    dtypes = ("fp32",) + (("bf16",) if bf16_native(device) else ()) + \
-        ((c.dtype,) if c.dtype not in ("fp32", "bf16") or (c.dtype == "bf16" and not bf16_native(device)) else ())
+    dtypes = tuple(dict.fromkeys(("fp32", *(("bf16",) if bf16_native(device) else ()), c.dtype)))  # + the deployed one
     session.log(f"measuring latency: batch {c.latency_batch} x {seq} tokens, {', '.join(dtypes)} (--no-latency skips it)")
     lat = compare_latency({"dense": dense, "compressed": compressed}, batch_size=c.latency_batch, seq_len=seq,
                           dtypes=dtypes)
@@ -476,10 +475,11 @@ def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: 
     if base:
         session.log("majority-class baseline (of the evaluated split): "
                     + " ".join(f"{k}={v:.4f}" for k, v in base.items()))
+    latency = {}
     if models.factorized_modules(model):  # timed against its dense equivalent (factors multiplied back)
-        session.latency = measure_latency(session, models.densify(model), model)
+        latency = measure_latency(session, models.densify(model), model)
     if details is not None:
-        details.update(latency=session.latency, baseline=base, warnings=list(session.warnings))
+        details.update(latency=latency, baseline=base, warnings=list(session.warnings))
     return metrics
 
 

@@ -12,7 +12,6 @@ import copy
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
@@ -48,39 +47,8 @@ def count_flops(model: nn.Module, batch_size: int = 1, seq_len: int = 128) -> in
     return int(counter.get_total_flops())
 
 
-@dataclass
-class Latency:
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    repeats: int
-    batch_size: int
-    seq_len: int
-
-    def to_dict(self):
-        return asdict(self)
-
-
-def measure_latency(
-    model: nn.Module, batch_size: int = 32, seq_len: int = 128, repeats: int = 20, warmup: int = 3
-) -> Latency:
-    """Median wall-clock forward latency (inference mode, eval) over ``repeats`` runs."""
-    model.eval()
-    batch = dummy_batch(model, batch_size, seq_len)
-    cuda = batch["input_ids"].is_cuda
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(**batch)
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return Latency(statistics.median(times), q[0], q[-1], repeats, batch_size, seq_len)
+#: the dtypes factorlm deploys and times, by the names its options use
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def bf16_native(device: torch.device | str = "cpu") -> bool:
@@ -135,7 +103,7 @@ def compare_latency(
                            "threads": torch.get_num_threads() if device.type == "cpu" else None,
                            "rounds": rounds, "repeats": repeats, "dtypes": {}}
     for dt in dtypes:
-        cast = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+        cast = DTYPES[dt]
         timed = {}
         for name, m in models.items():
             was_training = m.training

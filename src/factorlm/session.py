@@ -32,7 +32,6 @@ class Session:
         self.total_train_steps = 0
         self._tokenizer = None
         self.teacher: dict[str, Any] | None = None  # set by api.ensure_teacher
-        self.latency: dict[str, Any] = {}  # set by api.measure_latency's callers
         self.warnings: list[str] = []
         self.health: dict[str, Any] = {"collapsed": [], "diverged": [], "worse_than_start": [],
                                        "below_baseline": False, "teacher_below_baseline": False}

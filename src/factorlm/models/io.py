@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import FactorLMError
 from ..layers.base import FactorizedLinear, structure_from_spec
+from ..profiling import DTYPES  # fp32 / bf16 / fp16 -> torch dtype
 from .loading import FACTORLM_JSON, read_meta
 from .surgery import factorized_modules, set_module
 
@@ -257,7 +258,6 @@ def check_weights_match(model: nn.Module, weights: Path, factorized: set[str] = 
     raise FactorLMError(f"{weights} does not match {against}: " + "; ".join(parts))
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def model_dtype_name(model: nn.Module) -> str:

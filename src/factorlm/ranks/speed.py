@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import FactorLMError, check
+from ..profiling import DTYPES
 from .budget import check_keep, plan_params, uniform_plan
 
 #: timed rounds per distinct shape (each round: the dense layer and every factorized variant once)
@@ -56,7 +57,6 @@ MAX_CALLS = 200
 #: slow = factorized median >= MARGIN x dense median
 MARGIN = 1.0
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 #: (structure, out, in, plan key, rows, dtype, device) -> {"dense_ms", "factorized_ms"} (unrounded)

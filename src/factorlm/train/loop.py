@@ -219,6 +219,7 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self._last_eval_step: int | None = None
         self._pbar = None
+        self._t_first = self._t_other = 0.0  # the time estimate's clock (see _estimate)
 
     def close(self) -> None:
         """Release everything this trainer prepared (the accelerator may be shared across phases:
@@ -347,7 +348,7 @@ class Trainer:
         state, k = self.state, self._ESTIMATE_AFTER
         if state.step == 1:
             self._t_first = time.perf_counter()
-            self._t_other = 0.0
+            self._t_other = 0.0  # evaluations / checkpoints from here on are not training time
         elif state.step == 1 + k and state.total_steps > 1 + k:
             per_step = (time.perf_counter() - self._t_first - self._t_other) / k
             state.seconds_per_step = per_step
@@ -447,11 +448,11 @@ class Trainer:
                     t = time.perf_counter()
                     self._run_eval()
                     self.model.train()
-                    self._t_other = getattr(self, "_t_other", 0.0) + time.perf_counter() - t
+                    self._t_other += time.perf_counter() - t
                 if cfg.save_every is not None and state.step % cfg.save_every == 0:
                     t = time.perf_counter()
                     self.save_checkpoint()
-                    self._t_other = getattr(self, "_t_other", 0.0) + time.perf_counter() - t
+                    self._t_other += time.perf_counter() - t
                 if done:
                     break
         # leaving the train loader early (max_steps) skips accelerate's end-of-iteration cleanup
