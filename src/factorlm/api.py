@@ -325,9 +325,16 @@ def finetune(config: RunConfig, *, quiet: bool = False) -> Report:
 
 
 def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Report:
-    """Compress ``config.model`` on ``config.task`` with ``config.method``; save to ``config.output``."""
+    """Compress ``config.model`` on ``config.task`` with ``config.method``; save to ``config.output``.
+
+    ``task="lm"``: one-shot compression of a causal LM, scored by perplexity (:mod:`factorlm.lm`)."""
     from .factorize import structure_class
     from .methods import get_method
+
+    if config.task == "lm":
+        from .lm import compress_lm
+
+        return compress_lm(config, quiet=quiet, save=save)
 
     c = config.validate()
     method = get_method(c.method, c.method_options)  # bad method / option: fail before any work
@@ -405,7 +412,8 @@ def _report_png(session: Session, meta: dict[str, Any], dst: Path) -> None:
 # what `evaluate` reuses from a saved folder's recipe (flags override each); the file, column and
 # data-dir settings only while the task is the recorded one
 EVAL_DATA_FIELDS = ("task", "data_dir", "train_file", "dev_file", "text_columns", "label_column", "max_length",
-                    "max_eval_samples", "eval_batch_size", "seed")
+                    "max_eval_samples", "eval_batch_size", "seed",
+                    "eval_text", "seq_len", "eval_stride", "eval_max_tokens")  # the last four: --task lm
 _TASK_DATA_FIELDS = ("data_dir", "train_file", "dev_file", "text_columns", "label_column")
 
 

@@ -66,6 +66,14 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     o.add_argument("--overwrite", action="store_const", const=True, help="replace an existing output folder")
 
 
+def _lm_eval_flags(g) -> None:
+    g.add_argument("--eval-text", help="perplexity text: a corpus (convention, hamlet, debates) or a .txt/.jsonl/.json "
+                   "file, disjoint from the calibration (default hamlet)")
+    g.add_argument("--seq-len", type=int, help="tokens per calibration and perplexity window (default 256)")
+    g.add_argument("--eval-stride", type=int, help="perplexity window stride (default --seq-len: non-overlapping)")
+    g.add_argument("--eval-max-tokens", type=int, help="score only the first N tokens of the evaluation text")
+
+
 def _add_option_flag(g, f: dataclasses.Field, methods: Sequence[str] = ()) -> None:
     """One flag for an Options field: help and choices from ``field(metadata={"help", "choices"})``."""
     flag = "--" + f.name.replace("_", "-")
@@ -85,13 +93,15 @@ def _add_option_flag(g, f: dataclasses.Field, methods: Sequence[str] = ()) -> No
 def _method_flags(p: argparse.ArgumentParser) -> dict[str, str]:
     """One flag per field of every registered method's Options; returns {dest: method names}."""
     from .methods import METHODS
+    from .methods.oneshot_lm import LM_METHODS
 
     seen: dict[str, list[str]] = {}
     fields: dict[str, dataclasses.Field] = {}
-    for name in METHODS.names():
-        for f in dataclasses.fields(METHODS.get(name).Options):
-            seen.setdefault(f.name, []).append(name)
-            fields.setdefault(f.name, f)
+    for registry, tag in ((METHODS, ""), (LM_METHODS, " (lm)")):
+        for name in registry.names():
+            for f in dataclasses.fields(registry.get(name).Options):
+                seen.setdefault(f.name, []).append(name + tag)
+                fields.setdefault(f.name, f)
     g = p.add_argument_group("method options (apply to the methods named in brackets)")
     for dest, f in sorted(fields.items()):
         _add_option_flag(g, f, seen[dest])
@@ -145,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-slow", action="store_const", const=True,
                    help="keep dense the target matrices that the speed check finds no faster factorized (at the "
                         "latency batch and --dtype), within the same --keep budget")
+    lm = p.add_argument_group("--task lm: one-shot compression of a causal LM (methods whiten | asvd | svd)")
+    lm.add_argument("--calibration", help="calibration text: a corpus (convention, hamlet, debates) or a .txt/.jsonl/.json "
+                    "file (default convention)")
+    lm.add_argument("--calibration-samples", type=int, help="random calibration windows of --seq-len tokens (default 128)")
+    _lm_eval_flags(lm)
+    lm.add_argument("--rank-multiple", type=int, help="round every rank down to a multiple of this (8: fast kernels)")
+    lm.add_argument("--heal-steps", type=int, help="optimizer steps of language-model fine-tuning of the factors on "
+                    "the calibration windows after the one-shot factorization (default 0)")
+    lm.add_argument("--heal-params", choices=["factors", "all"], help="what healing trains (default factors)")
+    lm.add_argument("--heal-loss", choices=["lm", "distill"], help="healing objective: lm = next-token loss on the "
+                    "calibration text (default); distill = KL to the dense model's next-token distribution")
+    lm.add_argument("--heal-samples", type=int, help="calibration-text windows healing draws from (default 1024, "
+                    "or as many as the text holds)")
     _method_flags(p)
 
     p = sub.add_parser("prune", help="unstructured pruning alone (movement or magnitude): a sparse model + masks")
@@ -175,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="model folder")
     p.add_argument("--split", default="dev", help="dev (default: the task's evaluation splits) or test (where the task has one)")
     _common(p, train=False)
+    _lm_eval_flags(p.add_argument_group("--task lm (a causal LM folder: perplexity; default: the settings it recorded)"))
 
     p = sub.add_parser("info", help="what a saved folder holds: params, per-module ranks, method, recipe")
     p.add_argument("path", help="model folder")
@@ -205,6 +229,8 @@ def _config_from_args(args: argparse.Namespace, **forced: Any):
             mopts[k[5:]] = v
     values["method_options"] = mopts
     values.update(forced)
+    if values.get("task") == "lm" and "method" not in values:
+        values["method"] = "whiten"  # --task lm: the one-shot default
     return RunConfig(**values)
 
 
@@ -218,8 +244,25 @@ def _given_fields(args: argparse.Namespace) -> set[str]:
     return names - {"method_options"}
 
 
+def _print_lm_report(report) -> None:
+    from .summary import lm_lines
+
+    print(f"\n{report.method} on a causal LM (perplexity on held-out text, lower is better)")
+    for line in lm_lines({"scores": report.scores, "accounting": report.accounting, "flops_per_token": report.flops,
+                          "latency": report.latency, "method_info": report.info}):
+        print("  " + line)
+    for w in report.warnings:
+        print(f"  WARNING: {w}")
+    if report.output:
+        print(f"saved to {report.output}")
+
+
 def _print_report(report) -> None:
     from .summary import score_rows
+
+    if report.task == "lm":
+        _print_lm_report(report)
+        return
 
     print(f"\n{report.method} on {report.task} (dev scores)")
     for line in score_rows(report.scores, report.baseline):
@@ -268,10 +311,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "methods":
             from .methods import METHODS
 
+            from .methods.oneshot_lm import LM_METHODS
+
             for name in METHODS.names():
                 cls = METHODS.get(name)
                 start = "fine-tuned teacher" if cls.needs_teacher else "pre-trained model"
                 print(f"{name:<10} {cls.summary}  [starts from a {start}]")
+            print("\n--task lm (causal language models, one-shot):")
+            for name in LM_METHODS.names():
+                print(f"{name:<10} {LM_METHODS.get(name).summary}")
         elif args.command == "tasks":
             from .data import TASKS, get_task
 
@@ -281,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{name:<16} {t.num_labels} label(s), metric {t.main_metric}")
                 except FactorLMError:
                     print(f"{name:<16} your own files (--train-file/--dev-file/--text-columns/--label-column)")
+            print(f"{'lm':<16} causal language modelling (decoder LLMs), metric perplexity on --eval-text")
         elif args.command == "info":
             _cmd_info(args)
         elif args.command == "export":
@@ -309,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags = _config_from_args(args, model=args.path)
             given = {k: getattr(flags, k) for k in _given_fields(args)}
             config = evaluate_config(args.path, given)
+            if config.task == "lm":
+                from .lm import evaluate_lm
+
+                print(json.dumps(evaluate_lm(args.path, config, quiet=args.quiet, dtype=args.dtype), indent=2))
+                return 0
             report: dict = {}
             metrics = evaluate_model(args.path, config, quiet=args.quiet, split=args.split, dtype=args.dtype,
                                      details=report)

@@ -59,6 +59,18 @@ class RunConfig:
     stage_order: str = "bottom_up"  # staged: bottom_up | top_down
     stage_epochs: float = 0.0  # staged: training after each stage; 0 = epochs / number of stages
     method_options: dict[str, Any] = field(default_factory=dict)
+    # -- --task lm: one-shot compression of causal LMs (see factorlm.lm) -------------------------
+    calibration: str | None = None  # corpus name or text file (default: convention speeches)
+    calibration_samples: int = 128  # random windows of seq_len tokens
+    eval_text: str | None = None  # corpus name or text file for perplexity (default: hamlet)
+    seq_len: int = 256  # tokens per calibration window and per perplexity window
+    eval_stride: int | None = None  # perplexity window stride (default seq_len: non-overlapping)
+    eval_max_tokens: int | None = None  # cap on the evaluation tokens (default: all)
+    rank_multiple: int = 1  # round ranks down to multiples of this (8: fast kernels)
+    heal_steps: int = 0  # optimizer steps of language-model fine-tuning after the one-shot factorization
+    heal_params: str = "factors"  # factors | all: what healing trains
+    heal_loss: str = "lm"  # lm (next-token loss) | distill (KL to the dense model's next-token distribution)
+    heal_samples: int = 1024  # calibration-text windows healing draws from (its own seeded draw)
     # -- measured latency in the report (dense source vs compressed, same process) -------------
     latency: bool = True
     latency_batch: int = 32
@@ -87,6 +99,16 @@ class RunConfig:
         check(self.latency_seq is None or self.latency_seq > 1, f"--latency-seq must be > 1, got {self.latency_seq}")
         check(self.selection_size >= 0 and (self.selection_size < 1 or float(self.selection_size).is_integer()),
               f"--selection-size must be a fraction in [0, 1) or a whole count, got {self.selection_size}")
+        check(self.calibration_samples > 0, f"--calibration-samples must be > 0, got {self.calibration_samples}")
+        check(self.seq_len > 1, f"--seq-len must be > 1, got {self.seq_len}")
+        check(self.eval_stride is None or 1 <= self.eval_stride <= self.seq_len,
+              f"--eval-stride must be in [1, --seq-len {self.seq_len}], got {self.eval_stride}")
+        check(self.eval_max_tokens is None or self.eval_max_tokens > 1, "--eval-max-tokens must be > 1")
+        check(self.rank_multiple >= 1, f"--rank-multiple must be >= 1, got {self.rank_multiple}")
+        check(self.heal_steps >= 0, f"--heal-steps must be >= 0, got {self.heal_steps}")
+        check(self.heal_loss in ("lm", "distill"), f"--heal-loss must be lm or distill, got {self.heal_loss!r}")
+        check(self.heal_samples > 0, f"--heal-samples must be > 0, got {self.heal_samples}")
+        check(self.heal_params in ("factors", "all"), f"--heal-params must be factors or all, got {self.heal_params!r}")
         check(self.rank_policy in ("uniform", "global"), f"--rank-policy must be uniform or global, got {self.rank_policy!r}")
         check(self.schedule in ("oneshot", "staged"), f"--schedule must be oneshot or staged, got {self.schedule!r}")
         check(self.stage_order in ("bottom_up", "top_down"), f"--stage-order must be bottom_up or top_down, got {self.stage_order!r}")

@@ -65,6 +65,11 @@ def format_info(meta: dict[str, Any], path: str) -> str:
     """
     lines: list[str] = []
     lines += _header(meta, path)
+    if meta.get("task") == "lm":
+        lines += ["  " + line for line in lm_lines(meta)]
+        lines += _ranks(meta)
+        lines += _recipe(meta.get("recipe"), base_model=meta.get("base_model"))
+        return "\n".join(lines)
     lines += _parameters(meta)
     lines += _scores(meta)
     lines += _ranks(meta)
@@ -454,4 +459,54 @@ def latency_lines(lat: Any) -> list[str]:
         sp = res.get("speedup") or {}
         text = "  ".join(parts) + "".join(f"  -> {v:.2f}x" for v in sp.values())
         lines.append(f"  {dt:<5} {text}")
+    return lines
+
+
+def lm_lines(meta: dict[str, Any]) -> list[str]:
+    """The summary of a ``--task lm`` run: perplexity per stage (and as a multiple of dense), exact
+    parameter and byte accounting with the SVD-LLM ratio, FLOPs per token, greedy samples and the
+    measured prefill / decode speed."""
+    lines: list[str] = []
+    scores = meta.get("scores") or {}
+    info = meta.get("method_info") or {}
+    dense = (scores.get("dense") or {}).get("perplexity")
+    text = (info.get("text") or {})
+    ev, cal = text.get("evaluation") or {}, text.get("calibration") or {}
+    if ev:
+        lines.append(f"perplexity on {ev.get('source')} ({ev.get('tokens', 0):,} tokens)"
+                     + (f"; calibration {cal.get('source')}, {cal.get('tokens', 0):,} tokens "
+                        f"({cal.get('windows')} x {cal.get('window_tokens')})" if cal else "; no calibration data"))
+    for phase, m in scores.items():
+        if not isinstance(m, dict) or m.get("perplexity") is None:
+            continue
+        p = float(m["perplexity"])
+        rel = f"  ({p / dense:.2f}x dense)" if dense and phase != "dense" else ""
+        lines.append(f"  {phase:<11} {p:>12.3f}{rel}")
+    acc = meta.get("accounting") or {}
+    if acc.get("target_weights_before"):
+        lines.append(f"target weights {acc['target_weights_before']:,} -> {acc['target_weights_after']:,} "
+                     f"({acc['target_ratio']:.2%} kept; SVD-LLM ratio {acc.get('svd_llm_ratio', 1 - acc['target_ratio']):.2f})")
+    if acc.get("model_params_before"):
+        parts = acc.get("parts_before") or {}
+        extra = (f"; embeddings {parts['embeddings']:,}, LM head {'tied' if not parts.get('lm_head') else format(parts['lm_head'], ',')}"
+                 if parts else "")
+        lines.append(f"model params   {acc['model_params_before']:,} -> {acc['model_params_after']:,} "
+                     f"({acc['model_ratio']:.2%}{extra})")
+    if acc.get("bytes_after"):
+        disk = f", {acc['bytes_on_disk'] / 2**20:.1f} MiB on disk" if acc.get("bytes_on_disk") else ""
+        lines.append(f"weights        {acc['bytes_before'] / 2**20:.1f} MiB -> {acc['bytes_after'] / 2**20:.1f} MiB{disk}")
+    fl = meta.get("flops_per_token") or {}
+    if fl.get("dense") and fl.get("final"):
+        lines.append(f"FLOPs/token    {fl['dense']:,} -> {fl['final']:,} ({fl['dense'] / fl['final']:.2f}x fewer, "
+                     f"context {fl.get('context')})")
+    for dt, r in (meta.get("latency") or {}).items():
+        if not isinstance(r, dict) or "dense" not in r:
+            continue
+        d, c = r["dense"], r["compressed"]
+        lines.append(f"speed {dt:<8} prefill {d['prefill_tokens_per_s']:,.0f} -> {c['prefill_tokens_per_s']:,.0f} tok/s "
+                     f"({c['prefill_tokens_per_s'] / d['prefill_tokens_per_s']:.2f}x); decode "
+                     f"{d['decode_tokens_per_s']:,.1f} -> {c['decode_tokens_per_s']:,.1f} tok/s "
+                     f"({c['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x)")
+    for k, v in (info.get("samples") or {}).items():
+        lines.append(f"sample {k:<7} {' '.join(str(v).split())[:110]!r}")
     return lines

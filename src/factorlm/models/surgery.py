@@ -35,15 +35,19 @@ def find_targets(
     exclude: Iterable[str] | None = None,
     *,
     include_factorized: bool = False,
+    conv1d: bool = False,
 ) -> list[str]:
     """Dotted names of the ``nn.Linear`` modules to factorize, in model order.
 
     ``include``: if given, a name must match at least one of these patterns.
     ``exclude``: patterns that remove a name (added to :data:`DEFAULT_EXCLUDE`).
+    ``conv1d``: also transformers' ``Conv1D`` (GPT-2's linear layers, weight stored as (in, out)).
     """
     inc = [re.compile(p) for p in (include or [])]
     exc = [re.compile(p) for p in (*DEFAULT_EXCLUDE, *(exclude or []))]
     kinds = (nn.Linear, FactorizedLinear) if include_factorized else (nn.Linear,)
+    if conv1d:
+        kinds = (*kinds, _conv1d_class())
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, kinds):
@@ -54,6 +58,28 @@ def find_targets(
             continue
         names.append(name)
     return names
+
+
+def _conv1d_class() -> type:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_weight(module: nn.Module):
+    """The ``(out, in)`` weight of an ``nn.Linear`` or a transformers ``Conv1D`` (stored ``(in, out)``)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of an ``nn.Linear``, ``Conv1D`` or factorized layer."""
+    if is_conv1d(module):
+        return int(module.nf), int(module.weight.shape[0])
+    return int(module.out_features), int(module.in_features)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -82,8 +108,8 @@ def target_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int
     shapes = {}
     for n in names:
         m = get_module(model, n)
-        check(hasattr(m, "in_features"), f"module {n} is not a linear layer")
-        shapes[n] = (m.out_features, m.in_features)
+        check(hasattr(m, "in_features") or is_conv1d(m), f"module {n} is not a linear layer")
+        shapes[n] = linear_shape(m)
     return shapes
 
 

@@ -14,6 +14,7 @@ Biases are not part of the budget (they are kept as they are).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -123,3 +124,30 @@ class Accounting:
             f"target weights : {self.target_weights_before:>12,} -> {self.target_weights_after:>12,}  ({self.target_ratio:.2%} kept)",
             f"model params   : {self.model_params_before:>12,} -> {self.model_params_after:>12,}  ({self.model_ratio:.2%} kept)",
         ]
+
+
+def ratio_plan(shapes: dict[str, tuple[int, int]], keep: float, multiple: int = 1) -> dict[str, int]:
+    """Low-rank ranks that keep the same share ``keep`` of **every** matrix (SVD-LLM's and ASVD's
+    "compression ratio" convention): ``k = floor(keep * out * in / (out + in))``, so no matrix goes
+    past its break-even rank, rounded down to a multiple of ``multiple`` (at least one multiple, or
+    1, when the share is smaller).  Unlike :func:`uniform_plan` (one rank shared by every matrix),
+    narrow matrices such as grouped-query k/v projections keep their own share."""
+    keep = check_keep(keep)
+    check(len(shapes) > 0, "no target layers to factorize (check --include/--exclude patterns)")
+    check(multiple >= 1, f"rank multiple must be >= 1, got {multiple}")
+    out = {}
+    for name, (o, i) in shapes.items():
+        k = math.floor(keep * o * i / (o + i))
+        out[name] = round_rank(max(k, 1), multiple, break_even_rank(o, i))
+    return out
+
+
+def round_rank(rank: int, multiple: int, cap: int | None = None) -> int:
+    """``rank`` rounded down to a multiple of ``multiple`` (a smaller rank stays as it is: rounding
+    never takes a matrix to rank 0), never above ``cap``."""
+    r = int(rank)
+    if multiple > 1 and r >= multiple:
+        r -= r % multiple
+    if cap is not None:
+        r = min(r, max(1, cap))
+    return max(1, r)

