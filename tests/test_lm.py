@@ -32,6 +32,26 @@ TEXT_B = ("Once upon a time a fox lived near the river. Every morning it walked 
           "One day a heron spoke to the fox about the winter. ") * 12
 
 
+def tiny_qwen2_sliding(seed=0):
+    """Qwen2 whose later layers use a sliding-window mask (another mask than layer 0's)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1)).eval()
+
+
+def tiny_gemma2(seed=0):
+    """Gemma 2: alternating sliding-window and global layers."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=8)).eval()
+
+
 def _ids(n=8, seq=24, seed=0):
     return torch.randint(3, 99, (n, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -94,11 +114,14 @@ def _input_grams(model, names, batches):
     return grams
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2_sliding, tiny_gemma2])
 @pytest.mark.parametrize("mode", ["layer", "none"])
-def test_sequential_statistics_are_those_of_the_compressed_prefix(mode):
+def test_sequential_statistics_are_those_of_the_compressed_prefix(mode, make):
     """``layer``: each group's Gram is the one its first layer sees in the *final* compressed model (every
-    earlier layer already compressed, later ones do not matter); ``none``: the dense model's."""
-    dense = tiny_llama()
+    earlier layer already compressed, later ones do not matter); ``none``: the dense model's.  Models whose
+    layers get different masks (sliding-window layers of Qwen2 / Gemma 2, windows shorter than the
+    sequence) are replayed with each block's own arguments."""
+    dense = make()
     model = copy.deepcopy(dense)
     targets = _targets(model)
     batches = token_batches(_ids(), 4)
@@ -124,6 +147,7 @@ def test_sequential_statistics_are_those_of_the_compressed_prefix(mode):
 
     stream(model, targets, batches, make_stats, on_group, mode=mode)
     reference = _input_grams(model if mode == "layer" else dense, list(captured), batches)
+    assert len(captured) == 4 * len(decoder_blocks(model, targets)[1])
     for n, g in captured.items():
         torch.testing.assert_close(g, reference[n], rtol=1e-4, atol=1e-3)
     # and the orders really differ: the second block's attention input changed with block 0's compression
@@ -227,6 +251,8 @@ def test_compress_save_load_generate(tmp_path, lm_files, make):
     targets = [n for n, m in models.factorized_modules(model).items()]
     assert targets and all(isinstance(m, LowRankLinear) for m in models.factorized_modules(model).values())
     acc = rep.accounting
+    shapes = [(m.out_features, m.in_features) for m in models.factorized_modules(model).values()]
+    assert acc["target_weights_before"] == sum(o * i for o, i in shapes)  # weights only: biases are not targets
     assert acc["target_weights_after"] == sum(m.rank * (m.in_features + m.out_features)
                                               for m in models.factorized_modules(model).values())
     assert acc["target_weights_after"] <= 0.5 * acc["target_weights_before"]

@@ -314,3 +314,22 @@ def test_balancing_zero_rows_and_dtype():
     assert A.dtype == torch.float32 and B.dtype == torch.float32
     A64, B64 = whiten_svd(W32.double(), 4, G)
     assert rel((A @ B).double(), A64 @ B64) < 1e-5
+
+
+def test_cli_default_damping_changes_the_optimum_negligibly():
+    """The CLI's --damp default (1e-6 of the mean diagonal) costs < 1e-4 of the optimal output error
+    on the calibration inputs, and still fits when the data are rank-deficient."""
+    from factorlm.decompose.whiten import output_error, scaled_svd, whitening_scale
+
+    torch.manual_seed(11)
+    W = torch.randn(24, 32, dtype=F64)
+    X = torch.randn(200, 32, dtype=F64) * torch.logspace(0, 2, 32, dtype=F64)
+    G = X.T @ X
+    for k in (4, 12):
+        e0 = output_error(W, *scaled_svd(W, k, whitening_scale(G, 0.0)), G)
+        e6 = output_error(W, *scaled_svd(W, k, whitening_scale(G, 1e-6)), G)
+        assert e0 <= e6 <= e0 * (1 + 1e-4)
+    Xs = X[:10]
+    Gs = Xs.T @ Xs
+    A, B = scaled_svd(W, 12, whitening_scale(Gs, 1e-6))
+    assert torch.isfinite(A).all() and output_error(W, A, B, Gs) < 1e-8 * float((W @ Xs.T).pow(2).sum())

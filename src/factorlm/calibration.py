@@ -6,9 +6,10 @@ decoder without per-model code:
 
 * the **blocks** are the longest ``nn.ModuleList`` of same-type modules holding the targets
   (``model.layers`` in Llama / Qwen / Mistral, ``transformer.h`` in GPT-2);
-* the inputs of block 0 are caught once (a pre-hook that records the call's positional and keyword
-  arguments - hidden states, rotary embeddings, masks - and stops the forward); every later block is
-  called with the previous block's outputs and the same other arguments;
+* every block's call is caught once per batch (pre-hooks record the positional and keyword
+  arguments - hidden states, rotary embeddings, masks - of a dense forward that stops after the last
+  block); then block ``i`` is called with the previous (compressed) block's outputs and *its own*
+  other arguments (sliding-window layers of Qwen2 / Gemma get other masks than global ones);
 * inside a block, the targets fall into **groups that read the same tensor** (q/k/v read the
   normalized hidden state, gate/up the post-attention one; found by probing which tensor each
   target receives), in execution order.  One statistic is accumulated per group, on its first
@@ -26,7 +27,9 @@ Orders (``mode``):
 ``"none"``
     every statistic comes from the dense model (one pass; SVD-LLM's released profiling path).
 
-Peak memory is one block's statistics plus the calibration hidden states (``n x seq x hidden``).
+Memory beyond the model: one block's statistics plus the calibration hidden states
+(``n x seq x hidden``) and the blocks' arguments (shared tensors are held once).  The model itself
+stays where it is (no offloading of blocks).
 """
 
 from __future__ import annotations
@@ -93,18 +96,30 @@ class BlockCall:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[dict]) -> list[BlockCall]:
-    """Run ``model`` on each batch until ``first_block`` is called; return those calls."""
-    calls: list[BlockCall] = []
+def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: Iterable[dict]) -> list[list[BlockCall]]:
+    """``calls[i][b]``: how block ``i`` is called on batch ``b``, with its hidden states left out
+    (``None``) except for block 0.
 
-    def hook(module, args, kwargs):
-        in_kwargs = not args
-        if in_kwargs:
-            check("hidden_states" in kwargs, f"{type(module).__name__} is called without hidden states")
-        calls.append(BlockCall(tuple(args), dict(kwargs), in_kwargs))
+    One dense forward per batch, stopped after the last block (no LM head).  Every block's own
+    arguments are kept because they may differ between blocks: Qwen2 / Gemma-style models give
+    sliding-window layers another attention mask (and Gemma 3 other rotary embeddings) than global
+    ones.  Arguments shared by all blocks are the same tensor objects, so keeping them costs nothing."""
+    calls: list[list[BlockCall]] = [[] for _ in blocks]
+    handles = []
+    for i, block in enumerate(blocks):
+        def pre(module, args, kwargs, i=i):
+            in_kwargs = not args
+            if in_kwargs:
+                check("hidden_states" in kwargs, f"{type(module).__name__} is called without hidden states")
+            call = BlockCall(tuple(args), dict(kwargs), in_kwargs)
+            calls[i].append(call if i == 0 else call.with_hidden(None))
+
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+
+    def stop(module, args, output):
         raise _Stop
 
-    h = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles.append(blocks[len(blocks) - 1].register_forward_hook(stop))
     try:
         for batch in batches:
             try:
@@ -112,7 +127,8 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iter
             except _Stop:
                 pass
     finally:
-        h.remove()
+        for h in handles:
+            h.remove()
     return calls
 
 
@@ -186,11 +202,14 @@ def stream(
     by_block: dict[int, list[str]] = {}
     for t in targets:
         by_block.setdefault(block_of(t, blocks_name), []).append(t)
-    calls = capture_block_inputs(model, blocks[0], batches)
-    check(len(calls) == len(batches), "the decoder's first block was not reached for every batch")
+    per_block = capture_block_calls(model, blocks, batches)
+    check(all(len(c) == len(batches) for c in per_block), "not every decoder block was reached for every batch")
+    calls = per_block[0]
     prog = Progress(tokens=sum(int(c.hidden.shape[0] * c.hidden.shape[1]) for c in calls))
 
     for i, block in enumerate(blocks):
+        if i:  # this block's own arguments, with the hidden states the previous (compressed) block produced
+            calls = [own.with_hidden(c.hidden) for own, c in zip(per_block[i], calls)]
         prefix = f"{blocks_name}.{i}."
         local = [t[len(prefix):] for t in by_block.get(i, [])]
         if local:

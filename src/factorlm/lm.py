@@ -70,7 +70,8 @@ def _text(source: str | None, default: str, what: str) -> tuple[str, list[str]]:
 
 
 def _param_groups(model: nn.Module, targets: list[str]) -> dict[str, int]:
-    """Exact parameter counts: the targets, embeddings, LM head (0 when tied to the embeddings), rest."""
+    """Exact parameter counts: the targets' weights (factors once factorized; their biases are not
+    targets and count as "other"), embeddings, LM head (0 when tied to the embeddings), the rest."""
     seen: set[int] = set()
     counts = {"targets": 0, "embeddings": 0, "lm_head": 0, "other": 0}
     tset = set(targets)
@@ -78,8 +79,8 @@ def _param_groups(model: nn.Module, targets: list[str]) -> dict[str, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        mod = name.rsplit(".", 1)[0]
-        if mod in tset or any(mod.startswith(t + ".") for t in tset):
+        mod, _, leaf = name.rpartition(".")
+        if mod in tset and leaf != "bias":
             counts["targets"] += p.numel()
         elif "embed" in name or "wte" in name or "wpe" in name:
             counts["embeddings"] += p.numel()
@@ -427,9 +428,8 @@ def evaluate_lm(path: str, config: RunConfig, *, quiet: bool = False, dtype: str
     log = _Log(quiet)
     c = config.validate()
     name, docs = _text(c.eval_text, DEFAULT_EVAL, "evaluation")
-    model, tokenizer, source = load_causal_lm(path, cache_dir=c.cache_dir)
-    if dtype is not None:
-        model.to(models.io.DTYPES[dtype])
+    # a factorlm folder is scored in the dtype it was saved in (as its recorded final score), unless --dtype
+    model, tokenizer, source = load_causal_lm(path, cache_dir=c.cache_dir, dtype=None if dtype is None else models.io.DTYPES[dtype])
     ids = token_stream(tokenizer, docs)
     if c.eval_max_tokens:
         ids = ids[: c.eval_max_tokens]

@@ -8,9 +8,11 @@ tokens (seeded, the same batch for every model):
 * generation: ``model.generate`` greedy (``do_sample=False``, one beam), exactly ``new_tokens`` new
   tokens (``min_new_tokens = max_new_tokens = new_tokens``, so EOS never stops it early), KV cache on.
 
-Decode time per token = (generation - prefill) / (``new_tokens`` - 1): ``generate`` runs one prefill,
-which already yields the first new token, then ``new_tokens - 1`` single-token decode steps (the
-usual time-per-output-token definition). Like :func:`factorlm.profiling.compare_latency`: a warm-up
+Decode time per token = (generation of ``new_tokens`` - generation of 1 token) / (``new_tokens`` - 1):
+``generate`` runs one prefill, which already yields the first new token, then ``new_tokens - 1``
+single-token decode steps (the usual time-per-output-token definition); differencing two ``generate``
+calls cancels both the prefill and ``generate``'s fixed set-up cost, which would otherwise pull the
+decode speed-up toward 1x. Like :func:`factorlm.profiling.compare_latency`: a warm-up
 round first, then ``rounds`` rounds that each time every model once (round-robin, so slow drifts of a
 shared machine hit all models alike), the median over rounds; ``torch.inference_mode``, CUDA
 synchronised around every timing. Models stay on their device and in their dtype; eval mode during
@@ -79,10 +81,10 @@ class _Timed:
         pad = _token_id(model, "pad_token_id")
         pad = pad if pad is not None else (eos if eos is not None else 0)
         # a fresh config: the model's own sampling defaults (temperature, top_p, ...) play no part
-        self.gen_config = GenerationConfig(
-            do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        self.gen_config, self.gen_config_one = (GenerationConfig(
+            do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n,
             use_cache=True, pad_token_id=pad, eos_token_id=eos,
-        )
+        ) for n in (new_tokens, 1))
         self.prefill_ms: list[float] = []
         self.decode_ms: list[float] = []
         self.generated = 0
@@ -94,13 +96,15 @@ class _Timed:
         _sync(self.device)
         return (time.perf_counter() - t0) * 1e3
 
-    def generate(self) -> float:
+    def generate(self, one: bool = False) -> float:
         _sync(self.device)
         t0 = time.perf_counter()
-        out = self.model.generate(input_ids=self.ids, attention_mask=self.mask, generation_config=self.gen_config)
+        out = self.model.generate(input_ids=self.ids, attention_mask=self.mask,
+                                  generation_config=self.gen_config_one if one else self.gen_config)
         _sync(self.device)
         ms = (time.perf_counter() - t0) * 1e3
-        self.generated = out.shape[1] - self.ids.shape[1]
+        if not one:
+            self.generated = out.shape[1] - self.ids.shape[1]
         return ms
 
 
@@ -153,15 +157,17 @@ def generation_speed(
             for t in timed.values():
                 t.model.eval()
                 t.prefill()
+                t.generate(one=True)
                 t.generate()  # warm-up
                 if t.generated != new_tokens:
                     raise FactorLMError(f"generation speed: model generated {t.generated} tokens, not {new_tokens}")
             for _ in range(int(rounds)):
                 for t in timed.values():
                     pre = t.prefill()
+                    first = t.generate(one=True)
                     gen = t.generate()
                     t.prefill_ms.append(pre)
-                    t.decode_ms.append(max(gen - pre, 0.0) / (new_tokens - 1))
+                    t.decode_ms.append(max(gen - first, 0.0) / (new_tokens - 1))
     finally:
         for t in timed.values():
             t.model.train(t.was_training)

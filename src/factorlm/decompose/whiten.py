@@ -14,8 +14,9 @@
 
     min_{rank W' <= k}  ||(W - W') X^T||_F^2  =  ||(W - W') S||_F^2   for any S with S S^T = G,
 
-through an SVD of the *scaled* weight ``W S = U Sigma V^T``.  For any ``S`` (singular or not) the
-minimiser is the projection ``W' = U_k U_k^T W``: ``W' S`` has rank <= k, so by Eckart-Young on
+through an SVD of the *scaled* weight ``W S = U Sigma V^T``.  For any ``S`` (singular or not) *a*
+minimiser is the projection ``W' = U_k U_k^T W`` (with a singular ``S``, adding any ``D`` with
+``D S = 0`` gives others; with tied singular values ``U_k`` itself is not unique): ``W' S`` has rank <= k, so by Eckart-Young on
 ``W S`` the error is at least ``sum_{i>k} sigma_i^2``, and ``U_k U_k^T W S = U_k Sigma_k V_k^T``
 attains it.  ``U_k`` depends on ``S`` only through ``W S S^T W^T``, so every square root of ``G``
 gives the same ``W'``.
@@ -31,14 +32,18 @@ gives the same ``W'``.
   SVD in float32.  The paper's second stage (parameter update by sequential LoRA fine-tuning of
   ``W_u`` then ``W_v``) is training, not part of this module.
 - ASVD: ``S = diag(s)``, ``s_j = (mean_t |x_tj|)^alpha`` with ``alpha = 0.5``,
-  ``W' = U_k Sigma_k V_k^T S^{-1}`` (published code: ``s += 1e-6`` before dividing, and the
+  ``W' = U_k Sigma_k V_k^T S^{-1}`` (published code: a randomized ``torch.svd_lowrank(W S, q=k)``
+  instead of an exact SVD, ``s += 1e-6`` before dividing, and the
   abs-mean is the sum over calibration batches of each batch's mean -- proportional to the token
   mean for equal-length sequences, and a constant factor in ``s`` changes nothing).  ASVD's
   sensitivity-based rank search and KV-cache absorption are orchestration, not maths, and are
   not here.
 - Plain SVD: ``S = I`` (Eckart-Young on ``W`` itself).
 
-*Differs here* (none changes ``W'`` where the published formula is defined):
+*Differs here* (with ``damp = 0``, none changes ``W'`` where the published formula succeeds without
+its fall-backs; where SVD-LLM's Cholesky fails it shifts ``G`` by ``(1e-6 - lambda_min) I``, or
+adds ``1e-6 I`` to ``S`` before an ``inv``, and so gets another ``W'``; ASVD's exact SVD here
+differs from its randomized one by the randomized error):
 
 - **``S`` from a symmetric eigendecomposition, not Cholesky** (:func:`whitening_scale`):
   ``G = Q diag(lam) Q^T`` in float64, ``lam`` clamped at 0, ``S = Q diag(sqrt(lam))``.  Any
@@ -49,8 +54,9 @@ gives the same ``W'``.
   ``S`` is invertible, but free of the conditioning blow-up of ``S^{-1}`` (``cond(S) =
   sqrt(cond(G))``) and valid for singular ``S``.  Where ``G`` is singular the directions it does
   not see are left to the arbitrary zero-singular-value vectors of the SVD; the optional
-  ``damp`` (``G + damp * mean(diag G) I``, default 0 = the published objective) regularises
-  that, as GPTQ's damping does.
+  ``damp`` (``G + damp * mean(diag G) I``; 0 in these functions = the published objective, 1e-6
+  by default in ``factorlm compress --task lm --method whiten``) regularises that, as GPTQ's
+  damping does, at the price of a tiny change of ``W'``.
 - **Gram summed in float64** (:class:`InputStats`: each update's ``X^T X`` in float32, or float64
   for float64 input) and the SVD in float64 (published: float32 Gram and SVD); the factors are cast back to ``W``'s dtype.
 - **Factor split**: ``A = U_k``, ``B = U_k^T W``, then each rank-1 term is rebalanced so that
@@ -59,8 +65,9 @@ gives the same ``W'``.
 - **ASVD's floor** is relative, ``s >= eps * max(s)`` (published: ``+1e-6`` absolute), and it only
   keeps the SVD well posed: no division by ``s`` happens here.
 
-*Defaults and why*: ``damp = 0`` (the published objective; raise it for very few calibration
-tokens); ``alpha = 0.5`` (ASVD's published default).
+*Defaults and why*: ``damp = 0`` in these functions (the published objective; the CLI's
+``--damp`` defaults to 1e-6 so that directions the calibration never excites are ordered as plain
+SVD orders them); ``alpha = 0.5`` (ASVD's published default).
 
 These functions are pure tensor maths: collecting the inputs (hooks), choosing ranks and replacing
 modules live elsewhere.  Callers that need both the spectrum (rank allocation) and the factors do

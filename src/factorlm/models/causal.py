@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import FactorLMError
-from .loading import FACTORLM_JSON, hub_offline
+from .loading import FACTORLM_JSON, hub_offline, resolve_model
 
 __all__ = ["SMOLLM2", "SMOLLM2_FILE", "smollm2_gguf_path", "resolve_causal_model", "load_causal_lm",
            "check_causal_config", "gguf_cache_dir"]
@@ -143,14 +143,7 @@ def resolve_causal_model(name_or_path: str | None, cache_dir: str | os.PathLike 
         if not (dest / "config.json").is_file():
             _convert_gguf(p.resolve(), dest)
         return str(dest)
-    looks_local = p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local:
-        if not p.is_dir():
-            raise FactorLMError(f"model path does not exist or is not a folder: {name_or_path}")
-        if not (p / "config.json").is_file():
-            raise FactorLMError(f"{name_or_path} is not a factorlm or Hugging Face model folder (no config.json)")
-        return str(p)
-    return name_or_path  # a hub id
+    return resolve_model(name_or_path)  # a checked local folder, or a hub id
 
 
 def check_causal_config(config, name: str) -> None:
@@ -179,11 +172,12 @@ def _load_error(name: str, e: BaseException) -> FactorLMError:
 def load_causal_lm(
     name_or_path: str | None,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     cache_dir: str | os.PathLike | None = None,
 ):
     """``(model, tokenizer, resolved_path)``: the causal LM in eval mode (``use_cache`` as configured)
-    in ``dtype``, its tokenizer (pad token = EOS token when it has none) and where it was loaded from."""
+    in ``dtype``, its tokenizer (pad token = EOS token when it has none) and where it was loaded from.
+    ``dtype=None``: a factorlm folder in the dtype it was saved in, any other model in float32."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_causal_model(name_or_path, cache_dir=cache_dir)
@@ -200,7 +194,7 @@ def load_causal_lm(
             raise _load_error(shown, e) from None
         check_causal_config(config, shown)
         try:
-            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype or torch.float32)
         except Exception as e:  # noqa: BLE001
             raise _load_error(shown, e) from None
     try:
