@@ -12,7 +12,9 @@ perplexity = the whole of ``hamlet.txt`` (disjoint: a play vs political speeches
 windows of 256 tokens.  Rows: ``svd`` (plain), ``asvd`` (alpha 0.5), ``whiten`` (SVD-LLM whitening)
 with uniform ranks (the same share of every matrix, SVD-LLM's ratio = 1 - keep) and the calibration
 orders ``none`` (one pass over the dense model, SVD-LLM's profile) and ``layer`` (sequential, the
-default), ``whiten`` with global ranks, and ``whiten`` + healing (``--heal-steps``: next-token loss or
+default), ``whiten`` with global ranks (``global``: energy-normalized spectra; ``global-fisher``:
+spectra weighted by the loss gradient on each layer's outputs, the default of ``--rank-policy
+global``), and ``whiten`` + healing (``--heal-steps``: next-token loss or
 distillation to the dense model, on other windows of the same calibration text).
 
 Each row is one process-local compression of a fresh copy of the dense model; results are cached in
@@ -53,7 +55,8 @@ def rows_for(keeps, heal_steps):
             dict(method="asvd", keep=k, policy="uniform", seq="layer"),
             dict(method="whiten", keep=k, policy="uniform", seq="none"),
             dict(method="whiten", keep=k, policy="uniform", seq="layer"),
-            dict(method="whiten", keep=k, policy="global", seq="layer"),
+            dict(method="whiten", keep=k, policy="global", seq="layer"),  # energy-normalized scores
+            dict(method="whiten", keep=k, policy="global-fisher", seq="layer"),  # loss-weighted (the default)
         ]
     if heal_steps:
         k = 0.8 if 0.8 in keeps else keeps[0]
@@ -79,14 +82,23 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--only", nargs="*", help="row keys (substring match) to run")
+    ap.add_argument("--name", default=None, help="results file stem (default llm, llm_quick with --quick)")
+    ap.add_argument("--merge", nargs="*", default=[], help="stems whose rows are merged into this one's (then tables)")
+    ap.add_argument("--tables-only", action="store_true", help="only merge and write the tables")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.quick:
         a.keeps, a.eval_max_tokens, a.heal_steps, a.calibration_samples = [0.8], 4096, 0, 32
-    name = "llm_quick" if a.quick else "llm"
+    name = a.name or ("llm_quick" if a.quick else "llm")
     out_json = HERE / "results" / f"{name}.json"
     results = {} if a.fresh or not out_json.is_file() else json.loads(out_json.read_text())
     rows = results.setdefault("rows", {})
+    for stem in a.merge:
+        rows.update(json.loads((HERE / "results" / f"{stem}.json").read_text()).get("rows", {}))
+    if a.tables_only:
+        out_json.write_text(json.dumps(results, indent=1) + "\n")
+        write_tables(results, HERE / "results" / name)
+        return
 
     model, tok, src = load_causal_lm("smollm2")
     targets = find_targets(model, conv1d=True)
@@ -127,15 +139,16 @@ def main(argv=None):
             continue
         opts = {} if r["method"] == "svd" else {"sequential": r["seq"]}
         method = get_lm_method(r["method"], opts)
-        c = RunConfig(task="lm", method=r["method"], keep=r["keep"], rank_policy=r["policy"], seq_len=a.seq_len,
+        policy, score = {"global": ("global", "energy"), "global-fisher": ("global", "fisher")}.get(r["policy"], (r["policy"], "fisher"))
+        c = RunConfig(task="lm", method=r["method"], keep=r["keep"], rank_policy=policy, global_score=score, seq_len=a.seq_len,
                       heal_steps=r.get("heal", 0), heal_loss=r.get("heal_loss", "lm"), learning_rate=a.heal_lr,
                       batch_size=8, mixed_precision="bf16", progress=False, seed=0)
         t0 = time.perf_counter()
         spectra = None
-        if r["policy"] == "global":
-            if r["method"] not in spectra_cache:
-                spectra_cache[r["method"]] = _spectra(model, targets, method, batches, None)
-            spectra = spectra_cache[r["method"]]
+        if policy == "global":
+            if (r["method"], score) not in spectra_cache:
+                spectra_cache[r["method"], score] = _spectra(model, targets, method, batches, None, score)
+            spectra = spectra_cache[r["method"], score]
         ranks = plan_ranks(c, shapes, spectra)
         m = copy.deepcopy(model)
         factorize(m, targets, ranks, method, batches, mode=r["seq"] if r["seq"] != "-" else "none")

@@ -379,3 +379,33 @@ def test_smollm2_whiten_beats_svd(tmp_path):
     g1 = w.model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=2)
     g2 = loaded.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=2)
     assert torch.equal(g1, g2)
+
+
+def test_output_sensitivity_is_the_mean_squared_output_gradient():
+    """lambda of each target = sum over tokens of ||dL/dy||^2 / out_features, against retain_grad on the
+    outputs of an independent forward; no parameter gradient is left behind."""
+    from factorlm.calibration import output_sensitivity
+
+    model = tiny_llama(seed=2)
+    targets = _targets(model)
+    batches = token_batches(_ids(8, 16, seed=4), 4)
+    lam = output_sensitivity(model, targets, batches, max_batches=None)
+    assert all(p.grad is None for p in model.parameters())
+    ref = {n: 0.0 for n in targets}
+    for b in batches:
+        outs, hooks = {}, []
+        for n in targets:
+            def hook(mod, args, out, n=n):
+                out.retain_grad()
+                outs[n] = out
+            hooks.append(get_module(model, n).register_forward_hook(hook))
+        model.zero_grad(set_to_none=True)
+        model(**b, labels=b["input_ids"]).loss.backward()
+        for h in hooks:
+            h.remove()
+        for n in targets:
+            ref[n] += float(outs[n].grad.double().pow(2).sum())
+    model.zero_grad(set_to_none=True)
+    for n in targets:
+        assert lam[n] == pytest.approx(ref[n] / linear_shape(get_module(model, n))[0], rel=1e-5)
+    assert len({round(v, 12) for v in lam.values()}) > 1

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "file (default convention)")
     lm.add_argument("--calibration-samples", type=int, help="random calibration windows of --seq-len tokens (default 128)")
     _lm_eval_flags(lm)
+    lm.add_argument("--global-score", choices=["fisher", "energy"], help="--rank-policy global: fisher = each "
+                    "matrix's scaled spectrum weighted by the loss gradient on its outputs (default); energy = each "
+                    "matrix's relative error")
     lm.add_argument("--rank-multiple", type=int, help="round every rank down to a multiple of this (8: fast kernels)")
     lm.add_argument("--heal-steps", type=int, help="optimizer steps of language-model fine-tuning of the factors on "
                     "the calibration windows after the one-shot factorization (default 0)")

@@ -67,6 +67,7 @@ class RunConfig:
     eval_stride: int | None = None  # perplexity window stride (default seq_len: non-overlapping)
     eval_max_tokens: int | None = None  # cap on the evaluation tokens (default: all)
     rank_multiple: int = 1  # round ranks down to multiples of this (8: fast kernels)
+    global_score: str = "fisher"  # --rank-policy global: fisher (loss-weighted spectra) | energy (relative)
     heal_steps: int = 0  # optimizer steps of language-model fine-tuning after the one-shot factorization
     heal_params: str = "factors"  # factors | all: what healing trains
     heal_loss: str = "lm"  # lm (next-token loss) | distill (KL to the dense model's next-token distribution)
@@ -104,6 +105,7 @@ class RunConfig:
         check(self.eval_stride is None or 1 <= self.eval_stride <= self.seq_len,
               f"--eval-stride must be in [1, --seq-len {self.seq_len}], got {self.eval_stride}")
         check(self.eval_max_tokens is None or self.eval_max_tokens > 1, "--eval-max-tokens must be > 1")
+        check(self.global_score in ("fisher", "energy"), f"--global-score must be fisher or energy, got {self.global_score!r}")
         check(self.rank_multiple >= 1, f"--rank-multiple must be >= 1, got {self.rank_multiple}")
         check(self.heal_steps >= 0, f"--heal-steps must be >= 0, got {self.heal_steps}")
         check(self.heal_loss in ("lm", "distill"), f"--heal-loss must be lm or distill, got {self.heal_loss!r}")

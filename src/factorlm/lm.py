@@ -119,16 +119,24 @@ def plan_ranks(c: RunConfig, shapes: dict[str, tuple[int, int]], spectra: dict[s
         return out
     if c.rank_policy == "uniform":
         return ratio_plan(shapes, c.keep, c.rank_multiple)
-    plan = global_rank_plan(spectra, shapes, c.keep)
+    # fisher: the spectra are already loss-weighted (comparable in absolute units); energy: each
+    # matrix's relative error
+    plan = global_rank_plan(spectra, shapes, c.keep, "none" if c.global_score == "fisher" else "energy")
     return {n: round_rank(k, c.rank_multiple, break_even_rank(*shapes[n])) for n, k in plan.items()}
 
 
-def _spectra(model, targets, method, batches, mode_log) -> dict[str, torch.Tensor]:
-    """Every target's scaled spectrum from the dense model (for the global plan)."""
-    from .calibration import stream
+def _spectra(model, targets, method, batches, mode_log, score: str = "energy") -> dict[str, torch.Tensor]:
+    """Every target's scaled spectrum from the dense model (for the global plan); ``score="fisher"``
+    multiplies each by ``sqrt(lambda)``, its output sensitivity (:func:`calibration.output_sensitivity`),
+    so that a squared singular value estimates the loss its truncation costs."""
+    from .calibration import output_sensitivity, stream
     from .decompose.whiten import scaled_spectrum
 
     spectra: dict[str, torch.Tensor] = {}
+    if score == "fisher":
+        lam = output_sensitivity(model, targets, batches)
+        spectra = _spectra(model, targets, method, batches, mode_log)
+        return {n: sv * lam[n] ** 0.5 for n, sv in spectra.items()}
     if not method.calibrated:
         for n in targets:
             spectra[n] = scaled_spectrum(linear_weight(get_module(model, n)).detach(), None)
@@ -304,8 +312,8 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     batches = token_batches(windows, max(1, min(8, c.batch_size)), device) if windows is not None else []
     spectra = None
     if c.rank is None and c.rank_policy == "global":
-        log("  scaled spectra of every target (dense model) for the global rank plan")
-        spectra = _spectra(model, targets, method, batches, log)
+        log(f"  scaled spectra of every target (dense model) for the global rank plan ({c.global_score})")
+        spectra = _spectra(model, targets, method, batches, log, c.global_score)
     ranks = plan_ranks(c, shapes, spectra)
     past = [n for n, k in ranks.items() if k > break_even_rank(*shapes[n])]
     if past:

@@ -22,8 +22,10 @@ left singular vectors of ``W S`` for a method-specific input scaling ``S``
     "parameter update" (a LoRA-style fine-tune of the factors) is ``--heal-steps``.
 
 Rank plans (``factorlm.ranks``): ``uniform`` keeps the same share ``--keep`` of every matrix (SVD-LLM's
-"compression ratio" convention: ratio = 1 - keep), ``global`` keeps the globally best (energy-normalized)
-triplets of the scaled spectra under one exact budget, never past a matrix's break-even rank;
+"compression ratio" convention: ratio = 1 - keep), ``global`` keeps the globally best triplets of the
+scaled spectra under one exact budget, never past a matrix's break-even rank, each spectrum weighted by
+the layer's output sensitivity (``--global-score fisher``, factorlm's own; measured against the
+energy-normalized ``--global-score energy`` in benchmarks/llm.py);
 ``--rank-multiple 8`` rounds ranks down to multiples of 8 (fast kernels).
 """
 
