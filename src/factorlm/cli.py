@@ -17,13 +17,14 @@ EPILOG = """examples:
   factorlm finetune --model bert-base-uncased --task mrpc --output out/mrpc-dense
   factorlm evaluate out/sst2-fw16
   factorlm info out/sst2-fw16
+  factorlm compress --task lm --model smollm2 --method whiten --keep 0.8   # a causal LM, one-shot
 """
 
 
 def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="HF hub id or local folder (default: the embedded all-MiniLM-L6-v2)")
-    g.add_argument("--task", help="rotten_tomatoes (default), a GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), csv or jsonl")
+    g.add_argument("--model", help="HF hub id or local folder (default: the embedded all-MiniLM-L6-v2; --task lm: a causal LM, a .gguf file, or smollm2, the default)")
+    g.add_argument("--task", help="rotten_tomatoes (default), a GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), csv, jsonl, or lm (a causal LM, one-shot, perplexity)")
     g.add_argument("--data-dir", help="folder in GLUE layout (<dir>/SST-2/train.tsv ...); default $FACTORLM_DATA_DIR, else the hub")
     g.add_argument("--train-file", help="csv/jsonl task: training file")
     g.add_argument("--dev-file", help="csv/jsonl task: evaluation file")
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog="factorlm", description="Compress transformer encoders by pruning + low-rank factorization.",
+        prog="factorlm", description="Compress transformer encoders by pruning + low-rank factorization, and decoder LLMs "
+        "one-shot by calibrated low-rank factorization (--task lm).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"factorlm {__version__}")
@@ -136,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="factorize (+ prune / re-train) a model for a task")
     _common(p)
     c = p.add_argument_group("compression")
-    c.add_argument("--method", help="lpaf (default) | svd | fwsvd | prune | rankdyna (see `factorlm methods`)")
+    c.add_argument("--method", help="lpaf (default) | svd | fwsvd | prune | rankdyna; with --task lm: whiten (default) | "
+                   "asvd | svd (see `factorlm methods`)")
     c.add_argument("--keep", type=float, help="fraction of the target layers' parameters kept, in (0, 1] (default 0.25)")
     c.add_argument("--rank", type=int, help="explicit uniform rank instead of --keep")
     c.add_argument("--structure", help="lowrank (default) | monarch | blockwise")
