@@ -60,8 +60,9 @@ def rows_for(keeps, heal_steps):
         ]
     if heal_steps:
         k = 0.8 if 0.8 in keeps else keeps[0]
-        for loss in ("lm", "distill"):
-            rows.append(dict(method="whiten", keep=k, policy="uniform", seq="layer", heal=heal_steps, heal_loss=loss))
+        for policy in ("uniform", "global-fisher"):
+            for loss in ("lm", "distill"):
+                rows.append(dict(method="whiten", keep=k, policy=policy, seq="layer", heal=heal_steps, heal_loss=loss))
     return rows
 
 
