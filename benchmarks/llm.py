@@ -204,7 +204,8 @@ def write_tables(results, stem: Path):
              "|---|---|---|---|---|---|---|---|---|"]
     rows = sorted(results["rows"].values(), key=lambda r: (-r["keep"], r.get("heal", 0), r["method"], r["policy"], r["seq"]))
     for r in rows:
-        h = f"{r['heal']} steps {r['heal_loss']} (one-shot {r['perplexity_oneshot']:.1f})" if r.get("heal") else "-"
+        h = (f"{r['heal']} steps {r['heal_loss']}, {r.get('heal_s', 0) / 60:.0f} min (one-shot {r['perplexity_oneshot']:.1f})"
+             if r.get("heal") else "-")
         lines.append(f"| {r['keep']} | {1 - r['keep']:.1f} | {r['method']} | {r['policy']} {r['ranks_min']}-{r['ranks_max']} | "
                      f"{r['seq']} | {h} | {r['perplexity']:.2f} | {r['ratio']:.2f} | {r['factorize_s']:.0f} |")
     if results.get("speed"):
@@ -220,9 +221,9 @@ def write_tables(results, stem: Path):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(7.5, 4.5), dpi=110)
+        fig = Figure(figsize=(12, 4.6), dpi=110)
         FigureCanvasAgg(fig)
-        ax = fig.subplots()
+        ax_all, ax = fig.subplots(1, 2)
         series = {}
         for r in rows:
             if r.get("heal"):
@@ -231,16 +232,25 @@ def write_tables(results, stem: Path):
             series.setdefault(lab, []).append((r["keep"], r["ratio"]))
         for lab, pts in sorted(series.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=lab)
+            for a in (ax_all, ax):
+                if a is ax and not lab.startswith("whiten"):
+                    continue
+                a.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=lab)
+        marks = {"lm": "^", "distill": "*"}
         for r in rows:
             if r.get("heal"):
-                ax.plot([r["keep"]], [r["ratio"]], "*", ms=12, label=f"whiten + heal {r['heal']} ({r['heal_loss']})")
-        ax.axhline(1, color="grey", ls="--", lw=1)
-        ax.set_yscale("log")
-        ax.set_xlabel("share of the target weights kept (--keep)")
-        ax.set_ylabel("perplexity / dense (log)")
-        ax.set_title(f"SmolLM2-135M one-shot, hamlet perplexity (dense {dense:.1f})", fontsize=10)
-        ax.legend(fontsize=7)
+                ax.plot([r["keep"]], [r["ratio"]], marks.get(r["heal_loss"], "s"), ms=11,
+                        label=f"whiten {r['policy']} + heal {r['heal']} ({r['heal_loss']})")
+        for a in (ax_all, ax):
+            a.axhline(1, color="grey", ls="--", lw=1)
+            a.set_xlabel("share of the target weights kept (--keep)")
+            a.legend(fontsize=7)
+        ax_all.set_yscale("log")
+        ax_all.set_ylabel("perplexity / dense (log)")
+        ax_all.set_title(f"every method (dense perplexity {dense:.1f})", fontsize=10)
+        ax.set_ylabel("perplexity / dense")
+        ax.set_title("whitening: calibration order, rank policy, healing", fontsize=10)
+        fig.suptitle("SmolLM2-135M, one-shot low-rank, perplexity on Hamlet", fontsize=11)
         fig.tight_layout()
         fig.savefig(stem.with_suffix(".png"))
     except Exception as e:  # noqa: BLE001
