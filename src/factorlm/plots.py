@@ -30,8 +30,16 @@ def _main_value(metrics: dict[str, Any], main: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
-def _share_panel(ax, rows: list[tuple[str, float]]) -> None:
-    """Horizontal bars: each row's compressed share of dense (target weights, parameters, FLOPs)."""
+def _share_panel(ax, acc: dict[str, Any], flops: dict[str, Any], flops_label: str) -> None:
+    """Horizontal bars: the compressed share of dense of the target weights, the model's parameters
+    and the FLOPs (``acc``: the accounting; ``flops``: ``{"dense", "final"}``)."""
+    rows = []
+    if acc.get("target_weights_before"):
+        rows.append(("target weights", acc["target_weights_after"] / acc["target_weights_before"]))
+    if acc.get("model_params_before"):
+        rows.append(("model parameters", acc["model_params_after"] / acc["model_params_before"]))
+    if flops.get("dense") and flops.get("final"):
+        rows.append((flops_label, flops["final"] / flops["dense"]))
     if rows:
         names, fr = zip(*rows)
         y = range(len(rows))
@@ -89,16 +97,7 @@ def report_png(meta: dict[str, Any], path: str | Path) -> Path:
 
     # 2. size and compute, % of dense
     ax = axes[1]
-    acc = meta.get("accounting") or {}
-    flops = meta.get("flops_per_sequence") or {}
-    rows = []
-    if acc.get("target_weights_before"):
-        rows.append(("target weights", acc["target_weights_after"] / acc["target_weights_before"]))
-    if acc.get("model_params_before"):
-        rows.append(("model parameters", acc["model_params_after"] / acc["model_params_before"]))
-    if flops.get("dense") and flops.get("final"):
-        rows.append(("FLOPs / sequence", flops["final"] / flops["dense"]))
-    _share_panel(ax, rows)
+    _share_panel(ax, meta.get("accounting") or {}, meta.get("flops_per_sequence") or {}, "FLOPs / sequence")
 
     # 3. measured latency
     if dtypes:
@@ -165,16 +164,7 @@ def lm_report_png(meta: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"perplexity on {text.get('source', 'held-out text')} (lower is better)", fontsize=10)
 
     ax = axes[1]
-    acc = meta.get("accounting") or {}
-    flops = meta.get("flops_per_token") or {}
-    rows = []
-    if acc.get("target_weights_before"):
-        rows.append(("target weights", acc["target_weights_after"] / acc["target_weights_before"]))
-    if acc.get("model_params_before"):
-        rows.append(("model parameters", acc["model_params_after"] / acc["model_params_before"]))
-    if flops.get("dense") and flops.get("final"):
-        rows.append(("FLOPs / token", flops["final"] / flops["dense"]))
-    _share_panel(ax, rows)
+    _share_panel(ax, meta.get("accounting") or {}, meta.get("flops_per_token") or {}, "FLOPs / token")
 
     if lat:
         ax = axes[2]
