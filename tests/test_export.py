@@ -131,6 +131,7 @@ def test_hf_is_a_plain_transformers_folder(lowrank, exported):
     assert rep["max_abs_diff"] <= rep["tolerance"]
     assert models.count_params(hf) == dense_architecture_params(model)
     assert AutoTokenizer.from_pretrained(str(out)).vocab_size == 30522
+    assert "AutoModelForSequenceClassification.from_pretrained" in (out / "README.md").read_text()
     assert json.loads((out / ex.EXPORT_JSON).read_text())["export"]["source"] == rep["source"]
 
 
@@ -148,6 +149,7 @@ def test_onnx_matches_torch_with_dynamic_axes(lowrank, exported):
         assert got.shape == (b, 2)
         assert (got - ref).abs().max().item() <= ex.FP32_RTOL * max(1.0, ref.abs().max().item())
     assert {"config.json", "tokenizer.json", "tokenizer_config.json", "model.onnx"} <= set(rep["files"])
+    assert rep["outputs"] == [o.name for o in onnx.load(str(out / "model.onnx")).graph.output] == ["logits"]
 
 
 def test_onnx_graph_keeps_the_factors(lowrank, exported, tmp_path):
@@ -201,6 +203,80 @@ def test_monarch_exports(tmp_path, fmt):
         # every L and R block tensor is stored as is (Monarch weights, not a dense W)
         assert rep["factor_tensors_in_graph"] == f"{2 * len(bert_targets(tiny_bert()))}/{2 * len(bert_targets(tiny_bert()))}"
         assert rep["onnx_weight_elements"] < rep["params_dense"]
+
+
+# -- extractive QA (start / end logits) -----------------------------------------------------------------
+QA_HEADS = ["start_logits", "end_logits"]
+
+
+def qa_heads(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return {h: getattr(out, h) for h in QA_HEADS}
+
+
+def assert_heads_close(got, ref):
+    """Both heads, within the fp32 tolerance of the exporter (relative to the largest |logit| of either head)."""
+    tol = ex.FP32_RTOL * max(1.0, *(r.abs().max().item() for r in ref.values()))
+    for h in QA_HEADS:
+        assert got[h].shape == ref[h].shape, h
+        assert (torch.as_tensor(got[h]) - ref[h]).abs().max().item() <= tol, h
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory):
+    """A factorized tiny random BertForQuestionAnswering (the conftest tiny BERT's config), saved without a
+    tokenizer and exported as dense, hf and onnx (+ int8)."""
+    from transformers import BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(tiny_bert().config).eval()
+    factorize(model, {n: {"rank": 4} for n in bert_targets(model)}, "lowrank")
+    root = tmp_path_factory.mktemp("export_qa")
+    src = models.save(model.eval(), root / "src", meta={"method": "svd", "task": "squad"})
+    reports = {fmt: ex.export(str(src), fmt, str(root / fmt), quantize_int8=fmt == "onnx", seq_len=SEQ)
+               for fmt in ("dense", "hf", "onnx")}
+    return root, model, reports
+
+
+@pytest.mark.parametrize("fmt", ["dense", "hf", "onnx"])
+def test_qa_exports_match_start_and_end_logits(qa, fmt):
+    from transformers import AutoModelForQuestionAnswering
+
+    root, model, reports = qa
+    rep, out = reports[fmt], root / fmt
+    assert rep["max_abs_diff"] <= rep["tolerance"] == pytest.approx(ex.FP32_RTOL)
+    for b, n in ((1, 5), (3, 11)):  # shapes other than the exported one
+        inputs = batch(model, b, n, seed=b + n)
+        ref = qa_heads(model, inputs)
+        if fmt == "onnx":
+            sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+            arrays = sess.run(QA_HEADS, {k: v.numpy() for k, v in inputs.items()})
+            got = dict(zip(QA_HEADS, map(torch.from_numpy, arrays)))
+        else:
+            hf = AutoModelForQuestionAnswering.from_pretrained(str(out)).eval()
+            assert type(hf).__name__ == "BertForQuestionAnswering"
+            got = qa_heads(hf, inputs)
+            if fmt == "dense":  # factorlm.load gives the very same tensors
+                loaded = qa_heads(models.load(out), inputs)
+                assert all(torch.equal(loaded[h], got[h]) for h in QA_HEADS)
+        assert got["start_logits"].shape == (b, n)
+        assert_heads_close(got, ref)
+
+
+def test_qa_onnx_has_start_and_end_outputs(qa):
+    root, _, reports = qa
+    rep = reports["onnx"]
+    graph = onnx.load(str(root / "onnx" / "model.onnx")).graph
+    assert [o.name for o in graph.output] == rep["outputs"] == QA_HEADS
+    for o in graph.output:  # dynamic batch and sequence axes
+        assert [d.dim_param for d in o.type.tensor_type.shape.dim] == ["batch", "sequence"]
+    n_fact = len(models.factorized_modules(qa[1]))
+    assert n_fact == 12 and rep["factor_tensors_in_graph"] == f"{2 * n_fact}/{2 * n_fact}"
+    assert 0 <= rep["int8_max_abs_diff"] < float("inf") and 0 <= rep["int8_argmax_agreement"] <= 1
+    readme = (root / "hf" / "README.md").read_text()
+    assert "AutoModelForQuestionAnswering.from_pretrained" in readme and "SequenceClassification" not in readme
+    assert "max |logits diff|" in ex.format_report(rep)
 
 
 # -- errors and atomicity -------------------------------------------------------------------------------

@@ -32,15 +32,17 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_model_for_task(name_or_path: str | None, task, seed: int | None = None,
-                        keep_dtype: bool = False) -> tuple[nn.Module, Any, bool]:
+                        keep_dtype: bool = False, max_length: int | None = None) -> tuple[nn.Module, Any, bool]:
     """``(model, tokenizer, trained_for_task)`` from a factorlm folder, an HF folder or a hub id.
 
     A plain encoder (no task head, e.g. the embedded MiniLM) gets a fresh classification head
-    with ``task.num_labels`` outputs, initialised from ``seed`` (every RNG is seeded right before
-    the model is built, so the head follows ``--seed``); ``trained_for_task`` is True only when a
-    head of the right shape was loaded (or a factorlm folder says it was trained on this very task).
+    with ``task.num_labels`` outputs (QA tasks: a span head, ``AutoModelForQuestionAnswering``),
+    initialised from ``seed`` (every RNG is seeded right before the model is built, so the head
+    follows ``--seed``); ``trained_for_task`` is True only when a head of the right shape was loaded
+    (or a factorlm folder says it was trained on this very task).  ``max_length`` (the run's
+    ``--max-length``) is checked against the model's position limit.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -53,18 +55,24 @@ def load_model_for_task(name_or_path: str | None, task, seed: int | None = None,
     if meta is not None:  # a factorlm folder: trained from in fp32, evaluated in its saved dtype
         model = models.load(path, dtype=None if keep_dtype else "fp32")
         n = getattr(model.config, "num_labels", None)
+        is_span = type(model).__name__.endswith("ForQuestionAnswering")
+        if is_span != task.is_qa:
+            raise FactorLMError(f"{path} is a {type(model).__name__}; task {task.name!r} needs "
+                                + ("a span (question answering) head" if task.is_qa else "a classification head"))
         if n != task.num_labels:
             raise FactorLMError(f"{path} has {n} labels but task {task.name!r} needs {task.num_labels}")
         _ensure_padding(model, tokenizer, path)
+        _check_max_length(model, tokenizer, max_length, path)
         return model, tokenizer, meta.get("task") == task.name
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
         raise FactorLMError(f"cannot load model {path!r}: {_first_line(e)}") from None
-    kwargs: dict[str, Any] = {"num_labels": task.num_labels}
+    kwargs: dict[str, Any] = {"num_labels": task.num_labels}  # QA: 2 (start, end), whatever the checkpoint had
+    auto = AutoModelForQuestionAnswering if task.is_qa else AutoModelForSequenceClassification
     if task.is_regression:
         kwargs["problem_type"] = "regression"
-    if task.label_names and len(task.label_names) == task.num_labels:
+    if task.label_names and len(task.label_names) == task.num_labels and not task.is_qa:
         kwargs["id2label"] = dict(enumerate(task.label_names))
         kwargs["label2id"] = {v: k for k, v in enumerate(task.label_names)}
     verbosity = hf_logging.get_verbosity()
@@ -74,12 +82,11 @@ def load_model_for_task(name_or_path: str | None, task, seed: int | None = None,
 
         set_seed(seed)
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
+        model, info = auto.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except ValueError as e:
+        what = "question-answering" if task.is_qa else "sequence-classification"
         raise FactorLMError(
-            f"model type {getattr(config, 'model_type', '?')!r} has no sequence-classification class in transformers: {_first_line(e)}"
+            f"model type {getattr(config, 'model_type', '?')!r} has no {what} class in transformers: {_first_line(e)}"
         ) from None
     except Exception as e:  # noqa: BLE001
         raise FactorLMError(f"cannot load model {path!r}: {_first_line(e)}") from None
@@ -88,7 +95,17 @@ def load_model_for_task(name_or_path: str | None, task, seed: int | None = None,
     trained = not info.get("missing_keys") and not info.get("mismatched_keys")
     models.check_finite(model, f"model {path}")
     _ensure_padding(model, tokenizer, path)
+    _check_max_length(model, tokenizer, max_length, path)
     return model, tokenizer, trained
+
+
+def _check_max_length(model: nn.Module, tokenizer, max_length: int | None, path: str) -> None:
+    """``--max-length`` beyond the model's positions would fail mid-run with an index error: say so now."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    if max_length is not None and limits and max_length > min(limits):
+        raise FactorLMError(f"--max-length {max_length} is longer than {path} can read ({min(limits)} tokens); "
+                            f"use --max-length {min(limits)} or less")
 
 
 def _ensure_padding(model: nn.Module, tokenizer, path: str) -> None:
@@ -121,6 +138,9 @@ def _teacher_key(session: Session, source: str) -> str:
         "lr": c.teacher_learning_rate or c.learning_rate, "max_steps": c.max_steps, "warmup": c.warmup_ratio,
         "weight_decay": c.weight_decay,
     }
+    if session.task.is_qa:  # the windows, and the post-processing keep-best's F1 (and v2's threshold) depend on
+        ident.update(split_by_article=c.split_by_article, doc_stride=c.doc_stride, n_best=c.n_best,
+                     max_answer_length=c.max_answer_length)
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -131,7 +151,7 @@ def ensure_teacher(session: Session, validate=None) -> nn.Module:
     """
     c = session.config
     source = c.teacher or c.model
-    model, tokenizer, trained = load_model_for_task(source, session.task, seed=c.seed)
+    model, tokenizer, trained = load_model_for_task(source, session.task, seed=c.seed, max_length=c.max_length)
     session.tokenizer = tokenizer
     if validate is not None:
         validate(model)
@@ -214,7 +234,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """False when the run collapsed, diverged or ended no better than the majority class."""
+        """False when the run collapsed, diverged or ended no better than the trivial baseline (the
+        majority class; QA: the first words of the context)."""
         h = self.health
         return not (h.get("collapsed") or h.get("diverged") or h.get("below_baseline"))
 
@@ -266,6 +287,12 @@ def _run_meta(session: Session) -> dict[str, Any]:
     spec = {"name": t.name, "num_labels": t.num_labels, "main_metric": t.main_metric, "metrics": list(t.metrics),
             "label_names": list(t.label_names) if t.label_names else None,
             **{k: t.options[k] for k in ("label_kind", "text_columns", "label_column") if t.options.get(k)}}
+    if t.is_qa:  # which articles each side holds (a split by article must never share one)
+        titles = lambda ex: sorted({e.title for e in ex})  # noqa: E731
+        spec["articles"] = {"train": titles(session.data.train), "select": titles(session.data.select),
+                            **{s: titles(ex) for s, ex in session.data.evals.items()}}
+        spec["questions"] = {"train": len(session.data.train), "select": len(session.data.select),
+                             **{s: len(ex) for s, ex in session.data.evals.items()}}
     return {"task_spec": spec, "baseline": session.baseline, "warnings": list(session.warnings),
             "health": session.health, "teacher": getattr(session, "teacher", None),
             "selection": {"size": len(session.data.select), "from": "train",
@@ -308,7 +335,7 @@ def finetune(config: RunConfig, *, quiet: bool = False) -> Report:
     out = _output_dir(c, f"runs/{c.task}-dense")
     session = Session(c, quiet=quiet)
     session.task, session.data  # noqa: B018 - fail early on bad task / data
-    model, tokenizer, _ = load_model_for_task(c.model, session.task, seed=c.seed)
+    model, tokenizer, _ = load_model_for_task(c.model, session.task, seed=c.seed, max_length=c.max_length)
     session.tokenizer = tokenizer
     session.finetune(model, phase="final")
     session.check_final(session.phases["final"])
@@ -356,7 +383,7 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     if method.needs_teacher:
         model = ensure_teacher(session, validate)
     else:
-        model, tokenizer, _ = load_model_for_task(c.model, session.task, seed=c.seed)
+        model, tokenizer, _ = load_model_for_task(c.model, session.task, seed=c.seed, max_length=c.max_length)
         session.tokenizer = tokenizer
         validate(model)
     # the source, timed beside the result; kept on the CPU meanwhile (no second copy on an accelerator)
@@ -413,8 +440,9 @@ def _report_png(session: Session, meta: dict[str, Any], dst: Path) -> None:
 # data-dir settings only while the task is the recorded one
 EVAL_DATA_FIELDS = ("task", "data_dir", "train_file", "dev_file", "text_columns", "label_column", "max_length",
                     "max_eval_samples", "eval_batch_size", "seed",
+                    "split_by_article", "doc_stride", "max_answer_length", "n_best",  # QA
                     "eval_text", "seq_len", "eval_stride", "eval_max_tokens")  # the last four: --task lm
-_TASK_DATA_FIELDS = ("data_dir", "train_file", "dev_file", "text_columns", "label_column")
+_TASK_DATA_FIELDS = ("data_dir", "train_file", "dev_file", "text_columns", "label_column", "split_by_article")
 
 
 def evaluate_config(path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -429,6 +457,8 @@ def evaluate_config(path: str, overrides: dict[str, Any] | None = None) -> RunCo
     if overrides.get("task") not in (None, values.get("task")):  # another task: its own data settings
         for k in _TASK_DATA_FIELDS:
             values.pop(k, None)
+    elif ("train_file" in overrides or "dev_file" in overrides) and "split_by_article" not in overrides:
+        values.pop("split_by_article", None)  # a new file is scored whole unless the user splits it again
     values.update(overrides)
     values["model"] = path
     return RunConfig(**{k: v for k, v in values.items() if k in RunConfig.field_names()})
@@ -466,13 +496,19 @@ def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: 
         raise FactorLMError(f"task {task.name!r} has no {split!r} split to evaluate (dev = {', '.join(task.eval_splits)}"
                             + (f"; other splits: {', '.join(others)})" if others else "; no other split)"))
     session.data = load_task_data(task, data_dir=c.data_dir, max_eval_samples=c.max_eval_samples, seed=c.seed,
-                                  eval_splits=splits, include_train=False, **session._file_options())
-    model, tokenizer, trained = load_model_for_task(path, task, keep_dtype=True)
+                                  eval_splits=splits, include_train=False, split_by_article=c.split_by_article,
+                                  **session._file_options())
+    if task.is_qa and task.version_2:  # the null threshold chosen at training time, on its selection slice
+        phases = [m for m in (meta.get("scores") or {}).values() if isinstance(m, dict) and "null_threshold" in m]
+        session.fixed_null_threshold = float(phases[-1]["null_threshold"]) if phases else 0.0
+        session.log(f"SQuAD 2.0 null threshold {session.fixed_null_threshold:g} "
+                    + ("(chosen at training time on its selection slice)" if phases else "(none recorded: the usual 0)"))
+    model, tokenizer, trained = load_model_for_task(path, task, keep_dtype=True, max_length=c.max_length)
     if dtype is not None:
         model.to(models.io.DTYPES[dtype])
     if not trained:
         if not meta:
-            raise FactorLMError(f"{path} has no classification head trained for {task.name!r} "
+            raise FactorLMError(f"{path} has no {'span' if task.is_qa else 'classification'} head trained for {task.name!r} "
                                 f"({task.num_labels} labels): its scores would be those of a random head")
         session.log(f"note: {path} was trained on {meta.get('task')!r}, evaluated on {task.name!r}")
     session.tokenizer = tokenizer
@@ -481,7 +517,8 @@ def evaluate_model(path: str, config: RunConfig, *, quiet: bool = False, split: 
     metrics = session.evaluate(model, phase=split)
     base = session.baseline
     if base:
-        session.log("majority-class baseline (of the evaluated split): "
+        session.log(("trivial reader (first words of the context)" if task.is_qa else "majority-class baseline")
+                    + " (of the evaluated split): "
                     + " ".join(f"{k}={v:.4f}" for k, v in base.items()))
     latency = {}
     if models.factorized_modules(model):  # timed against its dense equivalent (factors multiplied back)

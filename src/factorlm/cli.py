@@ -24,13 +24,15 @@ EPILOG = """examples:
 def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="HF hub id or local folder (default: the embedded all-MiniLM-L6-v2; --task lm: a causal LM, a .gguf file, or smollm2, the default)")
-    g.add_argument("--task", help="rotten_tomatoes (default), a GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), csv, jsonl, or lm (a causal LM, one-shot, perplexity)")
-    g.add_argument("--data-dir", help="folder in GLUE layout (<dir>/SST-2/train.tsv ...); default $FACTORLM_DATA_DIR, else the hub")
-    g.add_argument("--train-file", help="csv/jsonl task: training file")
-    g.add_argument("--dev-file", help="csv/jsonl task: evaluation file")
+    g.add_argument("--task", help="rotten_tomatoes (default), a GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), csv, jsonl, "
+                   "squad / squad_v2 (extractive QA), or lm (a causal LM, one-shot, perplexity)")
+    g.add_argument("--data-dir", help="folder in GLUE layout (<dir>/SST-2/train.tsv ...) or holding SQuAD's "
+                   "train-v1.1.json / dev-v1.1.json (-v2.0); default $FACTORLM_DATA_DIR, else the hub")
+    g.add_argument("--train-file", help="csv/jsonl task: training file; squad / squad_v2: a SQuAD-format JSON")
+    g.add_argument("--dev-file", help="csv/jsonl task: evaluation file; squad / squad_v2: a SQuAD-format JSON")
     g.add_argument("--text-columns", nargs="+", help="csv/jsonl task: one or two text columns")
     g.add_argument("--label-column", help="csv/jsonl task: label column")
-    g.add_argument("--max-length", type=int, help="max tokens per example (default 128)")
+    g.add_argument("--max-length", type=int, help="max tokens per example (default 128; squad / squad_v2: 384 per window)")
     g.add_argument("--max-train-samples", type=int, help="random subset of the training set (quick runs)")
     g.add_argument("--max-eval-samples", type=int, help="random subset of each evaluation split (and of the selection slice)")
     g.add_argument("--batch-size", type=int, help="training batch size (default 32)")
@@ -40,6 +42,12 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
         g.add_argument("--selection-size", type=float, help="held-out slice of the training split that keep-best "
                        "selects on (never the reported dev set): a fraction < 1 or a count (default 0.1, at most "
                        "2,000 examples; 0 = no selection, keep the last weights)")
+    q = p.add_argument_group("extractive QA (squad, squad_v2)")
+    q.add_argument("--split-by-article", type=float, help="one SQuAD file (--dev-file or --train-file) split into train and dev: this "
+                   "fraction of its articles is the dev split (e.g. 0.2); the same articles for every --seed")
+    q.add_argument("--doc-stride", type=int, help="tokens shared by consecutive windows of a long context (default 128)")
+    q.add_argument("--max-answer-length", type=int, help="longest answer, in tokens (default 30)")
+    q.add_argument("--n-best", type=int, help="start / end candidates paired per window (default 20)")
     g.add_argument("--recipe", help="YAML/JSON file of options (flags override it); a saved factorlm.json works too")
     g.add_argument("--quiet", action="store_true", help="no progress output")
     lt = p.add_argument_group("measured latency (dense source vs compressed, in the report)")
@@ -271,7 +279,7 @@ def _print_report(report) -> None:
         return
 
     print(f"\n{report.method} on {report.task} (dev scores)")
-    for line in score_rows(report.scores, report.baseline):
+    for line in score_rows(report.scores, report.baseline, report.task):
         print("  " + line)
     for w in report.warnings:
         print(f"  WARNING: {w}")
@@ -332,6 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in TASKS.names():
                 try:
                     t = get_task(name)
+                    if t.is_qa:
+                        print(f"{name:<16} {t.description}, metrics exact and f1 (main f1)")
+                        continue
                     print(f"{name:<16} {t.num_labels} label(s), metric {t.main_metric}")
                 except FactorLMError:
                     print(f"{name:<16} your own files (--train-file/--dev-file/--text-columns/--label-column)")

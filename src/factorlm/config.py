@@ -21,7 +21,7 @@ class RunConfig:
     dev_file: str | None = None
     text_columns: list[str] | None = None
     label_column: str | None = None
-    max_length: int = 128
+    max_length: int | None = None  # tokens per example; None = 128, or 384 for QA tasks (see validate)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     batch_size: int = 32
@@ -29,6 +29,11 @@ class RunConfig:
     seed: int = 0
     # held-out slice of the training split that keep-best selects on (fraction < 1, count >= 1, 0 = none)
     selection_size: float = 0.1
+    # -- extractive QA (squad, squad_v2) --------------------------------------------------------
+    split_by_article: float | None = None  # one SQuAD file: this fraction of its articles is the dev split
+    doc_stride: int = 128  # tokens shared by consecutive windows of a long context
+    max_answer_length: int = 30  # longest answer span, in tokens
+    n_best: int = 20  # start / end candidates paired per window
     # -- every training phase ------------------------------------------------------------------
     learning_rate: float = 5e-5
     epochs: float = 3.0
@@ -83,6 +88,10 @@ class RunConfig:
     output: str | None = None
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        if self.max_length is None:  # the task's usual length: a sentence (pair), or a QA window
+            self.max_length = 384 if is_qa_task(self.task) else 128
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -91,7 +100,15 @@ class RunConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
     def validate(self) -> "RunConfig":
+        self.__post_init__()
         check(self.max_length > 0, f"--max-length must be > 0, got {self.max_length}")
+        if is_qa_task(self.task):  # (the QA settings are unused by every other task)
+            check(0 < self.doc_stride < self.max_length,
+                  f"--doc-stride must be in (0, --max-length {self.max_length}), got {self.doc_stride}")
+            check(self.max_answer_length > 0, f"--max-answer-length must be > 0, got {self.max_answer_length}")
+            check(self.n_best > 0, f"--n-best must be > 0, got {self.n_best}")
+        check(self.split_by_article is None or 0 < self.split_by_article < 1,
+              f"--split-by-article must be a fraction in (0, 1), got {self.split_by_article}")
         check(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
         check(self.max_train_samples is None or self.max_train_samples > 0, "--max-train-samples must be > 0")
         check(self.max_eval_samples is None or self.max_eval_samples > 0, "--max-eval-samples must be > 0")
@@ -122,6 +139,16 @@ class RunConfig:
 
             self.keep = check_keep(self.keep)
         return self
+
+
+def is_qa_task(name: str) -> bool:
+    """Whether the registered task ``name`` is extractive QA (False for unknown names)."""
+    from .data.tasks import TASKS
+
+    try:
+        return bool(getattr(TASKS.get(name), "qa", False))
+    except FactorLMError:
+        return False
 
 
 def load_recipe(path: str) -> dict[str, Any]:

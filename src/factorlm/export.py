@@ -7,7 +7,8 @@ Formats
     ``W = to_dense()``, same bias), saved with :func:`factorlm.models.save`: a factorlm folder
     (``factorlm.json`` with no factorized modules, so ``factorlm.load`` reloads it bit-exactly)
     whose ``config.json`` + ``model.safetensors`` use the standard Hugging Face tensor names, so
-    ``AutoModelForSequenceClassification.from_pretrained(OUT)`` loads it without factorlm too.
+    ``AutoModelForSequenceClassification.from_pretrained(OUT)`` (``AutoModelForQuestionAnswering`` for
+    an extractive-QA model) loads it without factorlm too.
     **What is lost: the size benefit.**  The model has the dense architecture's parameter count and
     FLOPs again (the report gives both counts); what is kept is the accuracy of the factorized model
     (its function, up to float rounding) and any stack that only runs ``nn.Linear`` can serve it.
@@ -29,10 +30,12 @@ Formats
     exported with transformers' ``eager`` implementation (plain ``MatMul``/``Softmax``, portable to
     any runtime).  Inputs ``input_ids``, ``attention_mask`` (+ ``token_type_ids`` when the model
     and tokenizer use them), int64, dynamic ``batch`` and ``sequence`` axes; output ``logits``
-    ``(batch, num_labels)``.  ``config.json`` and the tokenizer files are written next to
-    ``model.onnx``.  ``--int8`` adds ``model_int8.onnx``: onnxruntime's dynamic quantization
-    (``quantize_dynamic``: int8 weights, activations quantized per call), typically ~3-4x smaller
-    again, at a loss of accuracy that is measured and reported but never fails the export.
+    ``(batch, num_labels)``, or for an extractive-QA model (``*ForQuestionAnswering``) the two outputs
+    ``start_logits`` and ``end_logits`` ``(batch, sequence)``.  ``config.json`` and the tokenizer
+    files are written next to ``model.onnx``.  ``--int8`` adds ``model_int8.onnx``: onnxruntime's
+    dynamic quantization (``quantize_dynamic``: int8 weights, activations quantized per call),
+    typically ~3-4x smaller again, at a loss of accuracy that is measured and reported but never
+    fails the export.
 
 Verification and tolerances
 ---------------------------
@@ -40,7 +43,8 @@ Every export is checked before it is renamed into place: the exported artefact i
 with ``factorlm.load`` *and* plain ``transformers``; hf: plain ``transformers``; onnx: an
 onnxruntime CPU session) and run on a seeded random batch (``batch_size`` x ``seq_len`` token ids,
 one row half padding, random token types), and its logits are compared with the factorized torch
-model's.  ONNX is also run on a second batch of another shape to exercise the dynamic axes.
+model's (every output head: for a QA model both ``start_logits`` and ``end_logits``, the error being
+the max over both).  ONNX is also run on a second batch of another shape to exercise the dynamic axes.
 
 * fp32 (dense, hf, onnx): ``max |logits - ref| <= 1e-4 * max(1, max |ref|)`` (:data:`FP32_RTOL`),
   i.e. an absolute 1e-4 for logits of order one, relative to the logit scale beyond.  Measured
@@ -124,9 +128,10 @@ def export(
     """Export the factorlm folder ``path`` as ``fmt`` (``onnx`` | ``dense`` | ``hf``) into ``output``.
 
     Returns the report: ``format``, ``output``, ``files`` (name -> bytes), ``size_bytes``,
-    ``max_abs_diff`` (vs the factorized torch model's logits), ``tolerance``, ``notes`` and
-    format-specific entries (parameter counts; for onnx the exporter, opset, inputs, MatMul count,
-    factor check and the int8 results).  See the module docstring for the formats and tolerances.
+    ``max_abs_diff`` (vs the factorized torch model's logits, max over its output heads), ``tolerance``,
+    ``notes`` and format-specific entries (parameter counts; for onnx the exporter, opset, inputs,
+    outputs, MatMul count, factor check and the int8 results).  See the module docstring for the
+    formats and tolerances.
     """
     import torch
     fmt = str(fmt).lower()
@@ -154,7 +159,7 @@ def export(
     tokenizer = _load_tokenizer(src)
     inputs = _example_inputs(model, tokenizer, batch_size, seq_len, seed=_SEED)
     with torch.no_grad():
-        ref = model(**inputs).logits.float()
+        ref = _heads(model(**inputs))
     n_factorized = len(factorized_modules(model))
     params_factorized = count_params(model)
     params_dense = count_params(densify(model)) if n_factorized else params_factorized
@@ -283,19 +288,45 @@ def _require_onnx(int8: bool) -> None:
         raise FactorLMError(f"--int8 needs onnxruntime.quantization: {ONNX_HINT}")
 
 
-def _tolerance(ref: torch.Tensor, rtol: float) -> float:
-    return float(rtol * max(1.0, ref.abs().max().item()))
+def _heads(outputs) -> dict[str, torch.Tensor]:
+    """A model's outputs as named fp32 tensors: ``{"logits": ..}``, or ``{"start_logits": .., "end_logits": ..}``
+    for an extractive-QA (span) head.  Every comparison, ONNX output and tolerance below goes over these."""
+    from .train.evaluate import output_heads
+
+    return {k: v.float() for k, v in output_heads(outputs).items()}
 
 
-def _max_diff(a, b) -> float:
+def _tolerance(rtol: float, *refs: dict[str, torch.Tensor]) -> float:
+    """``rtol * max(1, max |ref|)`` over every head of every reference batch."""
+    return float(rtol * max([1.0, *(h.abs().max().item() for r in refs for h in r.values())]))
+
+
+def _max_diff(got: dict[str, Any], ref: dict[str, torch.Tensor]) -> float:
+    """Max |got - ref| over all heads (``got`` values may be numpy arrays, e.g. from onnxruntime)."""
     import torch
-    a = torch.as_tensor(a, dtype=torch.float32)
-    b = torch.as_tensor(b, dtype=torch.float32)
-    if a.shape != b.shape:
-        raise FactorLMError(f"exported model gives logits of shape {tuple(a.shape)}, expected {tuple(b.shape)}")
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return float((a - b).abs().max().item())
+    if list(got) != list(ref):
+        raise FactorLMError(f"exported model gives outputs {', '.join(got)}, expected {', '.join(ref)}")
+    worst = 0.0
+    for name, b in ref.items():
+        a = torch.as_tensor(got[name], dtype=torch.float32)
+        if a.shape != b.shape:
+            raise FactorLMError(f"exported model gives {name} of shape {tuple(a.shape)}, expected {tuple(b.shape)}")
+        if not torch.isfinite(a).all():
+            return float("inf")
+        worst = max(worst, float((a - b).abs().max().item()))
+    return worst
+
+
+def _argmax_agreement(pairs: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]) -> float | None:
+    """Share of rows (over all heads and batches) whose argmax is unchanged; None for single-output heads."""
+    import torch
+    same = total = 0
+    for got, ref in pairs:
+        for name, r in ref.items():
+            if r.shape[-1] > 1:
+                same += int((torch.as_tensor(got[name]).argmax(-1) == r.argmax(-1)).sum())
+                total += r.argmax(-1).numel()
+    return same / total if total else None
 
 
 def _check_within(what: str, diff: float, tol: float) -> None:
@@ -370,8 +401,8 @@ def _hf_class(model: nn.Module):
     return cls
 
 
-def _hf_reload_logits(model: nn.Module, folder: Path, inputs) -> torch.Tensor:
-    """Logits of ``folder`` loaded by plain transformers (no factorlm code involved)."""
+def _hf_reload_heads(model: nn.Module, folder: Path, inputs) -> dict[str, torch.Tensor]:
+    """Output heads of ``folder`` loaded by plain transformers (no factorlm code involved)."""
     import torch
     cls = _hf_class(model)
     try:
@@ -380,7 +411,7 @@ def _hf_reload_logits(model: nn.Module, folder: Path, inputs) -> torch.Tensor:
         msg = " ".join(str(e).split())[:300] or type(e).__name__
         raise FactorLMError(f"transformers cannot load the export ({cls.__name__}.from_pretrained): {msg}") from None
     with torch.no_grad():
-        return hf(**inputs).logits.float()
+        return _heads(hf(**inputs))
 
 
 def _export_dense(model, meta, tokenizer, tmp: Path, inputs, ref, report) -> None:
@@ -398,14 +429,15 @@ def _export_dense(model, meta, tokenizer, tmp: Path, inputs, ref, report) -> Non
                       "source_modules": meta.get("modules", {}),
                       "source_meta": {k: meta[k] for k in about_source if k in meta}}
     save(dense, tmp, tokenizer=tokenizer, meta=keep, overwrite=True)
-    tol = _tolerance(ref, FP32_RTOL)
+    tol = _tolerance(FP32_RTOL, ref)
     reloaded = load(str(tmp))
     with torch.no_grad():
-        dense_logits = dense(**inputs).logits.float()
-        fl_logits = reloaded(**inputs).logits.float()
-    report["reload_bit_exact"] = bool(torch.equal(fl_logits, dense_logits))
-    d_factorlm = _max_diff(fl_logits, ref)
-    d_hf = _max_diff(_hf_reload_logits(model, tmp, inputs), ref)
+        dense_heads = _heads(dense(**inputs))
+        fl_heads = _heads(reloaded(**inputs))
+    report["reload_bit_exact"] = list(fl_heads) == list(dense_heads) and all(
+        torch.equal(fl_heads[k], dense_heads[k]) for k in dense_heads)
+    d_factorlm = _max_diff(fl_heads, ref)
+    d_hf = _max_diff(_hf_reload_heads(model, tmp, inputs), ref)
     report.update(max_abs_diff=max(d_factorlm, d_hf), tolerance=tol, max_abs_diff_factorlm_load=d_factorlm,
                   max_abs_diff_from_pretrained=d_hf)
     _check_within("the dense export's", report["max_abs_diff"], tol)
@@ -426,23 +458,30 @@ def _export_hf(model, tokenizer, tmp: Path, inputs, ref, report) -> None:
     dense.save_pretrained(str(tmp))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    tol = _tolerance(ref, FP32_RTOL)
-    d = _max_diff(_hf_reload_logits(model, tmp, inputs), ref)
+    tol = _tolerance(FP32_RTOL, ref)
+    d = _max_diff(_hf_reload_heads(model, tmp, inputs), ref)
     report.update(max_abs_diff=d, tolerance=tol)
     _check_within("the hf export's", d, tol)
     _dense_notes(report)
     report["notes"].append("hf = transformers' save_pretrained folder (no factorlm.json; load it with "
                            "from_pretrained); provenance in factorlm_export.json and README.md")
-    (tmp / "README.md").write_text(_hf_readme(report))
+    (tmp / "README.md").write_text(_hf_readme(report, _auto_class_name(dense)))
 
 
-def _hf_readme(report: dict[str, Any]) -> str:
+def _auto_class_name(model: nn.Module) -> str:
+    """The transformers Auto class that loads the export (named in the README snippet)."""
+    if type(model).__name__.endswith("ForQuestionAnswering"):
+        return "AutoModelForQuestionAnswering"
+    return "AutoModelForSequenceClassification"
+
+
+def _hf_readme(report: dict[str, Any], auto_class: str = "AutoModelForSequenceClassification") -> str:
     return (
         "# Dense export of a factorlm model\n\n"
         f"Exported by `factorlm export --format hf` from `{report['source']}`: the low-rank factors were multiplied "
         "back into plain `nn.Linear` weights, so this is an ordinary Hugging Face folder:\n\n"
-        "```python\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
-        "model = AutoModelForSequenceClassification.from_pretrained(PATH)\n"
+        f"```python\nfrom transformers import {auto_class}, AutoTokenizer\n"
+        f"model = {auto_class}.from_pretrained(PATH)\n"
         "tokenizer = AutoTokenizer.from_pretrained(PATH)\n```\n\n"
         f"It has the dense architecture's {report['params_dense']:,} parameters (the factorized model had "
         f"{report['params_factorized']:,}); its logits match the factorized model's within "
@@ -452,21 +491,23 @@ def _hf_readme(report: dict[str, Any]) -> str:
 
 
 # -- onnx -------------------------------------------------------------------------------------------
-def _logits_only(model: nn.Module, names: list[str]) -> nn.Module:
-    """A module mapping positional inputs to the logits tensor (what torch.onnx.export traces)."""
-    import torch
+def _heads_only(model: nn.Module, names: list[str], heads: list[str]) -> nn.Module:
+    """A module mapping positional inputs to the tuple of output heads (what torch.onnx.export traces):
+    ``(logits,)``, or ``(start_logits, end_logits)`` for a QA model."""
     from torch import nn
 
-    class LogitsOnly(nn.Module):
+    class HeadsOnly(nn.Module):
         def __init__(self):
             super().__init__()
             self.model = model
             self.names = list(names)
+            self.heads = list(heads)
 
         def forward(self, *args):
-            return self.model(**dict(zip(self.names, args)), return_dict=True).logits
+            out = self.model(**dict(zip(self.names, args)), return_dict=True)
+            return tuple(getattr(out, h) for h in self.heads)
 
-    return LogitsOnly()
+    return HeadsOnly()
 
 
 def _eager_attention(model: nn.Module, report: dict[str, Any]) -> None:
@@ -481,11 +522,12 @@ def _eager_attention(model: nn.Module, report: dict[str, Any]) -> None:
         report["attention"] = str(getattr(model.config, "_attn_implementation", "default"))
 
 
-def _onnx_export(wrapper: nn.Module, args: tuple, f: Path, names: list[str], opset: int) -> str:
+def _onnx_export(wrapper: nn.Module, args: tuple, f: Path, names: list[str], heads: list[str], opset: int) -> str:
     import torch
     dyn = {n: {0: "batch", 1: "sequence"} for n in names}
-    dyn["logits"] = {0: "batch"}
-    kwargs: dict[str, Any] = dict(input_names=names, output_names=["logits"], dynamic_axes=dyn,
+    for h in heads:  # logits (batch, num_labels); QA start/end logits (batch, sequence)
+        dyn[h] = {0: "batch"} if h == "logits" else {0: "batch", 1: "sequence"}
+    kwargs: dict[str, Any] = dict(input_names=names, output_names=list(heads), dynamic_axes=dyn,
                                   opset_version=opset, do_constant_folding=True)
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False
@@ -499,7 +541,8 @@ def _onnx_export(wrapper: nn.Module, args: tuple, f: Path, names: list[str], ops
     return "torch.onnx.export (TorchScript-based, dynamo=False)"
 
 
-def _ort_logits(onnx_file: Path, inputs: dict[str, torch.Tensor], names: list[str]):
+def _ort_heads(onnx_file: Path, inputs: dict[str, torch.Tensor], names: list[str], heads: list[str]):
+    """The named outputs ``heads`` of ``onnx_file`` run in onnxruntime (CPU), as a dict of numpy arrays."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -507,7 +550,7 @@ def _ort_logits(onnx_file: Path, inputs: dict[str, torch.Tensor], names: list[st
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"])
-    return sess.run(["logits"], {n: inputs[n].numpy() for n in names})[0]
+    return dict(zip(heads, sess.run(list(heads), {n: inputs[n].numpy() for n in names})))
 
 
 def onnx_graph_stats(onnx_file: str | os.PathLike) -> dict[str, Any]:
@@ -554,18 +597,20 @@ def _export_onnx(model, tokenizer, tmp: Path, inputs, ref, report, *, quantize_i
     opset = int(opset) if opset is not None else DEFAULT_OPSET
     work = copy.deepcopy(model).eval()
     _eager_attention(work, report)
-    wrapper = _logits_only(work, names).eval()  # eval: the exporter restores the wrapper's mode afterwards
+    heads = list(ref)
+    wrapper = _heads_only(work, names, heads).eval()  # eval: the exporter restores the wrapper's mode afterwards
     f = tmp / ONNX_NAME
-    report["exporter"] = _onnx_export(wrapper, tuple(inputs[n] for n in names), f, names, opset)
-    report.update(opset=opset, inputs=names, outputs=["logits"], dynamic_axes={"batch": 0, "sequence": 1})
+    report["exporter"] = _onnx_export(wrapper, tuple(inputs[n] for n in names), f, names, heads, opset)
+    report.update(opset=opset, inputs=names, outputs=heads, dynamic_axes={"batch": 0, "sequence": 1})
 
     # verify: the export batch, and a second batch of another shape (dynamic axes)
     b, L = inputs["input_ids"].shape
     other = _example_inputs(model, tokenizer, b + 1, max(2, L // 2 + 1), seed=seed + 1)
     with torch.no_grad():
-        ref2 = model(**other).logits.float()
-    tol = _tolerance(torch.cat([ref, ref2]), FP32_RTOL)
-    d = max(_max_diff(_ort_logits(f, inputs, names), ref), _max_diff(_ort_logits(f, other, names), ref2))
+        ref2 = _heads(model(**other))
+    tol = _tolerance(FP32_RTOL, ref, ref2)
+    d = max(_max_diff(_ort_heads(f, inputs, names, heads), ref),
+            _max_diff(_ort_heads(f, other, names, heads), ref2))
     report.update(max_abs_diff=d, tolerance=tol, runtime="onnxruntime CPUExecutionProvider")
     _check_within("the ONNX export's (onnxruntime)", d, tol)
 
@@ -593,11 +638,10 @@ def _export_onnx(model, tokenizer, tmp: Path, inputs, ref, report, *, quantize_i
             except Exception as e:  # noqa: BLE001
                 msg = " ".join(str(e).split())[:300] or type(e).__name__
                 raise FactorLMError(f"int8 quantization (onnxruntime quantize_dynamic) failed: {msg}") from None
-        q1, q2 = _ort_logits(q, inputs, names), _ort_logits(q, other, names)
+        q1, q2 = _ort_heads(q, inputs, names, heads), _ort_heads(q, other, names, heads)
         d8 = max(_max_diff(q1, ref), _max_diff(q2, ref2))
-        tol8 = _tolerance(torch.cat([ref, ref2]), INT8_RTOL)
-        qs, rs = torch.cat([torch.as_tensor(q1), torch.as_tensor(q2)]), torch.cat([ref, ref2])
-        agree = (qs.argmax(-1) == rs.argmax(-1)).float().mean().item() if rs.shape[-1] > 1 else None
+        tol8 = _tolerance(INT8_RTOL, ref, ref2)
+        agree = _argmax_agreement([(q1, ref), (q2, ref2)])
         report.update(int8_max_abs_diff=d8, int8_tolerance=tol8, int8_within_tolerance=bool(d8 <= tol8),
                       int8_argmax_agreement=agree,
                       int8_method="onnxruntime.quantization.quantize_dynamic (QInt8 weights, dynamic activations)")

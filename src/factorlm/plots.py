@@ -89,10 +89,16 @@ def report_png(meta: dict[str, Any], path: str | Path) -> Path:
             ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
         base = _main_value(meta.get("baseline") or {}, main)
         if base is not None:
-            ax.axhline(base, color=_BASE, ls="--", lw=1, label=f"majority class {base:.3f}")
+            from .summary import baseline_names
+
+            name = "majority class" if baseline_names(meta.get("task"))[0] == "majority" else "trivial reader"
+            ax.axhline(base, color=_BASE, ls="--", lw=1, label=f"{name} {base:.3f}")
             ax.legend(fontsize=8, loc="lower left")
         lo = min(list(vals) + ([base] if base is not None else []))
-        ax.set_ylim(max(0.0, lo - 0.1) if lo > 0 else lo - 0.1, max(vals) + 0.08)
+        from .config import is_qa_task
+
+        unit = 100.0 if is_qa_task(meta.get("task") or "") else 1.0  # SQuAD scores are in percent
+        ax.set_ylim(max(0.0, lo - 0.1 * unit) if lo > 0 else lo - 0.1 * unit, max(vals) + 0.08 * unit)
     ax.set_title(f"dev {main} after each phase", fontsize=10)
 
     # 2. size and compute, % of dense

@@ -32,6 +32,7 @@ class Session:
         self.total_train_steps = 0
         self._tokenizer = None
         self.teacher: dict[str, Any] | None = None  # set by api.ensure_teacher
+        self.fixed_null_threshold: float | None = None  # SQuAD 2.0: a saved model's (see null_threshold)
         self.warnings: list[str] = []
         self.health: dict[str, Any] = {"collapsed": [], "diverged": [], "worse_than_start": [],
                                        "below_baseline": False, "teacher_below_baseline": False}
@@ -61,7 +62,7 @@ class Session:
         c = self.config
         return load_task_data(self.task, data_dir=c.data_dir, max_train_samples=c.max_train_samples,
                               max_eval_samples=c.max_eval_samples, seed=c.seed, selection_size=c.selection_size,
-                              **self._file_options())
+                              split_by_article=c.split_by_article, **self._file_options())
 
     def _file_options(self) -> dict:
         """The generic csv/jsonl task's file and column options (None for built-in tasks)."""
@@ -82,6 +83,8 @@ class Session:
     def train_loader(self, batch_size: int | None = None):
         from .data import make_dataloader
 
+        if self.task.is_qa:
+            return self._qa_loader(self.data.train, batch_size or self.config.batch_size, train=True)
         return make_dataloader(
             self.data.train, self.tokenizer, batch_size=batch_size or self.config.batch_size,
             max_length=self.config.max_length, shuffle=True, seed=self.config.seed,
@@ -97,18 +100,36 @@ class Session:
         """``{"select": loader}`` over the held-out training slice keep-best selects on ({} if none)."""
         return {"select": self._eval_loader(self.data.select)} if self.data.select else {}
 
+    def _qa_loader(self, examples, batch_size: int, train: bool = False):
+        from .data.qa import make_qa_dataloader
+
+        c = self.config
+        return make_qa_dataloader(examples, self.tokenizer, batch_size=batch_size, max_length=c.max_length,
+                                  doc_stride=c.doc_stride, train=train, shuffle=train, seed=c.seed, n_best=c.n_best,
+                                  max_answer_length=c.max_answer_length, version_2=self.task.version_2)
+
     def _eval_loader(self, examples):
         from .data import make_dataloader
 
+        if self.task.is_qa:
+            return self._qa_loader(examples, self.config.eval_batch_size)
         return make_dataloader(examples, self.tokenizer, batch_size=self.config.eval_batch_size,
                                max_length=self.config.max_length, is_regression=self.task.is_regression)
 
     @functools.cached_property
     def baseline(self) -> dict[str, float]:
-        """Dev metrics of always predicting the training set's majority class ({} for regression)."""
+        """Dev metrics of always predicting the training set's majority class ({} for regression);
+        QA: of a trivial reader (:func:`~factorlm.train.evaluate_qa.qa_baseline`)."""
         import numpy as np
 
         from .train.evaluate import majority_baseline
+
+        if self.task.is_qa:
+            from .train.evaluate import _merge
+            from .train.evaluate_qa import qa_baseline
+
+            return _merge({s: qa_baseline(ex, self.task.version_2, self.data.train, self.data.select)
+                           for s, ex in self.data.evals.items()}, list(self.data.evals))
 
         train = [e.label for e in self.data.train] + [e.label for e in self.data.select]
         return majority_baseline(self.task, {s: np.array([e.label for e in ex]) for s, ex in self.data.evals.items()},
@@ -212,12 +233,29 @@ class Session:
 
         model.to(self.accelerator.device)
         stats: dict[str, dict[str, float]] = {}
-        metrics = evaluate(model, self.eval_loaders, self.task, accelerator=None, stats=stats)
+        metrics = evaluate(model, self.eval_loaders, self.task, accelerator=None, stats=stats,
+                           null_threshold=self.null_threshold(model))
         if phase:
             self.record(phase, metrics, **extra)
             if check:
                 self.check_collapse(phase, stats)
         return metrics
+
+    def null_threshold(self, model: nn.Module) -> float | None:
+        """SQuAD 2.0: the null threshold ``model`` gets on the held-out selection slice (0.0, the usual
+        fixed value, without one); None for every other task.  The dev split never chooses its own."""
+        if not (self.task.is_qa and self.task.version_2):
+            return None
+        if self.fixed_null_threshold is not None:
+            return self.fixed_null_threshold
+        if not self.select_loaders:
+            if not getattr(self, "_said_no_threshold", False):
+                self._said_no_threshold = True
+                self.log("SQuAD 2.0: no selection slice (--selection-size 0), so the null threshold is the usual 0")
+            return 0.0
+        from .train import evaluate
+
+        return float(evaluate(model, self.select_loaders, self.task)["null_threshold"])
 
     MIN_COLLAPSE_EXAMPLES = 16
 
@@ -229,6 +267,9 @@ class Session:
             if self.task.is_regression:
                 bad = st.get("nonfinite", 0) > 0 or st.get("pred_std", 0.0) <= 1e-3 * st.get("label_std", 0.0)
                 what = "a (nearly) constant or non-finite score"
+            elif self.task.is_qa:
+                bad = st.get("top_class_share", 0.0) >= 1.0
+                what = "the same answer for every question"
             else:
                 bad = st.get("top_class_share", 0.0) >= 1.0
                 what = "one class for every example"
@@ -249,8 +290,8 @@ class Session:
         score, floor = main_score(metrics, self.task.main_metric), main_score(base, self.task.main_metric)
         if score <= floor:
             self.health["below_baseline" if what == "final" else "teacher_below_baseline"] = True
-            self._warn(f"the {what} {self.task.main_metric} {score:.4f} is no better than the majority-class "
-                       f"baseline's {floor:.4f}")
+            base = "trivial reader's (first words of the context)" if self.task.is_qa else "majority-class baseline's"
+            self._warn(f"the {what} {self.task.main_metric} {score:.4f} is no better than the {base} {floor:.4f}")
 
     def record(self, phase: str, metrics: dict[str, float], **extra: Any) -> None:
         self.phases[phase] = {**{k: float(v) for k, v in metrics.items()}, **extra}

@@ -144,7 +144,7 @@ def _scores(meta: dict[str, Any]) -> list[str]:
             rows.append((str(phase), _metrics(m)))
     baseline = meta.get("baseline")
     if isinstance(baseline, dict) and baseline:
-        rows.append(("majority", _metrics(baseline)))
+        rows.append((baseline_names(meta.get("task"))[0], _metrics(baseline)))
     teacher = meta.get("teacher")
     if teacher not in (None, "", {}, []):
         rows.append(("teacher", _compact(teacher)))
@@ -180,11 +180,22 @@ def _metrics(m: Any) -> str:
     return "  ".join(parts)
 
 
-def score_rows(scores: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[str]:
-    """One aligned line per phase (every metric), and the majority-class baseline beneath."""
+def baseline_names(task: str | None) -> tuple[str, str]:
+    """``(row name, description)`` of the trivial baseline a task's scores are compared with."""
+    from .config import is_qa_task
+
+    if task and is_qa_task(task):
+        return "trivial", "the first words of every context, as long as the median training answer"
+    return "majority", "always the training set's majority class"
+
+
+def score_rows(scores: dict[str, Any], baseline: dict[str, Any] | None = None, task: str | None = None) -> list[str]:
+    """One aligned line per phase (every metric), and the trivial baseline beneath (the majority class;
+    QA: the first words of the context)."""
     rows = [(str(p), _metrics(m)) for p, m in (scores or {}).items()]
     if baseline:
-        rows.append(("majority", _metrics(baseline) + "  (always the training set's majority class)"))
+        name, what = baseline_names(task)
+        rows.append((name, _metrics(baseline) + f"  ({what})"))
     width = max((len(r[0]) for r in rows), default=0)
     return [f"{name:<{width}}  {text}" for name, text in rows]
 

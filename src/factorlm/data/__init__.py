@@ -21,10 +21,11 @@ prefixes each key with the split name minus ``dev_`` (MNLI: ``matched_accuracy``
 a key of the merged dict.
 
 Tasks: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli (GLUE, see :mod:`.glue`),
-rotten_tomatoes (the default, see :mod:`.rotten_tomatoes`), csv, jsonl (see :mod:`.generic`).
+rotten_tomatoes (the default, see :mod:`.rotten_tomatoes`), csv, jsonl (see :mod:`.generic`),
+squad, squad_v2 (extractive QA, see :mod:`.squad`, :mod:`.qa` and :mod:`.squad_metrics`).
 """
 
-from . import generic, glue, rotten_tomatoes  # noqa: F401  (register the tasks)
+from . import generic, glue, rotten_tomatoes, squad  # noqa: F401  (register the tasks)
 from .glue import DATA_DIR_ENV, GLUE_SPECS
 from .loaders import DEFAULT_SELECTION_SIZE, load_task_data, make_dataloader, selection_count, split_off, subsample
 from .metrics import accuracy, compute_metric_set, f1_binary, matthews_corrcoef, pearson, spearman

@@ -92,6 +92,7 @@ def load_task_data(
     eval_splits: Sequence[str] | None = None,
     include_train: bool = True,
     selection_size: float | int | None = None,
+    split_by_article: float | None = None,
 ) -> TaskData:
     """Load ``task``'s train split and its eval splits (default ``task.eval_splits``; e.g.
     ``("test",)`` for rotten_tomatoes). ``max_*_samples``: seeded stratified subsets (None = all).
@@ -101,6 +102,8 @@ def load_task_data(
     ``selection_size`` (see :func:`selection_count`) holds a seeded, stratified slice of the
     training split out as ``select`` for model selection, *before* ``max_train_samples`` subsamples
     what is left; ``max_eval_samples`` caps it too. The reported eval splits are never used to select.
+    QA tasks hold out whole articles (:func:`~.squad.split_off_articles`), and take ``train_file`` /
+    ``dev_file`` and ``split_by_article`` (one SQuAD file split into train and dev by article).
     """
     check(task.loader is not None, f"task {task.name!r} has no data loader")
     splits = tuple(eval_splits) if eval_splits is not None else tuple(task.eval_splits)
@@ -112,15 +115,24 @@ def load_task_data(
         )
     file_opts = {"train_file": train_file, "dev_file": dev_file, "text_columns": text_columns, "label_column": label_column}
     given = [k for k, v in file_opts.items() if v]
-    if given and task.name not in ("csv", "jsonl"):
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    allowed = ("train_file", "dev_file") if task.is_qa else tuple(file_opts) if task.name in ("csv", "jsonl") else ()
+    if [k for k in given if k not in allowed]:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given if k not in allowed)
         raise FactorLMError(f"task {task.name!r} is built in and does not take {flags}; use task 'csv' or 'jsonl'")
-    opts: dict[str, Any] = dict(file_opts, data_dir=data_dir, splits=(("train",) if include_train else ()) + splits)
+    if split_by_article and not task.is_qa:
+        raise FactorLMError(f"--split-by-article applies to the QA tasks (squad, squad_v2), not {task.name!r}")
+    opts: dict[str, Any] = dict(file_opts, data_dir=data_dir, splits=(("train",) if include_train else ()) + splits,
+                                split_by_article=split_by_article)
     loaded, label_names = task.loader(task, opts)
     train, select = [], []
     if include_train:
         n_select = selection_count(len(loaded["train"]), selection_size, max_train_samples)
-        rest, select = split_off(loaded["train"], n_select, seed)
+        if task.is_qa:
+            from .squad import split_off_articles
+
+            rest, select = split_off_articles(loaded["train"], n_select, seed)
+        else:
+            rest, select = split_off(loaded["train"], n_select, seed)
         train = subsample(rest, max_train_samples, seed, stream=0)
         select = subsample(select, max_eval_samples, seed, stream=999)
     evals = {s: subsample(loaded[s], max_eval_samples, seed, stream=1 + i) for i, s in enumerate(splits)}

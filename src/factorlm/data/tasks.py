@@ -71,10 +71,22 @@ class Task:
     description: str = ""
     loader: Loader | None = field(default=None, compare=False, repr=False)
     options: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    kind: str = "sequence"  # "sequence" (classification / regression of a text or pair) | "qa" (extractive spans)
 
     @property
     def is_regression(self) -> bool:
-        return self.num_labels == 1
+        return self.kind == "sequence" and self.num_labels == 1
+
+    @property
+    def is_qa(self) -> bool:
+        """Extractive question answering (see :mod:`.squad`): examples are :class:`~.squad.QAExample`,
+        the model is a span head, scores are SQuAD's exact match and F1."""
+        return self.kind == "qa"
+
+    @property
+    def version_2(self) -> bool:
+        """SQuAD 2.0 rules: questions may have no answer (null predictions, a null threshold)."""
+        return bool(self.options.get("version_2"))
 
     def compute_metrics(self, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Metrics of one eval split. ``preds``: class ids (logits of shape (n, C) are argmax-ed) for
@@ -127,6 +139,12 @@ def resolve_task(
     }
     given = {k: v for k, v in opts.items() if v is not None}
     factory = TASKS.get(name)
+    if getattr(factory, "qa", False):  # QA tasks read their files in the loader; columns make no sense
+        extra = [k for k in given if k not in ("train_file", "dev_file")]
+        if extra:
+            flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+            raise FactorLMError(f"task {name!r} reads SQuAD-format JSON and does not take {flags}")
+        return factory()
     if getattr(factory, "accepts_file_options", False):
         return factory(**given)
     if given:

@@ -5,6 +5,8 @@ Loss seen by the optimizer::
     task_weight * task_loss + alpha * KD
     KD = T^2 * KL(softmax(teacher / T) || softmax(student / T))     (classification, batch mean)
     KD = MSE(student_logits, teacher_logits)                          (regression; T unused)
+    KD = 1/2 [KD(start logits) + KD(end logits)]                       (extractive QA: a softmax over
+                                                                       the tokens for each head)
 
 ``task_weight`` is 1 by default, or ``1 - alpha`` with ``scale_task_loss=True`` (the classic
 Hinton mix; then ``alpha`` must be in [0, 1]).
@@ -20,7 +22,7 @@ from torch import nn
 
 from ..errors import check
 from .callbacks import Callback
-from .evaluate import _logits_of
+from .evaluate import LABEL_KEYS, output_heads
 
 __all__ = ["DistillationCallback", "distillation_loss"]
 
@@ -81,12 +83,13 @@ class DistillationCallback(Callback):
     def compute_loss(self, trainer, batch: dict[str, Any], outputs: Any, loss: torch.Tensor) -> torch.Tensor:
         if self._device is None:
             self._prepare_teacher(trainer)
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
+        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
         self.teacher.eval()
         with torch.no_grad(), trainer.accelerator.autocast():
-            t_logits = _logits_of(self.teacher(**inputs))
-        s_logits = _logits_of(outputs)
-        kd = distillation_loss(s_logits, t_logits, self.temperature, self._is_regression(trainer, s_logits))
+            t_heads = output_heads(self.teacher(**inputs))
+        s_heads = output_heads(outputs)
+        reg = self._is_regression(trainer, next(iter(s_heads.values())))
+        kd = sum(distillation_loss(s_heads[k], t_heads[k], self.temperature, reg) for k in s_heads) / len(s_heads)
         self.last_kd = kd.detach()
         task_weight = (1.0 - self.alpha) if self.scale_task_loss else 1.0
         return task_weight * loss + self.alpha * kd.to(loss.dtype)

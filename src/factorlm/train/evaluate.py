@@ -7,6 +7,7 @@ without one, batches are moved to the device of the model's first parameter.
 
 ``task`` is duck-typed: it needs ``is_regression`` (bool), ``compute_metrics(preds, labels) -> dict``
 and ``main_metric`` (str); ``eval_splits`` (optional) gives the preferred order of the splits.
+A task with ``is_qa`` is scored by :mod:`.evaluate_qa` (span logits -> answers -> SQuAD scores).
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from torch import nn
 
 from ..errors import FactorLMError
 
-__all__ = ["predict", "evaluate", "main_score", "split_prefix", "prediction_stats", "majority_baseline"]
+__all__ = ["predict", "evaluate", "main_score", "split_prefix", "prediction_stats", "majority_baseline",
+           "output_heads", "LABEL_KEYS"]
+
+#: batch keys that are targets, not model inputs (classification / regression, and QA spans)
+LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -44,6 +49,20 @@ def _logits_of(outputs: Any) -> torch.Tensor:
     if logits is None:
         raise FactorLMError("the model's outputs have no 'logits'; cannot evaluate it")
     return logits
+
+
+def output_heads(outputs: Any) -> dict[str, torch.Tensor]:
+    """The logits a model's outputs carry: ``{"logits": ..}``, or ``start_logits`` + ``end_logits``
+    (a span head, extractive QA)."""
+    if torch.is_tensor(outputs):
+        return {"logits": outputs}
+    get = outputs.get if isinstance(outputs, Mapping) else (lambda k: getattr(outputs, k, None))
+    if get("logits") is not None:
+        return {"logits": get("logits")}
+    heads = {k: get(k) for k in ("start_logits", "end_logits") if get(k) is not None}
+    if not heads:
+        raise FactorLMError("the model's outputs have no 'logits' (nor start/end logits)")
+    return heads
 
 
 @torch.no_grad()
@@ -115,18 +134,24 @@ def prediction_stats(preds: np.ndarray, labels: np.ndarray, is_regression: bool)
 
 
 def evaluate(model: nn.Module, eval_loaders: Mapping[str, Any], task, accelerator=None,
-             stats: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+             stats: dict[str, dict[str, float]] | None = None, null_threshold: float | None = None) -> dict[str, float]:
     """Metrics of ``model`` on every loader of ``eval_loaders`` (split name -> DataLoader).
 
     One split: ``task.compute_metrics`` as-is (e.g. ``{"accuracy": 0.9}``).  Several splits: each
     metric prefixed with the split name minus ``dev_`` (``matched_accuracy``, ``mismatched_accuracy``).
     Values are python floats.  No loaders -> ``{}``.  ``stats``, when given, receives
-    :func:`prediction_stats` per split.
+    :func:`prediction_stats` per split.  QA tasks: the SQuAD scores (:mod:`.evaluate_qa`);
+    ``null_threshold`` is SQuAD 2.0's (None: each split chooses its own, for model selection).
     """
     if not eval_loaders:
         return {}
     is_regression = bool(getattr(task, "is_regression", False))
     splits = _ordered_splits(eval_loaders, task)
+    if getattr(task, "is_qa", False):
+        from .evaluate_qa import evaluate_qa
+
+        per_qa = evaluate_qa(model, {s: eval_loaders[s] for s in splits}, accelerator, stats, null_threshold)
+        return _merge(per_qa, splits)
     per_split = {}
     for split in splits:
         preds, labels, _ = predict(model, eval_loaders[split], accelerator, is_regression)

@@ -18,12 +18,15 @@ A forward hook keeps ``x`` and ``y``; one ``torch.autograd.grad`` of the *sum* o
 losses (the model's mean loss times the batch size) gives every ``g`` (examples do not interact in an
 encoder without batch statistics, so ``d sum_m L_m / dy[n] = dL_n / dy[n]``); the per-example
 gradients ``(B, out, in)`` are formed by a batched matrix product in chunks of examples, squared and
-summed.  Padding positions need no masking: the attention mask stops them from influencing the
-real positions, so the loss does not depend on their outputs and their ``g`` is exactly zero.
+summed.  Padding positions need no masking: the sum over positions is exact whatever reaches the
+loss.  For a classifier the attention mask stops them from influencing the pooled position, so their
+``g`` is exactly zero; a span head (extractive QA) does not mask them out of its start / end
+softmax, so an example's loss, and its Fisher, depend slightly on the padded length of its batch
+(as in its training).
 
 Requirement: the model's ``loss`` is the **mean over the batch's examples** of a per-example loss
 (Hugging Face sequence classification: cross-entropy, MSE for regression, BCE for multi-label are
-all means over the batch).  A loss averaged over tokens (token classification, language modelling)
+all means over the batch; question answering: the mean of the start and end cross-entropies).  A loss averaged over tokens (token classification, language modelling)
 would weight the examples by their token counts.
 """
 

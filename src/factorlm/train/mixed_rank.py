@@ -19,7 +19,8 @@ factorization otherwise.  This callback
 
    Gradients flow through both forwards (as in R-Drop), pulling the sub-networks that use
    different dense/factorized mixes to agree, so that the factorized network inherits the dense
-   twins' behaviour.  QA models (``start_logits`` / ``end_logits``) sum ``D`` over both heads.
+   twins' behaviour.  QA models (``start_logits`` / ``end_logits``) average ``D`` over the two heads
+   (a softmax over the tokens each), as their span loss averages the start and end cross-entropies.
    When ``p == 0`` both draws are the same network, so the second forward is skipped
    (the term is ~0 in expectation up to dropout noise); ``consistency_weight=0`` disables it
    entirely (ablation).
@@ -31,14 +32,15 @@ half the forwards at the start; ``zero_at = 0.5``; ``consistency_weight = 1.0``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import FactorLMError, check
+from ..errors import check
 from ..layers.mixed_rank import MixedRankLinear, mixed_rank_layers
 from .callbacks import Callback
+from .evaluate import LABEL_KEYS, output_heads
 
 __all__ = ["MixedRankCallback", "consistency_loss", "mixed_rank_p"]
 
@@ -71,19 +73,6 @@ def consistency_loss(y1: torch.Tensor, y2: torch.Tensor, regression: bool = Fals
         return kl_ab
     kl_ba = F.kl_div(a, b, reduction="batchmean", log_target=True)  # KL(P2 || P1)
     return 0.5 * (kl_ab + kl_ba)
-
-
-def _heads(outputs: Any) -> dict[str, torch.Tensor]:
-    """The output logits to compare: ``logits``, or ``start_logits`` + ``end_logits`` (QA)."""
-    if torch.is_tensor(outputs):
-        return {"logits": outputs}
-    get = outputs.get if isinstance(outputs, Mapping) else (lambda k: getattr(outputs, k, None))
-    if get("logits") is not None:
-        return {"logits": get("logits")}
-    heads = {k: get(k) for k in ("start_logits", "end_logits") if get(k) is not None}
-    if not heads:
-        raise FactorLMError("the model's outputs have no 'logits' (nor start/end logits) for the consistency loss")
-    return heads
 
 
 class MixedRankCallback(Callback):
@@ -163,11 +152,11 @@ class MixedRankCallback(Callback):
         forced = any(m.force is not None for m in layers)
         if not (sampling or forced):  # p == 0: both forwards would be the same factorized network
             return loss
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
+        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
         outputs2 = trainer.model(**inputs)
-        h1, h2 = _heads(outputs), _heads(outputs2)
+        h1, h2 = output_heads(outputs), output_heads(outputs2)
         reg = self._is_regression(trainer, next(iter(h1.values())))
-        div = sum(consistency_loss(h1[k], h2[k], reg, self.divergence) for k in h1)
+        div = sum(consistency_loss(h1[k], h2[k], reg, self.divergence) for k in h1) / len(h1)
         self.last_consistency = div.detach()
         return loss + self.consistency_weight * div.to(loss.dtype)
 
