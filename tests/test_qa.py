@@ -379,20 +379,20 @@ def test_distillation_and_consistency_on_span_heads():
 
 @pytest.mark.skipif(not SQUAD_DEV.is_file(), reason="SQuAD dev-v1.1.json not found")
 def test_minilm_learns_squad_beyond_the_trivial_reader(minilm_path, tmp_path):
-    """~40 bf16 steps on 640 training questions: the span head must beat the first-words reader by a
-    clear margin on 200 questions of articles it never saw (it reaches ~F1 13 vs ~5; the margin
-    asked, 4 points, is >2 standard errors of a 200-question F1)."""
+    """40 bf16 steps on 640 training questions: the span head beats the first-words reader on 500
+    questions of articles it never saw (measured F1 ~11 vs ~6; the 3 points asked are ~3 standard
+    errors of a 500-question F1 at that level), and answers exactly at least twice as often."""
     from factorlm import RunConfig
     from factorlm.api import finetune
 
     torch.set_num_threads(2)
     report = finetune(RunConfig(task="squad", dev_file=str(SQUAD_DEV), split_by_article=0.2, max_length=160,
-                                doc_stride=64, max_train_samples=640, max_eval_samples=200, batch_size=16,
+                                doc_stride=64, max_train_samples=640, max_eval_samples=500, batch_size=16,
                                 eval_batch_size=64, learning_rate=2e-4, max_steps=40, mixed_precision="bf16",
                                 selection_size=0, latency=False, progress=False, output=str(tmp_path / "qa"),
                                 cache_dir=str(tmp_path / "cache")), quiet=True)
-    f1, base = report.scores["final"]["f1"], report.baseline["f1"]
-    assert f1 > base + 4.0, (f1, base)
+    final, base = report.scores["final"], report.baseline
+    assert final["f1"] > base["f1"] + 3.0 and final["exact"] >= 2 * base["exact"], (final, base)
 
 
 def test_span_loss_fisher_matches_per_example_gradients(tok):
