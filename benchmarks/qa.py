@@ -159,7 +159,7 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.4))
     for v in dict.fromkeys(r["variant"] for r in runs):
         keeps = sorted({r["keep"] for r in runs if r["variant"] == v})
         means = [statistics.mean([r["f1"] for r in runs if r["variant"] == v and r["keep"] == k]) for k in keeps]
@@ -176,7 +176,8 @@ def plot(runs: list[dict], path: Path) -> None:
     ax.set_ylabel("F1 on the held-out articles")
     ax.set_title("MiniLM-L6 on SQuAD v1.1 (dev split by article)")
     ax.invert_xaxis()
-    ax.legend(fontsize=8)
+    ax.set_xticks(sorted({r["keep"] for r in runs}))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
