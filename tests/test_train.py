@@ -506,3 +506,18 @@ def test_gradient_hooks_see_unscaled_gradients_under_fp16_loss_scaling():
     assert len(seen) == 1
     ratio = float(seen[0].norm() / g_ref.norm())
     assert ratio == pytest.approx(1.0, rel=1e-3)  # 4096 without unscaling
+
+
+def test_accelerators_with_different_mixed_precision_in_one_process():
+    """accelerate refuses a second Accelerator whose mixed precision differs from the first one's; a
+    benchmark (or CI) that fine-tunes in fp32 and then in bf16 in one process must still get bf16."""
+    from factorlm.train.loop import make_accelerator
+
+    assert make_accelerator("no").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"
+    t = Trainer(make_model(), loaders(n_train=16)[0], None, AccTask(), cfg(max_steps=1, mixed_precision="bf16"))
+    try:
+        assert t.accelerator.mixed_precision == "bf16"
+    finally:
+        t.close()

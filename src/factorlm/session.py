@@ -45,9 +45,9 @@ class Session:
     # -- lazily built pieces ---------------------------------------------------------------------
     @functools.cached_property
     def accelerator(self):
-        from accelerate import Accelerator
+        from .train.loop import make_accelerator
 
-        return Accelerator(mixed_precision=self.config.mixed_precision)
+        return make_accelerator(self.config.mixed_precision)
 
     @functools.cached_property
     def task(self):

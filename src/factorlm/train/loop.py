@@ -103,6 +103,24 @@ class TrainState:
         return dataclasses.asdict(self)
 
 
+def make_accelerator(mixed_precision: str | None = None, **kwargs):
+    """An ``accelerate.Accelerator`` with this ``mixed_precision``, also when an earlier one in this
+    process used another.
+
+    accelerate keeps one process-wide ``AcceleratorState`` and refuses a second ``Accelerator`` whose
+    mixed precision differs ("restart your runtime"), so a notebook or a benchmark that fine-tunes in
+    fp32 and then in bf16 would fail. The mixed-precision state is reset then; the process group
+    (``PartialState``) is kept, so a distributed launch is untouched.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if mixed_precision is not None and shared and shared.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, **kwargs)
+
+
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) or \
         "norm" in type(module).__name__.lower()
@@ -169,7 +187,6 @@ class Trainer:
                  config: TrainConfig, callbacks: Sequence[Callback] = (), accelerator=None,
                  param_groups: Callable[[nn.Module], list[dict]] | None = None,
                  log: Callable[[str], None] | None = None):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.config = config
@@ -177,8 +194,8 @@ class Trainer:
         self._log = log
         self.callbacks: list[Callback] = list(callbacks)
         if accelerator is None:
-            accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                                      gradient_accumulation_steps=config.gradient_accumulation_steps)
+            accelerator = make_accelerator(config.mixed_precision,
+                                           gradient_accumulation_steps=config.gradient_accumulation_steps)
         self.accelerator = accelerator
         self.accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
         set_seed(config.seed)
