@@ -356,3 +356,33 @@ def test_dataloader_pairs_regression_and_shuffle(tokenizer):
     o1 = order(7)
     assert o1 == order(7) and o1 != order(8)
     assert sorted(o1) == [e.label for e in xs] and o1 != [e.label for e in xs]
+
+
+def test_dataloader_group_by_length_and_example_index(tokenizer):
+    """Length grouping: every example once per epoch, seeded order, and much less padding than random
+    batches; ``with_index`` carries each example's position (its label proves which one it is)."""
+    rng = np.random.default_rng(0)
+    xs = [Example("word " * int(n), None, i) for i, n in enumerate(rng.integers(1, 60, 400))]
+
+    def padding(dl):
+        seen, pad = [], 0
+        for b in dl:
+            seen += b["labels"].tolist()
+            pad += int((b["attention_mask"] == 0).sum())
+        return seen, pad
+
+    grouped = make_dataloader(xs, tokenizer, batch_size=16, max_length=64, shuffle=True, seed=3, group_by_length=True)
+    plain = make_dataloader(xs, tokenizer, batch_size=16, max_length=64, shuffle=True, seed=3)
+    (g1, pad_g), (g2, _) = padding(grouped), padding(grouped)
+    p1, pad_p = padding(plain)
+    assert sorted(g1) == sorted(g2) == list(range(400))  # each example exactly once per epoch
+    assert g1 != g2  # a new order each epoch
+    again = make_dataloader(xs, tokenizer, batch_size=16, max_length=64, shuffle=True, seed=3, group_by_length=True)
+    assert padding(again)[0] == g1  # the seed fixes the order
+    assert pad_g < 0.25 * pad_p, (pad_g, pad_p)
+
+    dl = make_dataloader(xs, tokenizer, batch_size=16, max_length=64, shuffle=True, seed=3, with_index=True)
+    for b in dl:
+        assert b["example_index"].tolist() == b["labels"].tolist()  # the labels are the positions
+    with pytest.raises(FactorLMError, match="group_by_length needs shuffle"):
+        make_dataloader(xs, tokenizer, batch_size=16, group_by_length=True)

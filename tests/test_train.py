@@ -521,3 +521,71 @@ def test_accelerators_with_different_mixed_precision_in_one_process():
         assert t.accelerator.mixed_precision == "bf16"
     finally:
         t.close()
+
+
+def test_teacher_logits_cached_by_example_index_give_the_same_training():
+    """With ``example_index`` in the batches the teacher runs once per example (the first epoch) and
+    later epochs read its cached logits; training is the same as with the teacher run every step. The
+    Trainer does not pass ``example_index`` to the model (BERT's forward would raise on it)."""
+    def indexed(n):
+        return [dict(x, example_index=i) for i, x in enumerate(make_data(n, 0))]
+
+    teacher = make_model(seed=1, dropout=0.0)
+    with torch.no_grad():
+        teacher.classifier.bias.copy_(torch.tensor([2.0, -2.0]))
+    runs = {}
+    for cache in (True, False):
+        student = make_model(dropout=0.1)
+        kd = DistillationCallback(copy.deepcopy(teacher), alpha=1.0, cache_logits=cache)
+        t = Trainer(student, DataLoader(indexed(64), batch_size=16, shuffle=True), None, AccTask(),
+                    cfg(max_steps=12), callbacks=[kd])  # 3 epochs of 4 batches
+        t.fit()
+        t.close()
+        runs[cache] = (kd, student.state_dict())
+    (kd_c, w_c), (kd_n, w_n) = runs[True], runs[False]
+    assert (kd_c.teacher_examples, kd_c.cached_examples) == (64, 128)
+    assert (kd_n.teacher_examples, kd_n.cached_examples) == (192, 0)
+    assert kd_c._logits is None  # released at the end of the phase
+    for k in w_c:
+        torch.testing.assert_close(w_c[k], w_n[k], rtol=0, atol=1e-6)
+
+    # without indices (or for token-level heads) nothing is cached
+    kd = DistillationCallback(copy.deepcopy(teacher))
+    Trainer(make_model(), loaders(n_train=32)[0], None, AccTask(), cfg(max_steps=4), callbacks=[kd]).fit()
+    assert (kd.teacher_examples, kd.cached_examples) == (64, 0)
+
+
+def test_sessions_in_two_precisions_each_train_in_their_own():
+    """accelerate's precision state is process-wide: a session made in bf16 must still train in bf16
+    after a session in fp32 reset that state (a notebook that compares the two)."""
+    from factorlm import RunConfig
+    from factorlm.session import Session
+
+    a = Session(RunConfig(task="rotten_tomatoes", mixed_precision="bf16"), quiet=True)
+    assert a.accelerator.mixed_precision == "bf16"
+    b = Session(RunConfig(task="rotten_tomatoes", mixed_precision="no"), quiet=True)
+    assert b.accelerator.mixed_precision == "no"
+    acc = a.accelerator
+    assert acc.mixed_precision == "bf16" and acc is a.accelerator  # made again once, then kept
+    assert b.accelerator.mixed_precision == "no"
+
+
+def test_teacher_cache_runs_the_teacher_only_on_rows_not_seen():
+    """A batch partly cached (several processes reshuffle their shards every epoch) runs the teacher on
+    its new rows only, and every row equals the teacher's own logits for that example."""
+    data = [dict(x, example_index=i) for i, x in enumerate(make_data(48, 0))]
+    teacher = make_model(seed=1, dropout=0.0).eval()
+    kd = DistillationCallback(copy.deepcopy(teacher))
+    t = Trainer(make_model(), DataLoader(data, batch_size=16), None, AccTask(), cfg(max_steps=1), callbacks=[kd])
+    kd.on_train_begin(t)
+    collate = torch.utils.data.default_collate
+    first, second = collate(data[40:48]), collate(data[4:8] + data[44:48] + data[0:4])
+    kd._teacher_heads(t, first)
+    got = kd._teacher_heads(t, second)["logits"]
+    assert (kd.teacher_examples, kd.cached_examples) == (8 + 8, 4)
+    with torch.no_grad():
+        want = teacher(input_ids=second["input_ids"], attention_mask=second["attention_mask"]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert kd._logits.shape[0] >= 48 and int(kd._seen.sum()) == 16
+    kd.on_train_end(t)
+    t.close()

@@ -138,6 +138,11 @@ def _teacher_key(session: Session, source: str) -> str:
         "lr": c.teacher_learning_rate or c.learning_rate, "max_steps": c.max_steps, "warmup": c.warmup_ratio,
         "weight_decay": c.weight_decay,
     }
+    # training options added later enter the key only when set, so existing teacher caches stay valid
+    if c.mixed_precision != "no":
+        ident["mixed_precision"] = c.mixed_precision
+    if c.group_by_length and not session.task.is_qa:  # QA windows are not length-grouped
+        ident["group_by_length"] = True
     if session.task.is_qa:  # the windows, and the post-processing keep-best's F1 (and v2's threshold) depend on
         ident.update(split_by_article=c.split_by_article, doc_stride=c.doc_stride, n_best=c.n_best,
                      max_answer_length=c.max_answer_length)

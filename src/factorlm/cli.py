@@ -67,6 +67,8 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--eval-every", type=int, help="score the held-out selection slice every N steps (default: each epoch)")
     t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    t.add_argument("--group-by-length", action="store_true", default=None,
+                   help="draw training batches of similar lengths so dynamic padding pads less (faster; another batch order)")
     t.add_argument("--checkpoint-dir", help="write training checkpoints (accelerate state) here")
     t.add_argument("--save-every", type=int, help="steps between checkpoints (needs --checkpoint-dir)")
     t.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")

@@ -42,6 +42,7 @@ class RunConfig:
     weight_decay: float = 0.01
     eval_every: int | None = None
     mixed_precision: str = "no"
+    group_by_length: bool = False  # training batches of similar lengths (less padding; changes the batch order)
     progress: bool = True
     checkpoint_dir: str | None = None  # periodic training checkpoints (accelerate save_state) go here
     save_every: int | None = None  # steps between checkpoints (needs checkpoint_dir)

@@ -43,11 +43,18 @@ class Session:
             print(msg, file=sys.stderr, flush=True)
 
     # -- lazily built pieces ---------------------------------------------------------------------
-    @functools.cached_property
+    @property
     def accelerator(self):
+        """This run's ``accelerate.Accelerator``, made on first use.  accelerate's mixed-precision
+        state is process-wide: when another session has since switched it to another precision, the
+        accelerator is made again, so this session never trains in the other one's precision."""
         from .train.loop import make_accelerator
 
-        return make_accelerator(self.config.mixed_precision)
+        acc, made_with = self.__dict__.get("_accelerator"), self.__dict__.get("_accelerator_precision")
+        if acc is None or acc.mixed_precision != made_with:
+            acc = self.__dict__["_accelerator"] = make_accelerator(self.config.mixed_precision)
+            self.__dict__["_accelerator_precision"] = acc.mixed_precision  # as accelerate set it
+        return acc
 
     @functools.cached_property
     def task(self):
@@ -80,7 +87,9 @@ class Session:
     def tokenizer(self, tok) -> None:
         self._tokenizer = tok
 
-    def train_loader(self, batch_size: int | None = None):
+    def train_loader(self, batch_size: int | None = None, with_index: bool = False):
+        """Shuffled training batches (``--group-by-length``: of similar lengths); ``with_index`` adds
+        each example's index (the Trainer's loaders: teacher logits are cached by it)."""
         from .data import make_dataloader
 
         if self.task.is_qa:
@@ -88,6 +97,7 @@ class Session:
         return make_dataloader(
             self.data.train, self.tokenizer, batch_size=batch_size or self.config.batch_size,
             max_length=self.config.max_length, shuffle=True, seed=self.config.seed,
+            group_by_length=self.config.group_by_length, with_index=with_index,
         )
 
     @functools.cached_property
@@ -190,7 +200,7 @@ class Session:
 
             model.to(self.accelerator.device)
             start = main_score(evaluate(model, select, self.task), self.task.main_metric)
-        trainer = Trainer(model, self.train_loader(), select, self.task, cfg, callbacks=callbacks,
+        trainer = Trainer(model, self.train_loader(with_index=True), select, self.task, cfg, callbacks=callbacks,
                           accelerator=self.accelerator, param_groups=param_groups, log=self.log)
         n_sel = len(self.data.select)
         self.log(f"[{phase}] training: {len(self.data.train):,} examples, {trainer.state.total_steps} steps "

@@ -12,7 +12,10 @@ from ..errors import FactorLMError, check
 from .tasks import Example, Task, TaskData
 
 __all__ = ["load_task_data", "make_dataloader", "subsample", "split_off", "selection_count",
-           "DEFAULT_SELECTION_SIZE", "MAX_DEFAULT_SELECTION"]
+           "DEFAULT_SELECTION_SIZE", "MAX_DEFAULT_SELECTION", "EXAMPLE_INDEX"]
+
+#: batch key of each example's position in the training set (``make_dataloader(with_index=True)``)
+EXAMPLE_INDEX = "example_index"
 
 # model selection holds out this fraction of the training split (at most MAX_DEFAULT_SELECTION examples)
 DEFAULT_SELECTION_SIZE = 0.1
@@ -144,15 +147,19 @@ def load_task_data(
 
 
 class _Encoded(Dataset):
-    def __init__(self, features: list[dict[str, list[int]]], labels: list[int | float]):
+    def __init__(self, features: list[dict[str, list[int]]], labels: list[int | float], with_index: bool = False):
         self.features = features
         self.labels = labels
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.features)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.features[i], "labels": self.labels[i]}
+        item = {**self.features[i], "labels": self.labels[i]}
+        if self.with_index:
+            item[EXAMPLE_INDEX] = i
+        return item
 
 
 class _Collate:
@@ -166,8 +173,10 @@ class _Collate:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         labels = [it["labels"] for it in items]
-        batch = dict(self.pad([{k: v for k, v in it.items() if k != "labels"} for it in items]))
+        batch = dict(self.pad([{k: v for k, v in it.items() if k not in ("labels", EXAMPLE_INDEX)} for it in items]))
         batch["labels"] = torch.tensor(labels, dtype=self.dtype)
+        if EXAMPLE_INDEX in items[0]:
+            batch[EXAMPLE_INDEX] = torch.tensor([it[EXAMPLE_INDEX] for it in items], dtype=torch.long)
         return batch
 
 
@@ -197,6 +206,8 @@ def make_dataloader(
     seed: int = 0,
     is_regression: bool | None = None,
     num_workers: int = 0,
+    group_by_length: bool = False,
+    with_index: bool = False,
 ) -> DataLoader:
     """Tokenize ``examples`` once (pairs when ``text_b``; truncated to ``max_length``) and batch them
     with per-batch dynamic padding. Batches are dicts with ``input_ids``, ``attention_mask``,
@@ -204,6 +215,13 @@ def make_dataloader(
     float32 for regression; inferred from the label types unless ``is_regression`` is given).
     ``shuffle=True`` uses a ``torch.Generator`` seeded with ``seed``: the same seed gives the same
     batch order (epoch after epoch, for one loader) on every run.
+
+    ``group_by_length=True`` (with ``shuffle``) draws batches of similar lengths, so dynamic padding
+    pads less: transformers' ``LengthGroupedSampler`` (random mega-batches of up to 50 batches,
+    each sorted by length, the longest batch first), seeded the same way.  ``with_index=True`` adds
+    ``example_index`` (the example's position in ``examples``) to every batch, for per-example
+    caches such as the teacher logits of :class:`~factorlm.train.DistillationCallback`; the
+    :class:`~factorlm.train.Trainer` does not pass it to the model.
     """
     examples = list(examples)
     check(len(examples) > 0, "make_dataloader got no examples")
@@ -211,13 +229,21 @@ def make_dataloader(
     check(max_length > 1, f"max_length must be > 1, got {max_length}")
     if is_regression is None:
         is_regression = any(isinstance(e.label, float) for e in examples)
-    dataset = _Encoded(_encode(tokenizer, examples, max_length), [e.label for e in examples])
+    check(not group_by_length or shuffle, "group_by_length needs shuffle=True (it is a training sampler)")
+    dataset = _Encoded(_encode(tokenizer, examples, max_length), [e.label for e in examples], with_index=with_index)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    sampler = None
+    if group_by_length:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler(batch_size, lengths=[len(f["input_ids"]) for f in dataset.features],
+                                       generator=generator)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        generator=generator if sampler is None else None,
         collate_fn=_Collate(tokenizer, is_regression),
         num_workers=num_workers,
     )

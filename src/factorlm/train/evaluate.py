@@ -19,13 +19,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.loaders import EXAMPLE_INDEX
 from ..errors import FactorLMError
 
 __all__ = ["predict", "evaluate", "main_score", "split_prefix", "prediction_stats", "majority_baseline",
-           "output_heads", "LABEL_KEYS"]
+           "output_heads", "LABEL_KEYS", "META_KEYS", "model_inputs"]
 
 #: batch keys that are targets, not model inputs (classification / regression, and QA spans)
 LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
+#: batch keys that are bookkeeping, never model inputs (the example's index, for per-example caches)
+META_KEYS = (EXAMPLE_INDEX,)
+
+
+def model_inputs(batch: Mapping[str, Any], labels: bool = False) -> dict[str, Any]:
+    """``batch`` without its bookkeeping keys (and without its targets unless ``labels``)."""
+    drop = META_KEYS if labels else META_KEYS + LABEL_KEYS
+    return {k: v for k, v in batch.items() if k not in drop}
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -87,7 +96,7 @@ def predict(model: nn.Module, loader, accelerator=None, is_regression: bool = Fa
             labels = batch.get("labels")
             if labels is None:
                 raise FactorLMError("evaluation batches must contain 'labels'")
-            logits = _logits_of(model(**batch)).detach().float()
+            logits = _logits_of(model(**model_inputs(batch, labels=True))).detach().float()
             if accelerator is not None:
                 logits, labels = accelerator.gather_for_metrics((logits.contiguous(), labels.contiguous()))
             all_logits.append(logits.cpu())

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import check
+from .evaluate import model_inputs
 
 #: per-example gradients are formed for at most this many (example x weight) elements at a time
 #: (2**26 fp32 = 256 MiB; MiniLM's 1536 x 384 FFN matrices -> chunks of 113 examples)
@@ -101,7 +102,7 @@ def accumulate_fisher(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 for c in captured.values():
                     c.clear()
-                loss = model(**batch).loss
+                loss = model(**model_inputs(batch, labels=True)).loss
                 check(loss is not None, "the model returned no loss (the Fisher information needs batches with labels)")
                 if per_example:
                     _add_per_example(fisher, modules, captured, loss * _batch_size(batch), chunk_elements)

@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import FactorLMError, check
 from .callbacks import Callback
 from .evaluate import evaluate as _evaluate
-from .evaluate import main_score
+from .evaluate import main_score, model_inputs
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "default_param_groups"]
 
@@ -110,7 +110,9 @@ def make_accelerator(mixed_precision: str | None = None, **kwargs):
     accelerate keeps one process-wide ``AcceleratorState`` and refuses a second ``Accelerator`` whose
     mixed precision differs ("restart your runtime"), so a notebook or a benchmark that fine-tunes in
     fp32 and then in bf16 would fail. The mixed-precision state is reset then; the process group
-    (``PartialState``) is kept, so a distributed launch is untouched.
+    (``PartialState``) is kept, so a distributed launch is untouched.  The state is shared by every
+    accelerator of the process: one made before the reset now reports (and autocasts to) the new
+    precision, so make a new one before training with it again (``Session.accelerator`` does).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -402,7 +404,7 @@ class Trainer:
                 if micro_in_step == 0:
                     self._call("on_step_begin")
                 with acc.accumulate(self.model):
-                    outputs = self.model(**batch)
+                    outputs = self.model(**model_inputs(batch, labels=True))
                     loss = self.compute_loss(batch, outputs)
                     acc.backward(loss)
                     step_loss += loss.detach().float()

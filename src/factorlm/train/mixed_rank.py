@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..errors import check
 from ..layers.mixed_rank import MixedRankLinear, mixed_rank_layers
 from .callbacks import Callback
-from .evaluate import LABEL_KEYS, output_heads
+from .evaluate import model_inputs, output_heads
 
 __all__ = ["MixedRankCallback", "consistency_loss", "mixed_rank_p"]
 
@@ -152,8 +152,7 @@ class MixedRankCallback(Callback):
         forced = any(m.force is not None for m in layers)
         if not (sampling or forced):  # p == 0: both forwards would be the same factorized network
             return loss
-        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-        outputs2 = trainer.model(**inputs)
+        outputs2 = trainer.model(**model_inputs(batch))
         h1, h2 = output_heads(outputs), output_heads(outputs2)
         reg = self._is_regression(trainer, next(iter(h1.values())))
         div = sum(consistency_loss(h1[k], h2[k], reg, self.divergence) for k in h1) / len(h1)
