@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Demo: the embedded default model (all-MiniLM-L6-v2) on the embedded rotten_tomatoes task.
-DEMO_ARGS ?= --method lpaf --keep 0.25 --importance sensitivity --decomposition row --omega scores_quantile --max-train-samples 1500 --epochs 2 --max-length 64 --output runs/demo --overwrite
+DEMO_ARGS ?= --method lpaf --keep 0.25 --importance sensitivity --decomposition row --omega scores_quantile --max-train-samples 4000 --epochs 2 --max-length 64 --mixed-precision auto --group-by-length --output runs/demo --overwrite
 
 .PHONY: install demo test bench clean
 

@@ -589,3 +589,18 @@ def test_teacher_cache_runs_the_teacher_only_on_rows_not_seen():
     assert kd._logits.shape[0] >= 48 and int(kd._seen.sum()) == 16
     kd.on_train_end(t)
     t.close()
+
+
+def test_mixed_precision_auto_is_resolved_and_recorded(monkeypatch):
+    """``auto`` becomes bf16 only where bf16 is native (emulated bf16 is slower than fp32), and the
+    recipe records the precision that ran, not "auto"."""
+    import factorlm.profiling as prof
+    from factorlm import RunConfig
+
+    monkeypatch.setattr(prof, "bf16_native", lambda device="cpu": True)
+    c = RunConfig(mixed_precision="auto")
+    assert c.mixed_precision == "bf16" and c.to_dict()["mixed_precision"] == "bf16"
+    monkeypatch.setattr(prof, "bf16_native", lambda device="cpu": False)
+    assert RunConfig(mixed_precision="auto").mixed_precision == "no"
+    with pytest.raises(FactorLMError, match="--mixed-precision must be"):
+        RunConfig(mixed_precision="bf17").validate()

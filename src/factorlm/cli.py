@@ -66,7 +66,8 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     t.add_argument("--warmup-ratio", type=float, help="linear warm-up fraction (default 0.06)")
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--eval-every", type=int, help="score the held-out selection slice every N steps (default: each epoch)")
-    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16", "auto"],
+                   help="training precision (default no = fp32); auto = bf16 where the device runs it natively")
     t.add_argument("--group-by-length", action="store_true", default=None,
                    help="draw training batches of similar lengths so dynamic padding pads less (faster; another batch order)")
     t.add_argument("--checkpoint-dir", help="write training checkpoints (accelerate state) here")
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or as many as the text holds)")
     _method_flags(p)
 
-    p = sub.add_parser("prune", help="unstructured pruning alone (movement or magnitude): a sparse model + masks")
+    p = sub.add_parser("prune", help="unstructured pruning alone (PLATON, movement or magnitude): a sparse model + masks")
     _common(p)
     g = p.add_argument_group("pruning")
     g.add_argument("--keep", type=float, help="budget the density defaults to (default density = keep)")

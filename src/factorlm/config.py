@@ -11,6 +11,19 @@ from typing import Any
 from .errors import FactorLMError, check
 
 
+
+def resolve_mixed_precision(value: str) -> str:
+    """``auto`` -> ``bf16`` where training runs on a device with native bf16 (a bf16 GPU; a CPU with
+    AVX-512 BF16 or AMX), else ``no`` (emulated bf16 is slower than fp32); other values unchanged."""
+    if value != "auto":
+        return value
+    import torch
+
+    from .profiling import bf16_native
+
+    return "bf16" if bf16_native("cuda" if torch.cuda.is_available() else "cpu") else "no"
+
+
 @dataclass
 class RunConfig:
     # -- model and data ------------------------------------------------------------------------
@@ -41,7 +54,7 @@ class RunConfig:
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     eval_every: int | None = None
-    mixed_precision: str = "no"
+    mixed_precision: str = "no"  # no | fp16 | bf16 | auto (bf16 where the device runs it natively, else no)
     group_by_length: bool = False  # training batches of similar lengths (less padding; changes the batch order)
     progress: bool = True
     checkpoint_dir: str | None = None  # periodic training checkpoints (accelerate save_state) go here
@@ -92,6 +105,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.max_length is None:  # the task's usual length: a sentence (pair), or a QA window
             self.max_length = 384 if is_qa_task(self.task) else 128
+        if self.mixed_precision == "auto":  # resolved at once: the recorded recipe says what ran
+            self.mixed_precision = resolve_mixed_precision("auto")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,6 +118,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         self.__post_init__()
         check(self.max_length > 0, f"--max-length must be > 0, got {self.max_length}")
+        check(self.mixed_precision in ("no", "fp16", "bf16"),
+              f"--mixed-precision must be no, fp16, bf16 or auto, got {self.mixed_precision!r}")
         if is_qa_task(self.task):  # (the QA settings are unused by every other task)
             check(0 < self.doc_stride < self.max_length,
                   f"--doc-stride must be in (0, --max-length {self.max_length}), got {self.doc_stride}")

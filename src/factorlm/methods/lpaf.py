@@ -6,8 +6,11 @@
 *As published* (and the default here):
 
 1. prune the fine-tuned model T with first-order unstructured pruning (UP_first) to density v
-   -> T_sparse, whose sparse matrices are closer to low rank (``--importance movement``: Sanh et
-   al.'s movement pruning, see :mod:`factorlm.methods.prune`);
+   -> T_sparse, whose sparse matrices are closer to low rank.  The paper asks for a first-order
+   criterion.  The default is ``--importance platon`` (Zhang et al. 2022, first-order sensitivity
+   x uncertainty), chosen among the first-order criteria by measurement on MiniLM: at 1-3 pruning
+   epochs, Sanh et al.'s movement pruning collapsed MRPC to the majority class and left matrices no
+   more low-rank than the teacher's; see :mod:`factorlm.methods.prune` and BENCHMARKS.md;
 2. factorize every target matrix of T_sparse (encoder linear layers; never embeddings) at the rank
    that meets ``--keep`` with **sparsity-aware SVD**, the weighted fit
    min ||Omega * (W - A B)||_F with Omega from the pruning importance scores ("w/ S",
@@ -21,8 +24,9 @@
 
 *Differs here* (each an option; the default is the paper's):
 
-* ``--importance platon|magnitude|sensitivity``: PLATON (the other published first-order
-  criterion), UP_zero (the paper's ablation), factorlm's earlier variant.
+* ``--importance movement|magnitude|sensitivity``: Sanh et al.'s movement pruning (the other
+  published first-order criterion; needs long schedules), UP_zero (the paper's ablation),
+  factorlm's earlier variant.
 * ``--omega mask`` is the paper's "w/ M" ablation; ``--omega scores_quantile`` (scores replaced by
   their quantiles among kept entries) and ``--decomposition row`` (Omega collapsed to one weight
   per input column, closed form) are factorlm's faster approximations; ``--decomposition svd`` is

@@ -14,12 +14,16 @@ LPAF's step 1 (UP_first).
   scope / period; ``sensitivity`` is factorlm's earlier variant (PLATON's score with a per-matrix
   straight-through masked forward), not a published method; ``magnitude`` without
   ``--prune-epochs`` is one-shot (the UP_zero ablation needs no training).
-* *Defaults and why*: ``--importance movement``, the first-order criterion LPAF builds on (its
-  UP_first is movement-style pruning, Sanh et al.).  PLATON is the other published first-order
-  criterion; which of the two prunes better under factorlm's training budgets is measured by the
-  benchmark protocol, and the default follows that measurement once it exists.
-  ``--scores-lr 1e-2`` and warm-up 0.1 / cool-down 0.2 are Sanh et al.'s GLUE settings (1 + 2 of
-  10 epochs); ``--distill 1.0``.
+* *Defaults and why*: ``--importance platon``, chosen by measurement (issue 11, part 3;
+  ``benchmarks/premise.py``, BENCHMARKS.md "LPAF's premise at scale").  LPAF's step 1 is
+  first-order pruning, and both movement and PLATON are first-order criteria.  On MiniLM-L6 / MRPC
+  (full training set), pruning to 10% or 25% density over 1 or 3 epochs went as follows:
+  movement's learned scores collapsed the model to the majority class in every cell, and its
+  matrices were no easier to factorize than the teacher's.  PLATON kept F1 within 0.6-3 points of
+  the teacher, and the relative error of the best rank-k fit fell from 0.69 to 0.45-0.59.  Movement
+  is Sanh et al.'s published criterion for long schedules (10+ epochs); it stays available as
+  ``--importance movement``, with ``--scores-lr 1e-2`` and warm-up 0.1 / cool-down 0.2, Sanh et
+  al.'s GLUE settings (1 + 2 of 10 epochs).  ``--distill 1.0``.
 * *Lifecycle*: ``run_pruning`` builds a :class:`~factorlm.prune.Pruner` (masks and learned scores
   installed on the model), trains one phase ``prune`` with it (hooks: ``on_step_begin`` updates
   masks, ``on_after_backward`` accumulates gradient scores), then ``Pruner.finalize`` bakes zeros
@@ -49,11 +53,11 @@ SCOPES = ("per_matrix", "global")
 
 @dataclass
 class PruneOptions:
-    importance: str = field(default="movement", metadata={"choices": CRITERIA, "help": (
-        "pruning criterion: movement = Sanh et al. 2020 (learned scores, top-k, the first-order criterion "
-        "LPAF builds on; default), platon = Zhang et al. 2022 (EMA sensitivity x uncertainty, global threshold, "
-        "weights zeroed), magnitude = |W| (UP_zero), sensitivity = factorlm's earlier variant (PLATON score, "
-        "per-matrix straight-through masking)")})
+    importance: str = field(default="platon", metadata={"choices": CRITERIA, "help": (
+        "pruning criterion: platon = Zhang et al. 2022 (first-order: EMA sensitivity x uncertainty, global "
+        "threshold, weights zeroed; default, chosen by measurement: BENCHMARKS.md), movement = Sanh et al. 2020 "
+        "(first-order, learned scores, top-k; needs long schedules), magnitude = |W| (UP_zero), sensitivity = "
+        "factorlm's earlier variant (PLATON score, per-matrix straight-through masking)")})
     density: float | None = field(default=None, metadata={"type": float, "help": (
         "fraction of target weights kept after pruning (default: --keep, equal storage)")})
     prune_epochs: float | None = field(default=None, metadata={"type": float, "help": (
@@ -129,7 +133,7 @@ def pruning_file_writer(masks, scores, density):
 @register_method("prune")
 class PruneMethod(Method):
     uses_plan = False  # no budget plan: the speed check does not apply
-    summary = "unstructured pruning: movement (first-order) or magnitude, cubic schedule (LPAF step 1)"
+    summary = "unstructured pruning: PLATON or movement (first-order) or magnitude, cubic schedule (LPAF step 1)"
 
     Options = PruneOptions
 
