@@ -24,6 +24,7 @@ progress so two processes can share a grid).  Writes ``results/premise.{md,json,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -43,6 +44,35 @@ TEACHERS = {  # full training sets; MRPC needs the higher lr (5e-5 left it at th
     "stsb": dict(teacher_epochs=3.0, teacher_learning_rate=1e-4),
 }
 KEEPS = (0.25, 0.16)
+
+
+def claim(f: Path) -> bool:
+    """True when this process may compute the run whose result is ``f``: not done yet, and not claimed
+    by another process (an exclusive ``.claim`` file, removed by the claimer when it is done)."""
+    if f.exists():
+        return False
+    try:
+        os.close(os.open(f.with_suffix(".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def run_grid(cells, describe) -> None:
+    """Run each ``(result file, name, run)`` not done nor claimed yet (see :func:`claim`), writing its
+    result dict as JSON; a failure is printed and the grid goes on."""
+    for f, name, run in cells:
+        if not claim(f):
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+        try:
+            res = run()
+            f.write_text(json.dumps(res, indent=1, default=str))
+            print(f"   {describe(res)}", flush=True)
+        except Exception as e:  # noqa: BLE001 - keep going
+            print(f"   FAILED: {type(e).__name__}: {e}", flush=True)
+        finally:
+            f.with_suffix(".claim").unlink(missing_ok=True)
 
 
 def run_id(task: str, crit: str, density: float, epochs: float) -> str:
@@ -74,6 +104,7 @@ def run_one(task: str, crit: str, density: float, epochs: float) -> dict:
             "main_metric": report.main_metric, "score": report.final,
             "dense": report.scores["dense"][report.main_metric], "steps": report.scores["prune"].get("steps"),
             "wall_s": wall, "errors": errors, "teacher": report.teacher, "warnings": report.warnings,
+            "baseline": report.baseline, "collapsed": bool(report.health.get("collapsed")),
             "config": cfg.to_dict()}
 
 
@@ -84,7 +115,9 @@ def table(runs: list[dict]) -> str:
         r0 = rs[0]
         e0 = {k: r0["errors"][k] for k in r0["errors"]}
         lab_t = next(c for c in e0["0.25"] if c.startswith("T "))
-        out.append(f"### {task} ({r0['main_metric']} x100; dense teacher {100 * r0['dense']:.1f})\n")
+        base = next((r["baseline"].get(r0["main_metric"]) for r in rs if r.get("baseline")), None)
+        out.append(f"### {task} ({r0['main_metric']} x100; dense teacher {100 * r0['dense']:.1f}"
+                   + (f"; majority class {100 * base:.1f}" if base is not None else "") + ")\n")
         out.append("mean relative error of the best rank-k fit over the 36 target matrices (lower = more low-rank); "
                    f"dense teacher T: {e0['0.25'][lab_t]:.3f} at keep 0.25, {e0['0.16'][lab_t]:.3f} at keep 0.16\n")
         out.append("| density | criterion | epochs | steps | score | err k@0.25 | UP_zero k@0.25 | err k@0.16 | "
@@ -97,8 +130,9 @@ def table(runs: list[dict]) -> str:
                 mine = next(c for c in e if c.startswith("UP_first") or c.startswith("pruned"))
                 zero = next(c for c in e if c.startswith("UP_zero"))
                 cells += [f"{e[mine]:.3f}", f"{e[zero]:.3f}"]
+            collapsed = r.get("collapsed", any("collapsed" in w for w in r.get("warnings", [])))
             out.append(f"| {r['density']:g} | {r['criterion']} | {r['epochs']:g} | {r['steps']} | "
-                       f"{100 * r['score']:.1f} | " + " | ".join(cells)
+                       f"{100 * r['score']:.1f}{' (one class)' if collapsed else ''} | " + " | ".join(cells)
                        + f" | {r['errors']['0.25']['empty rows+cols']:.3f} |")
         out.append("")
     return "\n".join(out)
@@ -153,26 +187,9 @@ def main() -> None:
     if not args.table_only:
         if not GLUE.is_dir():
             sys.exit(f"GLUE data not found under {GLUE} (set FACTORLM_DATA_DIR)")
-        for cell in grid:
-            f = RUNS / f"{run_id(*cell)}.json"
-            claim = f.with_suffix(".claim")
-            if f.exists():
-                continue
-            try:
-                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.close(fd)
-            except FileExistsError:
-                continue
-            print(f"[{time.strftime('%H:%M:%S')}] {run_id(*cell)}", flush=True)
-            try:
-                res = run_one(*cell)
-                f.write_text(json.dumps(res, indent=1, default=str))
-                print(f"   {res['main_metric']}={res['score']:.4f} (dense {res['dense']:.4f}) "
-                      f"err@0.25={json.dumps(res['errors']['0.25'])} {res['wall_s']}s", flush=True)
-            except Exception as e:  # noqa: BLE001 - keep going
-                print(f"   FAILED: {type(e).__name__}: {e}", flush=True)
-            finally:
-                claim.unlink(missing_ok=True)
+        run_grid([(RUNS / f"{run_id(*cell)}.json", run_id(*cell), functools.partial(run_one, *cell)) for cell in grid],
+                 lambda r: f"{r['main_metric']}={r['score']:.4f} (dense {r['dense']:.4f}) "
+                           f"err@0.25={json.dumps(r['errors']['0.25'])} {r['wall_s']}s")
     runs = [json.loads(f.read_text()) for f in sorted(RUNS.glob("*.json"))]
     runs = [r for r in runs if r["task"] in args.tasks]
     if not runs:

@@ -16,8 +16,8 @@ Writes ``results/train_precision.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from premise import COMMON, GLUE, RESULTS, TEACHERS  # noqa: E402
+from premise import COMMON, GLUE, RESULTS, TEACHERS, run_grid  # noqa: E402
 
 RUNS = RESULTS / "runs_precision"
 MODES = {"fp32": dict(mixed_precision="no", group_by_length=False),
@@ -79,23 +79,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     RUNS.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
-        for seed in args.seeds:
-            for mode in args.modes:
-                f = RUNS / f"{args.task}__{mode}__s{seed}.json"
-                claim = f.with_suffix(".claim")
-                if f.exists():
-                    continue
-                try:
-                    os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    continue
-                print(f"[{time.strftime('%H:%M:%S')}] {args.task} {mode} seed {seed}", flush=True)
-                try:
-                    res = run_one(args.task, mode, seed)
-                    f.write_text(json.dumps(res, indent=1, default=str))
-                    print(f"   {res['main_metric']}={res['score']:.4f} {res['wall_s']}s", flush=True)
-                finally:
-                    claim.unlink(missing_ok=True)
+        cells = [(RUNS / f"{args.task}__{mode}__s{seed}.json", f"{args.task} {mode} seed {seed}",
+                  functools.partial(run_one, args.task, mode, seed)) for seed in args.seeds for mode in args.modes]
+        run_grid(cells, lambda r: f"{r['main_metric']}={r['score']:.4f} {r['wall_s']}s")
     runs = [json.loads(f.read_text()) for f in sorted(RUNS.glob("*.json"))]
     if not runs:
         sys.exit("no finished runs")
