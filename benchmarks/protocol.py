@@ -1,0 +1,415 @@
+"""Issue 11, part 4: the comparison grid under the protocol of BENCHMARKS.md ("Protocol for quality
+tables from issue 11 on"): MiniLM-L6 on MRPC, STS-B, rotten_tomatoes and SST-2 (CoLA on request),
+dense teacher vs SVD_Ft, FWSVD_Ft, LPAF and RankDyna at keep 0.25 and 0.16, seeds 0, 1 and 2.
+
+Data: each task's full training set; the session itself holds 10% of it (at most 2,000 examples,
+drawn with the run's seed) out as the selection slice that keep-best selects on, and every score is
+on the full dev set (rotten_tomatoes: its dev split).  SST-2 trains on 20,000 examples: the library
+draws them with ``subsample(rest, 20000, seed)`` (``factorlm.data.loaders.load_task_data``), so it
+is *a seeded 20,000-example subset per seed* (seed 0, 1 and 2 train on different subsets, as they
+hold out different selection slices), not one fixed subset.
+
+Training (every run): batch 32, lr 1e-4, warm-up 6%, bf16 autocast with length-grouped batches,
+max length 128 (MRPC, STS-B) or 64 (CoLA, SST-2, rotten_tomatoes).  Teachers: 4 epochs at lr 1e-4
+for MRPC, 3 for the others; they are cached by a key over everything that shapes them, so every
+method of a (task, seed) starts from the same teacher (MRPC and STS-B seed 0 re-use premise.py's).
+
+Equal compute: every compression gets two epochs after the teacher.  SVD_Ft and FWSVD_Ft fine-tune
+for two; LPAF prunes for one and re-trains (mixed-rank) for one; RankDyna, which starts from the
+pre-trained model and has no teacher, gets the teacher's epochs plus those two.  Equal distillation:
+none.  LPAF's pruning distils from the teacher by default, so the grid runs it with ``distill=0``;
+its default (``LPAF_KD``, distilled pruning) is a separate, labelled row, only with ``--variants``.
+The first LPAF run of a (task, keep, seed) prunes and caches the pruned model
+(``results/cache/pruned/<task>-k<keep>-s<seed>-full``); the ablations at keep 0.25 (``--ablations``:
+w/o pruning, vanilla SVD instead of sparsity-aware, vanilla instead of mixed-rank fine-tuning) re-use
+it, so they differ from LPAF only in the step they ablate (w/o pruning trains one epoch fewer: the
+compression-steps column says so).
+
+Grid order: seed-major, then task, keep and variant, so a partial grid holds complete seeds.
+Resumable: each cell writes ``benchmarks/results/runs_protocol/<id>.json`` and is skipped when it
+exists; two processes share the grid (``--threads 1`` each): a run is claimed by an exclusive
+``<id>.claim`` file first.  Tables report mean +- sample std over seeds; a difference smaller than
+the larger of the two stds is marked "within noise".  Writes ``results/protocol.{md,json,png}``
+(``--ablations``: ``protocol_ablations.*``; ``--quick``: ``protocol_quick.*``).
+
+    python benchmarks/protocol.py --threads 1 &      # twice, side by side
+    python benchmarks/protocol.py --quick            # one small MRPC cell, minutes: checks the pipeline
+    python benchmarks/protocol.py --table-only
+    python benchmarks/protocol.py --ablations --threads 1 &    # LPAF's ablations at keep 0.25
+    python benchmarks/protocol.py --variants LPAF_KD --threads 1   # LPAF's default, distilled pruning
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import compress_steps, parse_variant, teacher_steps, with_reused_pruning  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+RUNS = RESULTS / "runs_protocol"
+GLUE = Path(os.environ.get("FACTORLM_DATA_DIR", ROOT.parents[1] / "shared" / "data" / "glue"))
+
+COMMON = dict(batch_size=32, eval_batch_size=256, learning_rate=1e-4, epochs=1.0, warmup_ratio=0.06,
+              teacher_learning_rate=1e-4, selection_size=0.1, mixed_precision="bf16", group_by_length=True,
+              latency=False, progress=False)
+# full training sets (SST-2: a seeded 20,000-example subset per seed); floats as premise.py writes them,
+# so the teacher cache keys match its MRPC and STS-B teachers
+TASKS = {
+    "mrpc": dict(max_length=128, teacher_epochs=4.0, data_dir=str(GLUE)),
+    "stsb": dict(max_length=128, teacher_epochs=3.0, data_dir=str(GLUE)),
+    "cola": dict(max_length=64, teacher_epochs=3.0, data_dir=str(GLUE)),
+    "sst2": dict(max_length=64, teacher_epochs=3.0, max_train_samples=20000, data_dir=str(GLUE)),
+    "rotten_tomatoes": dict(max_length=64, teacher_epochs=3.0),
+}
+QUICK = dict(max_train_samples=400, teacher_epochs=1.0)
+
+# "{task}-k{keep}-s{seed}-full" names the pruned-model cache: the first LPAF run of a (task, keep, seed)
+# prunes (1 epoch, no distillation) and saves it; the ablations re-use it.  "{rankdyna_epochs}" is the
+# task's teacher epochs + 2 (RankDyna has no teacher: it gets the teacher's steps too).
+LPAF = "lpaf:distill=0,pruned_model={task}-k{keep}-s{seed}-full"
+VARIANTS = {
+    "SVD_Ft": "svd:epochs=2",
+    "FWSVD_Ft": "fwsvd:epochs=2",
+    "LPAF": LPAF,
+    "RankDyna": "rankdyna:epochs={rankdyna_epochs}",
+    "LPAF_KD": "lpaf:pruned_model={task}-k{keep}-s{seed}-full-kd",
+    "LPAF_no_prune": "lpaf:distill=0,prune=false",
+    "LPAF_plain_svd": f"{LPAF},decomposition=svd",
+    "LPAF_vanilla_ft": f"{LPAF},mixed_rank=false",
+}
+DEFAULT = ["SVD_Ft", "FWSVD_Ft", "LPAF", "RankDyna"]
+ABLATIONS = ["LPAF_no_prune", "LPAF_plain_svd", "LPAF_vanilla_ft"]
+ABLATION_GRID = ["SVD_Ft", "FWSVD_Ft", "LPAF", *ABLATIONS]  # SVD_Ft, FWSVD_Ft, LPAF: the main grid's runs
+COMPARED = ["SVD_Ft", "FWSVD_Ft", *ABLATIONS]  # LPAF is compared with each of these present in a table
+LABELS = {
+    "SVD_Ft": "SVD_Ft (2 epochs)", "FWSVD_Ft": "FWSVD_Ft (2 epochs)",
+    "LPAF": "LPAF (prune 1 epoch without distillation + mixed-rank 1 epoch)",
+    "RankDyna": "RankDyna (from the pre-trained model; teacher's epochs + 2)",
+    "LPAF_KD": "LPAF, distilled pruning (its default; the only distilled row)",
+    "LPAF_no_prune": "LPAF w/o pruning (step 1; 1 epoch)",
+    "LPAF_plain_svd": "LPAF, vanilla SVD instead of sparsity-aware",
+    "LPAF_vanilla_ft": "LPAF, vanilla fine-tuning instead of mixed-rank",
+}
+
+
+class Deferred(Exception):
+    """An ablation whose LPAF pruned model is not cached yet (another process may be pruning it)."""
+
+
+def resolve(name: str, task: str, quick: bool) -> str:
+    """The variant string of ``name`` (a key of VARIANTS or a raw variant) for ``task``."""
+    epochs = {**TASKS[task], **(QUICK if quick else {})}["teacher_epochs"] + 2
+    return VARIANTS.get(name, name).replace("{rankdyna_epochs}", f"{epochs:g}")
+
+
+def prefix(args) -> str:
+    """Run ids and pruned-model caches of a smoke (--quick / --max-steps) never mix with real ones."""
+    return ("quick__" if args.quick else "") + (f"ms{args.max_steps}__" if args.max_steps else "")
+
+
+def run_id(task: str, name: str, keep: float, seed: int, args) -> str:
+    v = resolve(name, task, args.quick)
+    safe = v.replace(":", "_").replace(",", "_").replace("=", "-").replace("{", "").replace("}", "")
+    return f"{prefix(args)}{task}__{safe}__k{keep:g}__s{seed}"
+
+
+def machine(threads: int | None) -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {threads or torch.get_num_threads()} thread(s)"
+
+
+def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool = False) -> dict:
+    from factorlm import RunConfig, compress
+    from factorlm.train.evaluate import main_score
+
+    variant = resolve(name, task, args.quick)
+    method, cfg_over, opts = parse_variant(variant)
+    for k in ("pruned_model", "save_pruned"):
+        if isinstance(opts.get(k), str):
+            tag = prefix(args).replace("__", "-") + opts[k].format(task=task, keep=f"{keep:g}", seed=seed)
+            opts[k] = str(RESULTS / "cache" / "pruned" / tag)
+    if "pruned_model" in opts and not Path(opts["pruned_model"]).is_dir():
+        if set(opts) - {"pruned_model", "distill"} and not may_prune:  # an ablation: wait for LPAF's pruning
+            raise Deferred(opts["pruned_model"])
+        opts["save_pruned"] = opts.pop("pruned_model")  # the first run of (task, keep, seed) prunes and caches
+    settings = {**COMMON, **TASKS[task], **(QUICK if args.quick else {}), **cfg_over}
+    if args.max_steps:
+        settings["max_steps"] = args.max_steps
+    config = RunConfig(task=task, method=method, keep=keep, seed=seed, method_options=opts,
+                       cache_dir=str(RESULTS / "cache"), **settings)
+    t0 = time.time()
+    report = compress(config, save=False, quiet=not args.verbose)
+    dense = report.scores.get("dense", {})
+    return {
+        "task": task, "name": name, "variant": variant, "method": method, "keep": keep, "seed": seed,
+        "quick": args.quick, "max_steps": args.max_steps, "main_metric": report.main_metric, "score": report.final,
+        "dense": dense, "dense_score": main_score(dense, report.main_metric) if dense and method != "rankdyna" else None,
+        "phases": with_reused_pruning(report.scores, opts.get("pruned_model")), "accounting": report.accounting,
+        "train_steps": report.total_train_steps, "wall_s": round(time.time() - t0, 1), "warnings": report.warnings,
+        "health": report.health, "baseline": report.baseline, "teacher": report.teacher, "config": config.to_dict(),
+        "machine": machine(args.threads),
+    }
+
+
+def _claim(f: Path) -> bool:
+    try:
+        os.close(os.open(str(f.with_suffix(".claim")), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _ms(xs: list[float]) -> str:
+    if not xs:
+        return ""
+    if len(xs) == 1:
+        return f"{xs[0]:.1f}"
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
+
+
+def _sizes(task: str, config: dict) -> str:
+    """Training set used, selection slice and dev set (of the run whose config this is)."""
+    from factorlm.data import load_task_data, resolve_task
+
+    t = resolve_task(task)
+    kw = dict(data_dir=config.get("data_dir"), max_eval_samples=config.get("max_eval_samples"),
+              seed=config["seed"], selection_size=config["selection_size"])
+    d = load_task_data(t, max_train_samples=config.get("max_train_samples"), **kw)
+    dev = ", ".join(f"{s} {len(ex):,}" for s, ex in d.evals.items())
+    if config.get("max_train_samples") is None:
+        train = f"full training set {len(d.train) + len(d.select):,}: train {len(d.train):,}"
+    else:
+        full = load_task_data(t, max_train_samples=None, **kw)
+        n = len(full.train) + len(full.select)
+        train = (f"train {len(d.train):,} (a seeded {len(d.train):,}-example subset per seed of the "
+                 f"{n - len(d.select):,} left of the {n:,} after the slice)")
+    return f"{train}, selection slice {len(d.select):,} (drawn with the seed), {dev}"
+
+
+def _teachers(rs: list[dict]) -> dict[int, float]:
+    """seed -> the dense teacher's score (x100), from the runs that start from a teacher."""
+    return {r["seed"]: 100 * r["dense_score"] for r in rs if r.get("dense_score") is not None}
+
+
+def _compare(a: list[dict], b: list[dict]) -> str:
+    """Difference of means (x100) of runs ``a`` minus runs ``b`` over the seeds both have."""
+    sa, sb = {r["seed"]: 100 * r["score"] for r in a}, {r["seed"]: 100 * r["score"] for r in b}
+    common = sorted(sa.keys() & sb.keys())
+    if not common:
+        return "no common seed"
+    xa, xb = [sa[s] for s in common], [sb[s] for s in common]
+    diff = statistics.mean(xa) - statistics.mean(xb)
+    if len(common) < 2:
+        return f"{diff:+.1f} (one seed, noise unknown)"
+    noise = max(statistics.stdev(xa), statistics.stdev(xb))
+    verdict = "within noise" if abs(diff) < noise else "beyond noise"
+    return f"{diff:+.1f} ({verdict}: larger std {noise:.1f}; {len(common)} seeds)"
+
+
+def _flagged(r: dict, phase: str = "final") -> bool:
+    """The run's final model (``phase="dense"``: its teacher) collapsed to one class, diverged or
+    scored no better than the majority class."""
+    h = r.get("health") or {}
+    below = h.get("below_baseline" if phase == "final" else "teacher_below_baseline")
+    return bool(phase in (h.get("collapsed") or []) or phase in (h.get("diverged") or []) or below)
+
+
+def table(runs: list[dict], order: list[str]) -> str:
+    out = []
+    for task in dict.fromkeys(r["task"] for r in runs):
+        rs = [r for r in runs if r["task"] == task]
+        keeps = sorted({r["keep"] for r in rs}, reverse=True)
+        seeds = sorted({r["seed"] for r in rs})
+        metric = rs[0]["main_metric"]
+        cfg = next((r["config"] for r in rs if r["method"] != "rankdyna"), rs[0]["config"])
+        try:
+            sizes = _sizes(task, cfg)
+        except Exception as e:  # noqa: BLE001 - the table still stands without the data
+            sizes = f"training set size not read ({type(e).__name__}); max_train_samples={cfg.get('max_train_samples')}"
+        t_steps = sorted({teacher_steps(r) for r in rs if r["method"] != "rankdyna" and teacher_steps(r)})
+        e = cfg["teacher_epochs"]
+        recipe = (f"{e:g} epoch{'' if e == 1 else 's'} at lr {cfg['teacher_learning_rate']:g}, batch {cfg['batch_size']}, "
+                  f"max length {cfg['max_length']}, {cfg['mixed_precision']} autocast"
+                  + (" with length grouping" if cfg.get("group_by_length") else "") + ", keep-best on the slice")
+        machines = ", ".join(sorted({r.get("machine", "?") for r in rs}))
+        out.append(f"### {task}: {metric} x100 on dev, mean ± std over seeds {', '.join(map(str, seeds))}\n")
+        out.append(f"Data: {sizes}. Teacher: {recipe}; {'/'.join(map(str, t_steps)) or '?'} teacher steps. "
+                   f"Machine: {machines}.\n")
+        n_seeds = len(seeds)
+        lines = ["| method | " + " | ".join(f"keep {k:g}" for k in keeps)
+                 + " | compression steps | total steps (teacher + compression) | wall s (mean of a run) |",
+                 "|---|" + "---|" * (len(keeps) + 3)]
+        teachers = _teachers(rs)
+        flagged = any(_flagged(r, "dense") for r in rs if r.get("dense_score") is not None)
+        if teachers:
+            d = [teachers[s] for s in sorted(teachers)]
+            n = f" [{len(d)} seed{'s' if len(d) > 1 else ''}]" if len(d) != n_seeds else ""
+            n += " †" if flagged else ""
+            lines.append("| dense teacher | " + " | ".join(_ms(d) + n for _ in keeps)
+                         + f" | {'/'.join(map(str, t_steps))} (teacher) | | |")
+        base = next((r["baseline"] for r in rs if r.get("baseline")), {})
+        if base.get(metric) is not None:
+            lines.append("| majority class | " + " | ".join(f"{100 * base[metric]:.1f}" for _ in keeps) + " | 0 | | |")
+        else:
+            none = "— (regression: a constant has no correlation)" if task == "stsb" else "—"
+            lines.append("| majority class | " + " | ".join(none for _ in keeps) + " | 0 | | |")
+        names = sorted(dict.fromkeys(r["name"] for r in rs), key=lambda v: order.index(v) if v in order else len(order))
+        for v in names:
+            cells, steps, total, walls = [], set(), set(), []
+            for k in keeps:
+                c = [r for r in rs if r["name"] == v and r["keep"] == k]
+                cell = _ms([100 * r["score"] for r in c])
+                if c and len(c) != n_seeds:
+                    cell += f" [{len(c)} seed{'s' if len(c) > 1 else ''}]"
+                if any(_flagged(r) for r in c):
+                    cell += " †"
+                    flagged = True
+                cells.append(cell)
+                steps |= {compress_steps(r) for r in c}
+                total |= {teacher_steps(r) + compress_steps(r) for r in c}
+                walls += [r["wall_s"] for r in c]
+            wall = f"{statistics.mean(walls):.0f}" if walls else ""
+            lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(steps)))} | "
+                         f"{'/'.join(map(str, sorted(total)))} | {wall} |")
+        out += lines
+        if flagged:
+            out.append("\n† at least one model of the cell (the teacher's row: one seed's teacher) collapsed to one "
+                       "class, diverged or scored no better than the majority class (see the warnings in the JSON).")
+        out.append("\nWall time includes the teacher's training in the first run of a (task, seed) and the pruning in "
+                   "the first LPAF run of a (task, keep, seed); later runs load them from the cache.\n")
+        lpaf = [r for r in rs if r["name"] == "LPAF"]
+        others = [v for v in COMPARED if any(r["name"] == v for r in rs)]
+        for k in keeps:
+            mine = [r for r in lpaf if r["keep"] == k]
+            if not mine:
+                continue
+            m = statistics.mean(100 * r["score"] for r in mine)
+            parts = [f"LPAF {m:.1f}"]
+            if teachers:
+                dm = statistics.mean(teachers.values())
+                parts[0] += f" = {100 * m / dm:.1f}% of the dense teacher's mean ({dm:.1f})"
+            parts += [f"minus {v}: {_compare(mine, [r for r in rs if r['name'] == v and r['keep'] == k])}" for v in others]
+            out.append(f"- keep {k:g}: " + "; ".join(parts))
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(runs: list[dict], path: Path, order: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks) + 3, 4.6), squeeze=False)
+    for i, (ax, task) in enumerate(zip(axes[0], tasks)):
+        rs = [r for r in runs if r["task"] == task]
+        names = sorted(dict.fromkeys(r["name"] for r in rs), key=lambda v: order.index(v) if v in order else len(order))
+        for v in names:
+            keeps = sorted({r["keep"] for r in rs if r["name"] == v})
+            ys = [[100 * r["score"] for r in rs if r["name"] == v and r["keep"] == k] for k in keeps]
+            ax.errorbar(keeps, [statistics.mean(y) for y in ys], yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
+                        marker="o", capsize=3, label=LABELS.get(v, v))
+        teachers = _teachers(rs)
+        if teachers:
+            dm = statistics.mean(teachers.values())
+            ax.axhline(dm, color="k", ls="--", lw=1, label="dense teacher")
+            ax.annotate(f"dense {dm:.1f}", (1.0, dm), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7)
+        base = next((r["baseline"] for r in rs if r.get("baseline")), {}).get(rs[0]["main_metric"])
+        if base is not None:
+            ax.axhline(100 * base, color="grey", ls=":", lw=1, label="majority class")
+        ax.set_title(task)
+        ax.set_xlabel("fraction of encoder weights kept")
+        ax.set_ylabel(f"{rs[0]['main_metric']} x100 (mean ± std over seeds)")
+        ax.set_xticks(sorted({r["keep"] for r in rs}))
+        ax.invert_xaxis()
+        if i == len(tasks) - 1:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("MiniLM-L6, equal compute, no distillation (protocol of issue 11)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["mrpc", "stsb", "rotten_tomatoes", "sst2"], choices=list(TASKS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT,
+                   help=f"names ({', '.join(VARIANTS)}) or raw variants such as 'svd:epochs=3'")
+    p.add_argument("--keeps", nargs="+", type=float, default=[0.25, 0.16])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--ablations", action="store_true", help="LPAF's ablations at keep 0.25 (beside SVD_Ft, FWSVD_Ft, LPAF)")
+    p.add_argument("--quick", action="store_true", help="MRPC, 400 training examples, seed 0, keep 0.25, SVD_Ft and LPAF")
+    p.add_argument("--max-steps", type=int, help="cap every phase (smoke test of the benchmark itself)")
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (two benchmarks side by side with 1)")
+    args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    name = "protocol"
+    if args.ablations:
+        args.variants, args.keeps, name = ABLATION_GRID, [0.25], "protocol_ablations"
+    if args.quick:
+        args.tasks, args.seeds, args.keeps = ["mrpc"], [0], [0.25]
+        if not args.ablations:
+            args.variants = ["SVD_Ft", "LPAF"]
+        name = "protocol_quick" if not args.ablations else "protocol_ablations_quick"
+    if not args.table_only and any("data_dir" in TASKS[t] for t in args.tasks) and not GLUE.is_dir():
+        sys.exit(f"GLUE data not found under {GLUE} (set FACTORLM_DATA_DIR)")
+    RUNS.mkdir(parents=True, exist_ok=True)
+    grid = [(t, v, k, s) for s in args.seeds for t in args.tasks for k in args.keeps for v in args.variants]
+    if not args.table_only:
+        todo, deferred = grid, []
+        for may_prune in (False, True):  # deferred ablations come back after the rest of the grid
+            for t, v, k, s in todo:
+                f = RUNS / f"{run_id(t, v, k, s, args)}.json"
+                if f.exists() or not _claim(f):
+                    continue
+                print(f"[{time.strftime('%H:%M:%S')}] {t} {v} keep={k} seed={s}", flush=True)
+                try:
+                    res = run_one(t, v, k, s, args, may_prune=may_prune)
+                except Deferred as e:
+                    print(f"   deferred: LPAF's pruned model {e} is not cached yet", flush=True)
+                    f.with_suffix(".claim").unlink(missing_ok=True)
+                    deferred.append((t, v, k, s))
+                    continue
+                except BaseException as e:  # keep going, report at the end (Ctrl-C: release the claim, stop)
+                    f.with_suffix(".claim").unlink(missing_ok=True)
+                    if not isinstance(e, Exception):
+                        raise
+                    print(f"   FAILED: {type(e).__name__}: {e}", flush=True)
+                    continue
+                f.write_text(json.dumps(res, indent=1, default=str))
+                f.with_suffix(".claim").unlink(missing_ok=True)
+                dense = f" (dense {100 * res['dense_score']:.1f})" if res["dense_score"] is not None else ""
+                print(f"   {res['main_metric']} {100 * res['score']:.1f}{dense} steps={res['train_steps']} "
+                      f"{res['wall_s']}s", flush=True)
+            todo, deferred = deferred, []
+    wanted = {run_id(*g, args) for g in grid}
+    runs = [json.loads(f.read_text()) for f in sorted(RUNS.glob("*.json")) if f.stem in wanted]
+    runs.sort(key=lambda r: (args.tasks.index(r["task"]), -r["keep"], r["seed"]))
+    if not runs:
+        sys.exit("no finished runs")
+    md = table(runs, list(args.variants))
+    print(md)
+    (RESULTS / f"{name}.md").write_text(md + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(runs, indent=1, default=str))
+    plot(runs, RESULTS / f"{name}.png", list(args.variants))
+
+
+if __name__ == "__main__":
+    main()
