@@ -69,7 +69,8 @@ def run_one(variant: str, keep: float, seed: int, args) -> dict:
     method, cfg_over, opts = parse_variant(variant)
     for k in ("pruned_model", "save_pruned"):
         if isinstance(opts.get(k), str):
-            tag = ("quick-" if args.quick else "") + opts[k].format(keep=f"{keep:g}", seed=seed)
+            tag = (("quick-" if args.quick else "") + (f"ms{args.max_steps}-" if args.max_steps else "")
+                   + opts[k].format(keep=f"{keep:g}", seed=seed))  # a smoke run's pruning is never re-used
             opts[k] = str(RESULTS / "cache" / "pruned" / tag)
     if "pruned_model" in opts and not Path(opts["pruned_model"]).is_dir():
         opts["save_pruned"] = opts.pop("pruned_model")  # the first LPAF run of (keep, seed) prunes and caches
@@ -201,6 +202,9 @@ def main() -> None:
         sys.exit(f"SQuAD dev-v1.1.json not found at {SQUAD_DEV} (set FACTORLM_SQUAD_DEV)")
     if args.quick:
         args.variants, args.keeps, args.seeds = ["svd:epochs=2", LPAF], [0.25], [0]
+    global RUNS
+    if args.max_steps:  # a smoke test of the benchmark: its files never mix with the real runs
+        RUNS = RUNS.with_name(f"{RUNS.name}_smoke_ms{args.max_steps}")
     RUNS.mkdir(parents=True, exist_ok=True)
     grid = [(v, k, s) for s in args.seeds for k in args.keeps for v in args.variants]
     if not args.table_only:
@@ -224,7 +228,7 @@ def main() -> None:
     runs.sort(key=lambda r: (args.variants.index(r["variant"]) if r["variant"] in args.variants else 99, -r["keep"]))
     if not runs:
         sys.exit("no finished runs")
-    name = "qa_quick" if args.quick else "qa"
+    name = ("qa_quick" if args.quick else "qa") + (f"_smoke_ms{args.max_steps}" if args.max_steps else "")
     md = table(runs)
     print(md)
     (RESULTS / f"{name}.md").write_text(md + "\n")

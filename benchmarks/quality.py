@@ -105,7 +105,8 @@ def run_one(task: str, variant: str, keep: float, args) -> dict:
     method, cfg_over, opts = parse_variant(variant)
     for k in ("pruned_model", "save_pruned"):  # per-keep paths: "{keep}" in a variant is the budget
         if isinstance(opts.get(k), str):
-            opts[k] = str(RESULTS / "cache" / "pruned" / opts[k].format(task=task, keep=f"{keep:g}"))
+            smoke = f"ms{args.max_steps}-" if args.max_steps else ""  # a smoke run's pruning is never re-used
+            opts[k] = str(RESULTS / "cache" / "pruned" / (smoke + opts[k].format(task=task, keep=f"{keep:g}")))
     if "pruned_model" in opts and not Path(opts["pruned_model"]).is_dir():
         if set(opts) - {"pruned_model"}:  # an ablation of the default LPAF: it needs that run's pruning
             raise RuntimeError(f"run plain LPAF first: {opts['pruned_model']} is not cached yet")
@@ -231,6 +232,10 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    global RUNS
+    if args.max_steps:  # a smoke test of the benchmark: its files never mix with the real runs
+        RUNS = RUNS.with_name(f"{RUNS.name}_smoke_ms{args.max_steps}")
+        args.name += f"_smoke_ms{args.max_steps}"
     RUNS.mkdir(parents=True, exist_ok=True)
     groups = PRESETS[args.preset] if args.preset else [(args.methods, args.keeps)]
     groups = [(vs, [k for k in ks if k in args.keeps]) for vs, ks in groups]
@@ -260,7 +265,8 @@ def main() -> None:
     (RESULTS / f"{args.name}.json").write_text(json.dumps(runs, indent=1, default=str))
     if not args.metric:  # the plot shows the main metric
         plot(runs, RESULTS / f"{args.name}.png")
-    plot_rank_maps(runs)
+    if not args.max_steps:
+        plot_rank_maps(runs)
 
 
 def plot_rank_maps(runs: list[dict]) -> None:

@@ -194,6 +194,8 @@ def ensure_teacher(session: Session, validate=None) -> nn.Module:
                 + (f"(cached at {cache})" if cache_ok else
                    f"(NOT cached: {_writable_problem(cache)}; set --cache-dir or $FACTORLM_CACHE)"))
     session.finetune(model, phase="dense", epochs=c.teacher_epochs, learning_rate=c.teacher_learning_rate)
+    # the teacher's own warnings are replayed on reuse; the baseline check below is redone there, not replayed
+    teacher_warnings = list(session.warnings)
     session.check_final(session.phases["dense"], what="dense teacher's")
     session.teacher.update({"trained_here": True, main: session.phases["dense"].get(main)})
     if not cache_ok:
@@ -203,7 +205,7 @@ def ensure_teacher(session: Session, validate=None) -> nn.Module:
             models.save(model, cache, tokenizer=tokenizer, overwrite=True, meta={
                 "task": session.task.name, "method": "dense", "base_model": resolved,
                 "recipe": c.to_dict(), "scores": {"dense": session.phases["dense"]},
-                "warnings": list(session.warnings),  # replayed whenever the teacher is reused
+                "warnings": teacher_warnings,  # replayed whenever the teacher is reused
                 "health": {k: [p for p in v if p == "dense"] for k, v in session.health.items() if isinstance(v, list)},
             })
         except OSError as e:  # a cache that fails is not worth the run

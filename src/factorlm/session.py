@@ -304,7 +304,8 @@ class Session:
             self._warn(f"the {what} {self.task.main_metric} {score:.4f} is no better than the {base} {floor:.4f}")
 
     def record(self, phase: str, metrics: dict[str, float], **extra: Any) -> None:
-        self.phases[phase] = {**{k: float(v) for k, v in metrics.items()}, **extra}
+        # counts (a cached phase's "steps") stay integers; metrics become plain floats
+        self.phases[phase] = {**{k: v if type(v) is int else float(v) for k, v in metrics.items()}, **extra}
         shown = " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items())
         if shown:
             self.log(f"[{phase}] {'/'.join(self.data.evals)}: {shown}")
