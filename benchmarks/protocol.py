@@ -9,7 +9,9 @@ draws them with ``subsample(rest, 20000, seed)`` (``factorlm.data.loaders.load_t
 is *a seeded 20,000-example subset per seed* (seed 0, 1 and 2 train on different subsets, as they
 hold out different selection slices), not one fixed subset.
 
-Training (every run): batch 32, lr 1e-4, warm-up 6%, bf16 autocast with length-grouped batches,
+Training (every run): batch 32, lr 1e-4, warm-up 6%, length-grouped batches, bf16 autocast where the
+machine has native bf16 (``mixed_precision="auto"``: AMX / AVX-512 BF16 CPUs, bf16 GPUs; fp32
+elsewhere, where emulated bf16 is several times slower; each row records its machine and precision),
 max length 128 (MRPC, STS-B) or 64 (CoLA, SST-2, rotten_tomatoes).  Teachers: 4 epochs at lr 1e-4
 for MRPC, 3 for the others; they are cached by a key over everything that shapes them, so every
 method of a (task, seed) starts from the same teacher (MRPC and STS-B seed 0 re-use premise.py's).
@@ -58,7 +60,7 @@ RUNS = RESULTS / "runs_protocol"
 GLUE = Path(os.environ.get("FACTORLM_DATA_DIR", ROOT.parents[1] / "shared" / "data" / "glue"))
 
 COMMON = dict(batch_size=32, eval_batch_size=256, learning_rate=1e-4, epochs=1.0, warmup_ratio=0.06,
-              teacher_learning_rate=1e-4, selection_size=0.1, mixed_precision="bf16", group_by_length=True,
+              teacher_learning_rate=1e-4, selection_size=0.1, mixed_precision="auto", group_by_length=True,
               latency=False, progress=False)
 # full training sets (SST-2: a seeded 20,000-example subset per seed); floats as premise.py writes them,
 # so the teacher cache keys match its MRPC and STS-B teachers
@@ -121,12 +123,21 @@ def run_id(task: str, name: str, keep: float, seed: int, args) -> str:
     return f"{prefix(args)}{task}__{safe}__k{keep:g}__s{seed}"
 
 
-def machine(threads: int | None) -> str:
+def machine(threads: int | None, precision: str) -> str:
+    """The device, its thread count and the training precision, e.g. ``AMD EPYC, 1 thread(s), fp32``."""
+    import platform
+
     import torch
 
+    prec = "bf16" if precision == "bf16" else "fp32"
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU, {threads or torch.get_num_threads()} thread(s)"
+        return f"{torch.cuda.get_device_name(0)}, {prec}"
+    cpu = platform.processor() or "CPU"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {threads or torch.get_num_threads()} thread(s), {prec}"
 
 
 def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool = False) -> dict:
@@ -158,7 +169,7 @@ def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool 
         "phases": with_reused_pruning(report.scores, opts.get("pruned_model")), "accounting": report.accounting,
         "train_steps": report.total_train_steps, "wall_s": round(time.time() - t0, 1), "warnings": report.warnings,
         "health": report.health, "baseline": report.baseline, "teacher": report.teacher, "config": config.to_dict(),
-        "machine": machine(args.threads),
+        "machine": machine(args.threads, config.mixed_precision),
     }
 
 
