@@ -52,6 +52,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from premise import claim  # noqa: E402
+from qa import _ms  # noqa: E402
 from quality import compress_steps, parse_variant, teacher_steps, with_reused_pruning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -171,22 +173,6 @@ def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool 
         "health": report.health, "baseline": report.baseline, "teacher": report.teacher, "config": config.to_dict(),
         "machine": machine(args.threads, config.mixed_precision),
     }
-
-
-def _claim(f: Path) -> bool:
-    try:
-        os.close(os.open(str(f.with_suffix(".claim")), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
-
-
-def _ms(xs: list[float]) -> str:
-    if not xs:
-        return ""
-    if len(xs) == 1:
-        return f"{xs[0]:.1f}"
-    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
 
 
 def _sizes(task: str, config: dict) -> str:
@@ -388,7 +374,7 @@ def main() -> None:
         for may_prune in (False, True):  # deferred ablations come back after the rest of the grid
             for t, v, k, s in todo:
                 f = RUNS / f"{run_id(t, v, k, s, args)}.json"
-                if f.exists() or not _claim(f):
+                if f.exists() or not claim(f):
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] {t} {v} keep={k} seed={s}", flush=True)
                 try:

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from premise import claim  # noqa: E402
 from quality import compress_steps, parse_variant, with_reused_pruning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -90,14 +91,6 @@ def run_one(variant: str, keep: float, seed: int, args) -> dict:
         "warnings": report.warnings, "baseline": report.baseline, "config": config.to_dict(),
         "machine": f"CPU, {args.threads or 'default'} thread(s)",
     }
-
-
-def _claim(f: Path) -> bool:
-    try:
-        os.close(os.open(str(f.with_suffix(".claim")), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
 
 
 def _ms(xs: list[float]) -> str:
@@ -210,7 +203,7 @@ def main() -> None:
     if not args.table_only:
         for v, k, s in grid:
             f = RUNS / f"{run_id(v, k, s, args.quick)}.json"
-            if f.exists() or not _claim(f):
+            if f.exists() or not claim(f):
                 continue
             print(f"[{time.strftime('%H:%M:%S')}] {v} keep={k} seed={s}", flush=True)
             try:
