@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Demo: the embedded default model (all-MiniLM-L6-v2) on the embedded rotten_tomatoes task.
-DEMO_ARGS ?= --method lpaf --keep 0.25 --importance sensitivity --decomposition row --omega scores_quantile --max-train-samples 4000 --epochs 2 --max-length 64 --mixed-precision auto --group-by-length --output runs/demo --overwrite
+# It sizes itself to the machine: 4000 training examples in bf16 where bf16 is native (AMX / AVX-512
+# BF16 CPUs, bf16 GPUs), 1500 in fp32 elsewhere (emulated bf16 is slower than fp32), ~5-10 minutes either way.
+DEMO_SAMPLES ?= $(shell $(BIN)/python -c "from factorlm.config import resolve_mixed_precision as r; print(4000 if r('auto') == 'bf16' else 1500)")
+DEMO_ARGS ?= --method lpaf --keep 0.25 --importance sensitivity --decomposition row --omega scores_quantile --max-train-samples $(DEMO_SAMPLES) --epochs 2 --max-length 64 --mixed-precision auto --group-by-length --output runs/demo --overwrite
 
 .PHONY: install demo test bench clean
 
