@@ -5,7 +5,8 @@
 
 Factorization only shrinks the linear layers; attention (SDPA), GELU, LayerNorm, softmax and copies
 stay.  This table shows how much of each forward those costs are, i.e. the ceiling on the speed-up
-the factorization alone can give at this shape (Amdahl).  Writes results/profile_forward.{md,json}.
+the factorization alone can give at this shape (Amdahl).  Writes results/profile_forward.{md,json}
+(``--name``: another basename, e.g. for another machine).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -62,6 +64,7 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--name", default="profile_forward", help="output basename under results/")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -84,8 +87,12 @@ def main() -> None:
             rows[f"{name} {dt}"] = profile(copy.deepcopy(m).to(cast), batch, args.repeats)
             print(f"{name} {dt}: {sum(rows[f'{name} {dt}'].values()):.1f} ms", flush=True)
     groups = [g for g, _ in GROUPS] + ["other"]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from speed import machine_info
+
+    env = machine_info(args.threads)
     lines = [f"# Forward time by op group (MiniLM-L6, keep {args.keep}, batch {args.batch} x {args.seq}, "
-             f"{args.threads} threads, torch.profiler self CPU time, mean of {args.repeats})", "",
+             f"{args.threads} threads, {env['cpu']} ({env['cpu_capability']}), torch.profiler self CPU time, mean of {args.repeats})", "",
              "| variant | total ms | " + " | ".join(groups) + " |", "|---|---:|" + "---:|" * len(groups)]
     for name, r in rows.items():
         tot = sum(r.values())
@@ -97,8 +104,8 @@ def main() -> None:
             lines.append(f"\n{dt}: the factorized forward spends {rest:.1f} ms outside the linear layers; even with "
                          f"free linear layers its speed-up over dense would be at most {sum(d.values()) / rest:.2f}x.")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "profile_forward.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "profile_forward.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "env": env, "rows": rows}, indent=1))
     print("\n".join(lines))
 
 

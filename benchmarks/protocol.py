@@ -19,8 +19,11 @@ method of a (task, seed) starts from the same teacher (MRPC and STS-B seed 0 re-
 Equal compute: every compression gets two epochs after the teacher.  SVD_Ft and FWSVD_Ft fine-tune
 for two; LPAF prunes for one and re-trains (mixed-rank) for one; RankDyna, which starts from the
 pre-trained model and has no teacher, gets the teacher's epochs plus those two.  Equal distillation:
-none.  LPAF's pruning distils from the teacher by default, so the grid runs it with ``distill=0``;
-its default (``LPAF_KD``, distilled pruning) is a separate, labelled row, only with ``--variants``.
+none in the default grid.  LPAF's pruning distils from the teacher by default, so the grid runs it
+with ``distill=0``.  The distilled grid (``--kd``: ``SVD_Ft_KD``, ``FWSVD_Ft_KD``, ``LPAF_KD``) gives
+every compression step the same KL-to-the-teacher term (weight 1, temperature 2): SVD_Ft and
+FWSVD_Ft fine-tune with ``finetune_distill=1``; LPAF prunes with its default distillation and
+re-trains with ``finetune_distill=1``.  RankDyna has no teacher and no distilled row.
 The first LPAF run of a (task, keep, seed) prunes and caches the pruned model
 (``results/cache/pruned/<task>-k<keep>-s<seed>-full``); the ablations at keep 0.25 (``--ablations``:
 w/o pruning, vanilla SVD instead of sparsity-aware, vanilla instead of mixed-rank fine-tuning) re-use
@@ -38,7 +41,7 @@ the larger of the two stds is marked "within noise".  Writes ``results/protocol.
     python benchmarks/protocol.py --quick            # one small MRPC cell, minutes: checks the pipeline
     python benchmarks/protocol.py --table-only
     python benchmarks/protocol.py --ablations --threads 1 &    # LPAF's ablations at keep 0.25
-    python benchmarks/protocol.py --variants LPAF_KD --threads 1   # LPAF's default, distilled pruning
+    python benchmarks/protocol.py --kd --threads 1   # the distilled grid: SVD_Ft_KD, FWSVD_Ft_KD, LPAF_KD
 """
 
 from __future__ import annotations
@@ -84,12 +87,15 @@ VARIANTS = {
     "FWSVD_Ft": "fwsvd:epochs=2",
     "LPAF": LPAF,
     "RankDyna": "rankdyna:epochs={rankdyna_epochs}",
-    "LPAF_KD": "lpaf:pruned_model={task}-k{keep}-s{seed}-full-kd",
+    "SVD_Ft_KD": "svd:epochs=2,finetune_distill=1",
+    "FWSVD_Ft_KD": "fwsvd:epochs=2,finetune_distill=1",
+    "LPAF_KD": "lpaf:finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_no_prune": "lpaf:distill=0,prune=false",
     "LPAF_plain_svd": f"{LPAF},decomposition=svd",
     "LPAF_vanilla_ft": f"{LPAF},mixed_rank=false",
 }
 DEFAULT = ["SVD_Ft", "FWSVD_Ft", "LPAF", "RankDyna"]
+KD = ["SVD_Ft_KD", "FWSVD_Ft_KD", "LPAF_KD"]
 ABLATIONS = ["LPAF_no_prune", "LPAF_plain_svd", "LPAF_vanilla_ft"]
 ABLATION_GRID = ["SVD_Ft", "FWSVD_Ft", "LPAF", *ABLATIONS]  # SVD_Ft, FWSVD_Ft, LPAF: the main grid's runs
 COMPARED = ["SVD_Ft", "FWSVD_Ft", *ABLATIONS]  # LPAF is compared with each of these present in a table
@@ -97,7 +103,8 @@ LABELS = {
     "SVD_Ft": "SVD_Ft (2 epochs)", "FWSVD_Ft": "FWSVD_Ft (2 epochs)",
     "LPAF": "LPAF (prune 1 epoch without distillation + mixed-rank 1 epoch)",
     "RankDyna": "RankDyna (from the pre-trained model; teacher's epochs + 2)",
-    "LPAF_KD": "LPAF, distilled pruning (its default; the only distilled row)",
+    "SVD_Ft_KD": "SVD_Ft + KD (2 epochs)", "FWSVD_Ft_KD": "FWSVD_Ft + KD (2 epochs)",
+    "LPAF_KD": "LPAF + KD (distilled pruning, its default, + distilled mixed-rank)",
     "LPAF_no_prune": "LPAF w/o pruning (step 1; 1 epoch)",
     "LPAF_plain_svd": "LPAF, vanilla SVD instead of sparsity-aware",
     "LPAF_vanilla_ft": "LPAF, vanilla fine-tuning instead of mixed-rank",
@@ -153,7 +160,7 @@ def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool 
             tag = prefix(args).replace("__", "-") + opts[k].format(task=task, keep=f"{keep:g}", seed=seed)
             opts[k] = str(RESULTS / "cache" / "pruned" / tag)
     if "pruned_model" in opts and not Path(opts["pruned_model"]).is_dir():
-        if set(opts) - {"pruned_model", "distill"} and not may_prune:  # an ablation: wait for LPAF's pruning
+        if set(opts) - {"pruned_model", "distill", "finetune_distill"} and not may_prune:  # an ablation: wait for LPAF's pruning
             raise Deferred(opts["pruned_model"])
         opts["save_pruned"] = opts.pop("pruned_model")  # the first run of (task, keep, seed) prunes and caches
     settings = {**COMMON, **TASKS[task], **(QUICK if args.quick else {}), **cfg_over}
@@ -285,19 +292,21 @@ def table(runs: list[dict], order: list[str]) -> str:
                        "class, diverged or scored no better than the majority class (see the warnings in the JSON).")
         out.append("\nWall time includes the teacher's training in the first run of a (task, seed) and the pruning in "
                    "the first LPAF run of a (task, keep, seed); later runs load them from the cache.\n")
-        lpaf = [r for r in rs if r["name"] == "LPAF"]
-        others = [v for v in COMPARED if any(r["name"] == v for r in rs)]
-        for k in keeps:
-            mine = [r for r in lpaf if r["keep"] == k]
-            if not mine:
-                continue
-            m = statistics.mean(100 * r["score"] for r in mine)
-            parts = [f"LPAF {m:.1f}"]
-            if teachers:
-                dm = statistics.mean(teachers.values())
-                parts[0] += f" = {100 * m / dm:.1f}% of the dense teacher's mean ({dm:.1f})"
-            parts += [f"minus {v}: {_compare(mine, [r for r in rs if r['name'] == v and r['keep'] == k])}" for v in others]
-            out.append(f"- keep {k:g}: " + "; ".join(parts))
+        for lead, compared in (("LPAF", COMPARED), ("LPAF_KD", KD[:-1])):
+            lpaf = [r for r in rs if r["name"] == lead]
+            others = [v for v in compared if any(r["name"] == v for r in rs)]
+            for k in keeps:
+                mine = [r for r in lpaf if r["keep"] == k]
+                if not mine:
+                    continue
+                m = statistics.mean(100 * r["score"] for r in mine)
+                parts = [f"{lead} {m:.1f}"]
+                if teachers:
+                    dm = statistics.mean(teachers.values())
+                    parts[0] += f" = {100 * m / dm:.1f}% of the dense teacher's mean ({dm:.1f})"
+                parts += [f"minus {v}: {_compare(mine, [r for r in rs if r['name'] == v and r['keep'] == k])}"
+                          for v in others]
+                out.append(f"- keep {k:g}: " + "; ".join(parts))
         out.append("")
     return "\n".join(out)
 
@@ -347,6 +356,7 @@ def main() -> None:
     p.add_argument("--keeps", nargs="+", type=float, default=[0.25, 0.16])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--ablations", action="store_true", help="LPAF's ablations at keep 0.25 (beside SVD_Ft, FWSVD_Ft, LPAF)")
+    p.add_argument("--kd", action="store_true", help="the distilled grid: SVD_Ft_KD, FWSVD_Ft_KD, LPAF_KD (protocol_kd.*)")
     p.add_argument("--quick", action="store_true", help="MRPC, 400 training examples, seed 0, keep 0.25, SVD_Ft and LPAF")
     p.add_argument("--max-steps", type=int, help="cap every phase (smoke test of the benchmark itself)")
     p.add_argument("--table-only", action="store_true")
@@ -360,11 +370,13 @@ def main() -> None:
     name = "protocol"
     if args.ablations:
         args.variants, args.keeps, name = ABLATION_GRID, [0.25], "protocol_ablations"
+    elif args.kd:
+        args.variants, name = KD, "protocol_kd"
     if args.quick:
         args.tasks, args.seeds, args.keeps = ["mrpc"], [0], [0.25]
         if not args.ablations:
-            args.variants = ["SVD_Ft", "LPAF"]
-        name = "protocol_quick" if not args.ablations else "protocol_ablations_quick"
+            args.variants = ["SVD_Ft_KD", "LPAF_KD"] if args.kd else ["SVD_Ft", "LPAF"]
+        name += "_quick"
     if not args.table_only and any("data_dir" in TASKS[t] for t in args.tasks) and not GLUE.is_dir():
         sys.exit(f"GLUE data not found under {GLUE} (set FACTORLM_DATA_DIR)")
     RUNS.mkdir(parents=True, exist_ok=True)

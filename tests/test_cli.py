@@ -302,3 +302,40 @@ def test_lpaf_factors_depend_on_the_given_masks_and_scores(tiny_dir, csv_task, t
     mkey = "mask/" + key[len("score/"):]
     grown = edited("p_mask", lambda t: t.__setitem__(mkey, torch.ones_like(t[mkey])))
     assert differ(factors(tmp_path / "pruned", "f3", "--omega", "mask"), factors(grown, "f4", "--omega", "mask"))
+
+
+@pytest.mark.parametrize("method", ["svd", "fwsvd", "lpaf"])
+def test_finetune_distill_reads_the_dense_teacher(method, tiny_dir, csv_task, tmp_path, capsys, monkeypatch):
+    """--finetune-distill A: the fine-tune of the factorized model gets one distillation term whose
+    teacher is the dense teacher (no factorized layer, its exact weights, unpruned for LPAF) and which
+    really runs; without the flag that phase has none (LPAF's step-1 distillation is separate)."""
+    from factorlm import models
+    from factorlm.layers.base import FactorizedLinear
+    from factorlm.session import Session
+    from factorlm.train import DistillationCallback
+
+    seen: dict[str, list] = {}
+    orig = Session.finetune
+
+    def spy(self, model, *, phase, callbacks=(), **kw):
+        out = orig(self, model, phase=phase, callbacks=callbacks, **kw)
+        seen[phase] = [c for c in callbacks if isinstance(c, DistillationCallback)]
+        return out
+
+    monkeypatch.setattr(Session, "finetune", spy)
+    common = ["--model", tiny_dir, "--method", method, "--keep", "0.5", "--max-steps", "2", "--no-latency",
+              *_csv_args(csv_task, tmp_path), *(["--fisher-batches", "1"] if method == "fwsvd" else [])]
+    code, _, err = run(["compress", *common, "--output", tmp_path / "plain"], capsys)
+    assert code == 0, err
+    assert seen["finetune"] == []
+    code, _, err = run(["compress", *common, "--finetune-distill", "0.5", "--output", tmp_path / "kd"], capsys)
+    assert code == 0, err
+    (kd,) = seen["finetune"]
+    assert kd.alpha == 0.5 and kd.teacher_examples + kd.cached_examples > 0
+    assert not any(isinstance(m, FactorizedLinear) for m in kd.teacher.modules())
+    (cache,) = (tmp_path / "cache" / "teachers").iterdir()
+    dense = models.load(cache).state_dict()
+    got = kd.teacher.state_dict()
+    assert got.keys() == dense.keys() and all(torch.equal(got[k], dense[k]) for k in dense)
+    code, _, err = run(["compress", *common, "--finetune-distill", "-1", "--output", tmp_path / "bad"], capsys)
+    assert code == 2 and "--finetune-distill must be >= 0" in err and not (tmp_path / "bad").exists()

@@ -11,6 +11,24 @@ from ..factorize import budget_plan, structure_class
 from ..models.surgery import find_targets, target_shapes
 
 
+def teacher_distillation(teacher: nn.Module | None, alpha: float) -> list:
+    """``[DistillationCallback]`` from a frozen copy of ``teacher`` (taken now, so later in-place
+    changes of the model do not reach it) when ``alpha > 0``, else ``[]``."""
+    if alpha <= 0 or teacher is None:
+        return []
+    import copy
+
+    from ..train import DistillationCallback
+
+    return [DistillationCallback(copy.deepcopy(teacher).eval(), alpha=alpha)]
+
+
+#: the help of every method's ``finetune_distill`` option (one CLI flag, one meaning)
+FINETUNE_DISTILL_HELP = (
+    "weight of a KL-to-the-dense-teacher term while fine-tuning the factorized model (0 = off, the default; "
+    "> 0 gives compared methods the same distillation, see BENCHMARKS.md's protocol)")
+
+
 def targets_for(session, model: nn.Module) -> list[str]:
     c = session.config
     targets = find_targets(model, include=c.include, exclude=c.exclude)

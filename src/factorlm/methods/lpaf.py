@@ -35,6 +35,8 @@
   as the factorized one has weights); the paper pairs densities and ranks per budget.
 * The schedule constants (``--p-init 0.5``, ``--p-zero-at 0.5`` = p reaches 0 halfway through
   step 3, ``--consistency 1.0``) are factorlm's choices where the paper gives no single value.
+* ``--finetune-distill A`` (off by default) adds a KL-to-the-dense-teacher term to step 3, so that a
+  comparison can give every method the same distillation (``--distill`` is step 1's, on by default).
 * Step 3 draws one z per matrix per forward (as published) from the global torch RNG, which
   ``--seed`` seeds at the start of every phase.
 
@@ -61,7 +63,7 @@ from ..errors import check
 from ..staged import run_factorize
 from ..models.surgery import get_module
 from .base import Method, MethodResult, register_method
-from .common import plan_for, targets_for
+from .common import FINETUNE_DISTILL_HELP, plan_for, targets_for, teacher_distillation
 from .prune import PRUNING_FILE, PruneOptions, load_pruned, pruning_file_writer, run_pruning
 
 DECOMPOSITIONS = ("em", "row", "svd")
@@ -93,6 +95,7 @@ class LPAFMethod(Method):
         p_init: float = field(default=0.5, metadata={"help": "initial probability of using a matrix's sparse dense twin"})
         p_zero_at: float = field(default=0.5, metadata={"help": "fraction of step-3 training at which p reaches 0 (sets d)"})
         consistency: float = field(default=1.0, metadata={"help": "lambda of the consistency loss (0: mixed-rank without L_c)"})
+        finetune_distill: float = field(default=0.0, metadata={"help": FINETUNE_DISTILL_HELP})
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -103,6 +106,7 @@ class LPAFMethod(Method):
             check(0 <= self.p_init <= 1, f"--p-init must be in [0, 1], got {self.p_init}")
             check(self.p_zero_at > 0, f"--p-zero-at must be > 0, got {self.p_zero_at}")
             check(self.consistency >= 0, f"--consistency must be >= 0, got {self.consistency}")
+            check(self.finetune_distill >= 0, f"--finetune-distill must be >= 0, got {self.finetune_distill}")
 
     def validate(self, config, num_processes: int = 1) -> None:
         o = self.options
@@ -123,6 +127,8 @@ class LPAFMethod(Method):
         targets = targets_for(session, model)
         info: dict = {}
         extra: dict = {}
+        # step 3's optional distillation reads the dense teacher: copied now, before step 1 changes the model
+        kd = teacher_distillation(model, o.finetune_distill if o.finetune else 0.0)
 
         # -- step 1: prune --------------------------------------------------------------------------
         masks = scores = None
@@ -181,10 +187,10 @@ class LPAFMethod(Method):
                 wrap_mixed_rank(model, twins)
                 cb = MixedRankCallback(p_init=o.p_init, zero_at=o.p_zero_at, consistency_weight=o.consistency)
                 try:
-                    session.finetune(model, phase="finetune", callbacks=[cb])
+                    session.finetune(model, phase="finetune", callbacks=[cb, *kd])
                 finally:
                     unwrap_mixed_rank(model)
             else:
-                session.finetune(model, phase="finetune")
-        del twins
+                session.finetune(model, phase="finetune", callbacks=kd)
+        del twins, kd
         return MethodResult(model, accounting, info, extra)

@@ -32,7 +32,6 @@ LPAF's step 1 (UP_first).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -98,7 +97,7 @@ def pruning_density(options, keep: float | None) -> float:
 def run_pruning(session, model: nn.Module, targets: list[str], options, keep: float | None):
     """Prune ``model`` in place; returns ``(masks, scores, density)`` and records the "pruned" phase."""
     from ..prune import Pruner, prune_once
-    from ..train import DistillationCallback
+    from .common import teacher_distillation
 
     density = pruning_density(options, keep)
     if options.importance == "magnitude" and options.prune_epochs is None:
@@ -106,10 +105,7 @@ def run_pruning(session, model: nn.Module, targets: list[str], options, keep: fl
         session.log(f"[prune] magnitude pruning to density {density:g} (one shot)")
         masks, scores = prune_once(model, targets, "magnitude", density, scope=options.prune_scope or "per_matrix")
     else:
-        callbacks = []
-        if options.distill > 0:
-            teacher = copy.deepcopy(model).eval()
-            callbacks.append(DistillationCallback(teacher, alpha=options.distill))
+        callbacks = teacher_distillation(model, options.distill)
         pruner = Pruner(model, targets, options.importance, density, warmup_steps=options.prune_warmup,
                         cooldown_steps=options.prune_cooldown, scope=options.prune_scope,
                         update_every=options.prune_every, scores_lr=options.scores_lr)

@@ -1,4 +1,9 @@
-"""SVD_Ft and FWSVD_Ft: factorize the fine-tuned model's target layers, then fine-tune."""
+"""SVD_Ft and FWSVD_Ft: factorize the fine-tuned model's target layers, then fine-tune.
+
+The fine-tune uses the task loss only, as in the baselines of Hsu et al. 2022 and Ren & Zhu 2024;
+``--finetune-distill A`` adds a KL-to-the-dense-teacher term (weight A, the teacher copied before
+factorization), so that a comparison can give every method the same distillation.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from torch import nn
 from ..errors import check
 from ..staged import DecomposeFactory, run_factorize
 from .base import Method, MethodResult, register_method
-from .common import plan_for, targets_for
+from .common import FINETUNE_DISTILL_HELP, plan_for, targets_for, teacher_distillation
 
 FISHER_ESTIMATES = ("per_example", "batch")
 
@@ -23,6 +28,10 @@ class SVDMethod(Method):
     class Options:
         finetune: bool = field(default=True, metadata={
             "help": "fine-tune the factorized model on the task (false: no re-training, the w/o-step-3 ablation)"})
+        finetune_distill: float = field(default=0.0, metadata={"help": FINETUNE_DISTILL_HELP})
+
+        def __post_init__(self) -> None:
+            check(self.finetune_distill >= 0, f"--finetune-distill must be >= 0, got {self.finetune_distill}")
 
     def decomposers(self, session, model: nn.Module, targets: list[str]) -> Any:
         """What ``run_factorize(decompose=...)`` takes: None for the structure's default (plain SVD),
@@ -40,12 +49,15 @@ class SVDMethod(Method):
         global_plan = c.rank_policy == "global" and c.rank is None
         weights = self.spectra_weights(session, model, targets) if global_plan else None
         plan = plan_for(session, model, targets, weights=weights)
+        # the dense teacher, copied before factorization (only when the fine-tune distils from it)
+        kd = teacher_distillation(model, self.options.finetune_distill if self.options.finetune else 0.0)
         accounting = run_factorize(session, model, plan, c.structure, decompose)
         for line in accounting.lines():
             session.log(line)
         session.evaluate(model, phase="factorized", check=False)  # expected poor before its fine-tune
         if self.options.finetune:
-            session.finetune(model, phase="finetune")
+            session.finetune(model, phase="finetune", callbacks=kd)
+        del kd
         return MethodResult(model, accounting)
 
 
@@ -106,6 +118,7 @@ class FWSVDMethod(SVDMethod):
             "choices": FISHER_ESTIMATES})
 
         def __post_init__(self):
+            super().__post_init__()
             check(self.fisher in FISHER_ESTIMATES,
                   f"--fisher must be one of {', '.join(FISHER_ESTIMATES)}, got {self.fisher!r}")
             check(int(self.fisher_batches) >= 1, f"--fisher-batches must be at least 1, got {self.fisher_batches}")
