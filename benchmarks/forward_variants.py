@@ -12,7 +12,8 @@ truncated SVD), timed in one process against the plain factorized forward:
   GEMMs become one GEMM with the concatenated ``B`` (exact maths; prototype here, not in the library);
 * ``factors pre-transposed``: ``x @ B^T`` and ``h @ A^T`` as plain matmuls with contiguous
   transposed copies (the other memory layout of the same factors);
-* ``fused q/k/v + compiled + freezing``: the two together;
+* ``fused q/k/v + compiled + freezing``: the two together (the prototype's Python-side cache is traced
+  by dynamo: graph breaks or recompiles there would show as time, not as a wrong result);
 * ``rank 60`` / ``rank 72``: the same model at ranks that are not a multiple of 16 and 64 (FLOPs
   differ: the time per FLOP shows whether rounding ranks to hardware-friendly multiples pays);
 * ``compiled``: ``torch.compile`` (inductor, ``dynamic=False``); ``compiled + freezing``: with
@@ -140,6 +141,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     args = p.parse_args()
+    if args.rounds < 2:
+        p.error("--rounds must be at least 2 (the quartiles of the paired ratios need two)")
     torch.set_num_threads(args.threads)
     set_recompile_limit()
     from factorlm.profiling import bf16_native, dummy_batch

@@ -342,7 +342,9 @@ def plot(runs: list[dict], path: Path, order: list[str]) -> None:
         ax.invert_xaxis()
         if i == len(tasks) - 1:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle("MiniLM-L6, equal compute, no distillation (protocol of issue 11)")
+    kd = any(v in KD for v in order)
+    fig.suptitle(f"MiniLM-L6, equal compute, {'equal distillation from the teacher' if kd else 'no distillation'}"
+                 " (protocol of issue 11)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -357,7 +359,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--ablations", action="store_true", help="LPAF's ablations at keep 0.25 (beside SVD_Ft, FWSVD_Ft, LPAF)")
     p.add_argument("--kd", action="store_true", help="the distilled grid: SVD_Ft_KD, FWSVD_Ft_KD, LPAF_KD (protocol_kd.*)")
-    p.add_argument("--quick", action="store_true", help="MRPC, 400 training examples, seed 0, keep 0.25, SVD_Ft and LPAF")
+    p.add_argument("--quick", action="store_true", help="MRPC, 400 training examples, seed 0, keep 0.25, SVD_Ft and LPAF (--kd: their KD rows)")
     p.add_argument("--max-steps", type=int, help="cap every phase (smoke test of the benchmark itself)")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--verbose", action="store_true")

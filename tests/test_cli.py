@@ -339,3 +339,36 @@ def test_finetune_distill_reads_the_dense_teacher(method, tiny_dir, csv_task, tm
     assert got.keys() == dense.keys() and all(torch.equal(got[k], dense[k]) for k in dense)
     code, _, err = run(["compress", *common, "--finetune-distill", "-1", "--output", tmp_path / "bad"], capsys)
     assert code == 2 and "--finetune-distill must be >= 0" in err and not (tmp_path / "bad").exists()
+
+
+def test_lpaf_finetune_distill_from_a_saved_pruning_reads_the_unpruned_teacher(tiny_dir, csv_task, tmp_path, capsys,
+                                                                               monkeypatch):
+    """With --pruned-model the model is overwritten by the pruned weights before step 2: the step-3
+    teacher must still be the dense teacher (no zeroed entries), not the pruned model."""
+    from factorlm import models
+    from factorlm.session import Session
+    from factorlm.train import DistillationCallback
+
+    seen: list = []
+    orig = Session.finetune
+
+    def spy(self, model, *, phase, callbacks=(), **kw):
+        seen.extend(c for c in callbacks if phase == "finetune" and isinstance(c, DistillationCallback))
+        return orig(self, model, phase=phase, callbacks=callbacks, **kw)
+
+    monkeypatch.setattr(Session, "finetune", spy)
+    common = ["--model", tiny_dir, "--method", "lpaf", "--keep", "0.5", "--max-steps", "2", "--no-latency",
+              *_csv_args(csv_task, tmp_path)]
+    code, _, err = run(["compress", *common, "--save-pruned", tmp_path / "pruned", "--output", tmp_path / "a"], capsys)
+    assert code == 0, err
+    seen.clear()
+    code, _, err = run(["compress", *common, "--pruned-model", tmp_path / "pruned", "--finetune-distill", "1",
+                        "--output", tmp_path / "b"], capsys)
+    assert code == 0, err
+    (kd,) = seen
+    (cache,) = (tmp_path / "cache" / "teachers").iterdir()
+    dense, pruned = models.load(cache).state_dict(), models.load(tmp_path / "pruned").state_dict()
+    got = kd.teacher.state_dict()
+    key = next(k for k in dense if k.endswith("attention.self.query.weight"))
+    assert (pruned[key] == 0).float().mean() > 0.3  # the saved pruning really zeroed entries
+    assert all(torch.equal(got[k], dense[k]) for k in dense)

@@ -13,14 +13,16 @@ from ..models.surgery import find_targets, target_shapes
 
 def teacher_distillation(teacher: nn.Module | None, alpha: float) -> list:
     """``[DistillationCallback]`` from a frozen copy of ``teacher`` (taken now, so later in-place
-    changes of the model do not reach it) when ``alpha > 0``, else ``[]``."""
+    changes of the model do not reach it) when ``alpha > 0``, else ``[]``.  The copy waits on the CPU
+    (the callback moves it to the training device when its phase begins), so holding it through
+    earlier steps costs no accelerator memory."""
     if alpha <= 0 or teacher is None:
         return []
     import copy
 
     from ..train import DistillationCallback
 
-    return [DistillationCallback(copy.deepcopy(teacher).eval(), alpha=alpha)]
+    return [DistillationCallback(copy.deepcopy(teacher).cpu().eval(), alpha=alpha)]
 
 
 #: the help of every method's ``finetune_distill`` option (one CLI flag, one meaning)

@@ -2,7 +2,8 @@
 
 The fine-tune uses the task loss only, as in the baselines of Hsu et al. 2022 and Ren & Zhu 2024;
 ``--finetune-distill A`` adds a KL-to-the-dense-teacher term (weight A, the teacher copied before
-factorization), so that a comparison can give every method the same distillation.
+factorization), so that a comparison can give every method the same distillation.  With
+``--schedule staged`` it applies to the final fine-tune; the fine-tunes between stages have none.
 """
 
 from __future__ import annotations
