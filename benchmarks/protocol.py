@@ -251,6 +251,7 @@ def table(runs: list[dict], order: list[str]) -> str:
         out.append(f"Data: {sizes}. Teacher: {recipe}; {'/'.join(map(str, t_steps)) or '?'} teacher steps. "
                    f"Machine: {machines}.\n")
         n_seeds = len(seeds)
+        second = "accuracy" if metric == "f1" else None
         lines = ["| method | " + " | ".join(f"keep {k:g}" for k in keeps)
                  + " | compression steps | total steps (teacher + compression) | wall s (mean of a run) |",
                  "|---|" + "---|" * (len(keeps) + 3)]
@@ -260,11 +261,15 @@ def table(runs: list[dict], order: list[str]) -> str:
             d = [teachers[s] for s in sorted(teachers)]
             n = f" [{len(d)} seed{'s' if len(d) > 1 else ''}]" if len(d) != n_seeds else ""
             n += " †" if flagged else ""
+            if second:
+                accs = {r["seed"]: 100 * r["dense"][second] for r in rs if r.get("dense_score") is not None}
+                n = f" (acc {_ms([accs[s] for s in sorted(accs)])})" + n
             lines.append("| dense teacher | " + " | ".join(_ms(d) + n for _ in keeps)
                          + f" | {'/'.join(map(str, t_steps))} (teacher) | | |")
         base = next((r["baseline"] for r in rs if r.get("baseline")), {})
         if base.get(metric) is not None:
-            lines.append("| majority class | " + " | ".join(f"{100 * base[metric]:.1f}" for _ in keeps) + " | 0 | | |")
+            acc = f" (acc {100 * base[second]:.1f})" if second and base.get(second) is not None else ""
+            lines.append("| majority class | " + " | ".join(f"{100 * base[metric]:.1f}{acc}" for _ in keeps) + " | 0 | | |")
         else:
             none = "— (regression: a constant has no correlation)" if task == "stsb" else "—"
             lines.append("| majority class | " + " | ".join(none for _ in keeps) + " | 0 | | |")
@@ -274,6 +279,8 @@ def table(runs: list[dict], order: list[str]) -> str:
             for k in keeps:
                 c = [r for r in rs if r["name"] == v and r["keep"] == k]
                 cell = _ms([100 * r["score"] for r in c])
+                if second and c:  # F1 saturates at the majority class's; accuracy tells collapsed runs apart
+                    cell += f" (acc {_ms([100 * r['phases']['final'][second] for r in c])})"
                 if c and len(c) != n_seeds:
                     cell += f" [{len(c)} seed{'s' if len(c) > 1 else ''}]"
                 if any(_flagged(r) for r in c):
