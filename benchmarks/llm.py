@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -196,7 +195,7 @@ def main(argv=None):
 def write_tables(results, stem: Path):
     dense = results["dense"]["perplexity"]
     s = results["setup"]
-    lines = [f"# One-shot compression of SmolLM2-135M (`python benchmarks/llm.py`)", "",
+    lines = ["# One-shot compression of SmolLM2-135M (`python benchmarks/llm.py`)", "",
              f"- model: {s['model']}; {s['targets']} target matrices, {s['target_weights']:,} target weights of "
              f"{s['model_params']:,} parameters", f"- calibration: {s['calibration']}", f"- perplexity: {s['evaluation']}",
              f"- dense perplexity **{dense:.2f}**; `ratio` = perplexity / dense; one thread, torch {s['torch']}", "",
