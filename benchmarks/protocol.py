@@ -90,6 +90,8 @@ VARIANTS = {
     "SVD_Ft_KD": "svd:epochs=2,finetune_distill=1",
     "FWSVD_Ft_KD": "fwsvd:epochs=2,finetune_distill=1",
     "LPAF_KD": "lpaf:finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
+    "LPAF_KD_vanilla_ft": "lpaf:finetune_distill=1,mixed_rank=false,pruned_model={task}-k{keep}-s{seed}-full-kd",
+    "LPAF_KD_no_ft": "lpaf:finetune=false,finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_no_prune": "lpaf:distill=0,prune=false",
     "LPAF_plain_svd": f"{LPAF},decomposition=svd",
     "LPAF_vanilla_ft": f"{LPAF},mixed_rank=false",
@@ -105,6 +107,8 @@ LABELS = {
     "RankDyna": "RankDyna (from the pre-trained model; teacher's epochs + 2)",
     "SVD_Ft_KD": "SVD_Ft + KD (2 epochs)", "FWSVD_Ft_KD": "FWSVD_Ft + KD (2 epochs)",
     "LPAF_KD": "LPAF + KD (distilled pruning, its default, + distilled mixed-rank)",
+    "LPAF_KD_vanilla_ft": "LPAF + KD, vanilla fine-tuning instead of mixed-rank (ablation)",
+    "LPAF_KD_no_ft": "LPAF + KD w/o step 3 (the factorized pruned model; ablation)",
     "LPAF_no_prune": "LPAF w/o pruning (step 1; 1 epoch)",
     "LPAF_plain_svd": "LPAF, vanilla SVD instead of sparsity-aware",
     "LPAF_vanilla_ft": "LPAF, vanilla fine-tuning instead of mixed-rank",
@@ -299,7 +303,7 @@ def table(runs: list[dict], order: list[str]) -> str:
                        "class, diverged or scored no better than the majority class (see the warnings in the JSON).")
         out.append("\nWall time includes the teacher's training in the first run of a (task, seed) and the pruning in "
                    "the first LPAF run of a (task, keep, seed); later runs load them from the cache.\n")
-        for lead, compared in (("LPAF", COMPARED), ("LPAF_KD", KD[:-1])):
+        for lead, compared in (("LPAF", COMPARED), ("LPAF_KD", [*KD[:-1], "LPAF_KD_vanilla_ft", "LPAF_KD_no_ft"])):
             lpaf = [r for r in rs if r["name"] == lead]
             others = [v for v in compared if any(r["name"] == v for r in rs)]
             for k in keeps:
@@ -379,8 +383,8 @@ def main() -> None:
     name = "protocol"
     if args.ablations:
         args.variants, args.keeps, name = ABLATION_GRID, [0.25], "protocol_ablations"
-    elif args.kd:
-        args.variants, name = KD, "protocol_kd"
+    elif args.kd:  # the distilled grid (or the given distilled variants, e.g. with LPAF_KD_vanilla_ft)
+        args.variants, name = KD if args.variants == DEFAULT else args.variants, "protocol_kd"
     if args.quick:
         args.tasks, args.seeds, args.keeps = ["mrpc"], [0], [0.25]
         if not args.ablations:
