@@ -14,3 +14,6 @@ for run in range(3):
 print("max diff run0-run1", float((outs[0] - outs[1]).abs().max()), "run0-run2", float((outs[0] - outs[2]).abs().max()))
 A, B = sparsity_aware_svd(W.clone().double(), 64, mask=m, scores=s.double(), decomposition="em", omega="scores")
 print("fp64 rel err %.4f" % float((W.double() - A @ B).norm() / W.norm()), "diff vs fp32 run0", float((outs[0].double() - A @ B).abs().max()))
+U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+print("plain rank-64 SVD rel err %.4f" % float((W - (U[:, :64] * S[:64]) @ Vh[:64]).norm() / W.norm()))
+print("score range in this matrix: min %.1e max %.1e" % (float(s.min()), float(s.max())))
