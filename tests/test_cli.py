@@ -304,13 +304,8 @@ def test_lpaf_factors_depend_on_the_given_masks_and_scores(tiny_dir, csv_task, t
     assert differ(factors(tmp_path / "pruned", "f3", "--omega", "mask"), factors(grown, "f4", "--omega", "mask"))
 
 
-@pytest.mark.parametrize("method", ["svd", "fwsvd", "lpaf"])
-def test_finetune_distill_reads_the_dense_teacher(method, tiny_dir, csv_task, tmp_path, capsys, monkeypatch):
-    """--finetune-distill A: the fine-tune of the factorized model gets one distillation term whose
-    teacher is the dense teacher (no factorized layer, its exact weights, unpruned for LPAF) and which
-    really runs; without the flag that phase has none (LPAF's step-1 distillation is separate)."""
-    from factorlm import models
-    from factorlm.layers.base import FactorizedLinear
+def _spy_distillation(monkeypatch) -> dict:
+    """phase -> the DistillationCallbacks of its last ``Session.finetune`` call (the run still happens)."""
     from factorlm.session import Session
     from factorlm.train import DistillationCallback
 
@@ -323,6 +318,18 @@ def test_finetune_distill_reads_the_dense_teacher(method, tiny_dir, csv_task, tm
         return out
 
     monkeypatch.setattr(Session, "finetune", spy)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["svd", "fwsvd", "lpaf"])
+def test_finetune_distill_reads_the_dense_teacher(method, tiny_dir, csv_task, tmp_path, capsys, monkeypatch):
+    """--finetune-distill A: the fine-tune of the factorized model gets one distillation term whose
+    teacher is the dense teacher (no factorized layer, its exact weights, unpruned for LPAF) and which
+    really runs; without the flag that phase has none (LPAF's step-1 distillation is separate)."""
+    from factorlm import models
+    from factorlm.layers.base import FactorizedLinear
+
+    seen = _spy_distillation(monkeypatch)
     common = ["--model", tiny_dir, "--method", method, "--keep", "0.5", "--max-steps", "2", "--no-latency",
               *_csv_args(csv_task, tmp_path), *(["--fisher-batches", "1"] if method == "fwsvd" else [])]
     code, _, err = run(["compress", *common, "--output", tmp_path / "plain"], capsys)
@@ -346,26 +353,16 @@ def test_lpaf_finetune_distill_from_a_saved_pruning_reads_the_unpruned_teacher(t
     """With --pruned-model the model is overwritten by the pruned weights before step 2: the step-3
     teacher must still be the dense teacher (no zeroed entries), not the pruned model."""
     from factorlm import models
-    from factorlm.session import Session
-    from factorlm.train import DistillationCallback
 
-    seen: list = []
-    orig = Session.finetune
-
-    def spy(self, model, *, phase, callbacks=(), **kw):
-        seen.extend(c for c in callbacks if phase == "finetune" and isinstance(c, DistillationCallback))
-        return orig(self, model, phase=phase, callbacks=callbacks, **kw)
-
-    monkeypatch.setattr(Session, "finetune", spy)
+    seen = _spy_distillation(monkeypatch)
     common = ["--model", tiny_dir, "--method", "lpaf", "--keep", "0.5", "--max-steps", "2", "--no-latency",
               *_csv_args(csv_task, tmp_path)]
     code, _, err = run(["compress", *common, "--save-pruned", tmp_path / "pruned", "--output", tmp_path / "a"], capsys)
     assert code == 0, err
-    seen.clear()
     code, _, err = run(["compress", *common, "--pruned-model", tmp_path / "pruned", "--finetune-distill", "1",
                         "--output", tmp_path / "b"], capsys)
     assert code == 0, err
-    (kd,) = seen
+    (kd,) = seen["finetune"]
     (cache,) = (tmp_path / "cache" / "teachers").iterdir()
     dense, pruned = models.load(cache).state_dict(), models.load(tmp_path / "pruned").state_dict()
     got = kd.teacher.state_dict()
