@@ -92,12 +92,14 @@ VARIANTS = {
     "LPAF_KD": "lpaf:finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_KD_vanilla_ft": "lpaf:finetune_distill=1,mixed_rank=false,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_KD_no_ft": "lpaf:finetune=false,finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
+    "LPAF_KD_plain_svd": "lpaf:finetune_distill=1,decomposition=svd,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_no_prune": "lpaf:distill=0,prune=false",
     "LPAF_plain_svd": f"{LPAF},decomposition=svd",
     "LPAF_vanilla_ft": f"{LPAF},mixed_rank=false",
 }
 DEFAULT = ["SVD_Ft", "FWSVD_Ft", "LPAF", "RankDyna"]
 KD = ["SVD_Ft_KD", "FWSVD_Ft_KD", "LPAF_KD"]
+KD_ABLATIONS = ["LPAF_KD_plain_svd", "LPAF_KD_vanilla_ft", "LPAF_KD_no_ft"]  # at keep 0.25, re-using LPAF_KD's pruning
 ABLATIONS = ["LPAF_no_prune", "LPAF_plain_svd", "LPAF_vanilla_ft"]
 ABLATION_GRID = ["SVD_Ft", "FWSVD_Ft", "LPAF", *ABLATIONS]  # SVD_Ft, FWSVD_Ft, LPAF: the main grid's runs
 COMPARED = ["SVD_Ft", "FWSVD_Ft", *ABLATIONS]  # LPAF is compared with each of these present in a table
@@ -109,6 +111,7 @@ LABELS = {
     "LPAF_KD": "LPAF + KD (distilled pruning, its default, + distilled mixed-rank)",
     "LPAF_KD_vanilla_ft": "LPAF + KD, vanilla fine-tuning instead of mixed-rank (ablation)",
     "LPAF_KD_no_ft": "LPAF + KD w/o step 3 (the factorized pruned model; ablation)",
+    "LPAF_KD_plain_svd": "LPAF + KD, vanilla SVD instead of sparsity-aware (ablation)",
     "LPAF_no_prune": "LPAF w/o pruning (step 1; 1 epoch)",
     "LPAF_plain_svd": "LPAF, vanilla SVD instead of sparsity-aware",
     "LPAF_vanilla_ft": "LPAF, vanilla fine-tuning instead of mixed-rank",
@@ -142,7 +145,9 @@ def machine(threads: int | None, precision: str) -> str:
 
     import torch
 
-    prec = "bf16" if precision == "bf16" else "fp32"
+    from factorlm.config import resolve_mixed_precision
+
+    prec = "bf16" if resolve_mixed_precision(precision) == "bf16" else "fp32"  # "auto" as the run resolved it
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, {prec}"
     cpu = platform.processor() or "CPU"
@@ -170,6 +175,8 @@ def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool 
     settings = {**COMMON, **TASKS[task], **(QUICK if args.quick else {}), **cfg_over}
     if args.max_steps:
         settings["max_steps"] = args.max_steps
+    if args.mixed_precision:
+        settings["mixed_precision"] = args.mixed_precision
     config = RunConfig(task=task, method=method, keep=keep, seed=seed, method_options=opts,
                        cache_dir=str(RESULTS / "cache"), **settings)
     t0 = time.time()
@@ -303,7 +310,7 @@ def table(runs: list[dict], order: list[str]) -> str:
                        "class, diverged or scored no better than the majority class (see the warnings in the JSON).")
         out.append("\nWall time includes the teacher's training in the first run of a (task, seed) and the pruning in "
                    "the first LPAF run of a (task, keep, seed); later runs load them from the cache.\n")
-        for lead, compared in (("LPAF", COMPARED), ("LPAF_KD", [*KD[:-1], "LPAF_KD_vanilla_ft", "LPAF_KD_no_ft"])):
+        for lead, compared in (("LPAF", COMPARED), ("LPAF_KD", [*KD[:-1], *KD_ABLATIONS])):
             lpaf = [r for r in rs if r["name"] == lead]
             others = [v for v in compared if any(r["name"] == v for r in rs)]
             for k in keeps:
@@ -374,6 +381,9 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, help="cap every phase (smoke test of the benchmark itself)")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default=None,
+                   help="override the protocol's 'auto' (e.g. 'no' to finish a seed begun on a CPU without native bf16 "
+                        "with the same precision; each row records the precision it ran in)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (two benchmarks side by side with 1)")
     args = p.parse_args()
     if args.threads:

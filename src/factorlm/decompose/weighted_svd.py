@@ -17,7 +17,7 @@ elementwise, with ``Omega`` of ``W``'s shape taken from step 1:
   is low-rank matrix completion of the kept entries.
 
 The weighted problem has no closed form in general; Srebro & Jaakkola's EM is the classical
-algorithm for it and the one this module treats as the reference.
+algorithm for it, the one this module treats as the reference, and the default solver.
 
 *Differs here* (each an option; ``sparsity_aware_svd``'s defaults are the paper's objective):
 
@@ -27,14 +27,22 @@ algorithm for it and the one this module treats as the reference.
   does not depend on the scale of ``Omega``).  Signed scores (movement pruning) cannot be used raw:
   inside the norm a negative weight acts as ``s^2``, which would give the entries training pushed
   hardest towards zero the *largest* weights.  Nothing to restore.
-- **Solver for soft weights: alternating least squares, not EM** (``solver="auto"`` picks
-  :func:`weighted_svd_als` for score weights).  EM is projected gradient descent with step
-  ``1 / max(w)``: with score weights most entries weigh ~1% of the largest one (magnitude scores
-  on MiniLM: median ``Omega`` 0.03 of the max, so ``w`` ~1e-3) and EM barely moves -- after 1000
-  steps it is still 6.5-440% above the best value seen, which ALS gets within 0.3-8% of in 20
-  sweeps (table below).  ALS minimises the same objective, is invariant to the weights' scale and
-  starts from the same SVD.  ``solver="em"`` (exact EM) / ``"em_subspace"`` restore
-  Srebro-Jaakkola EM.
+- **Solver: Srebro-Jaakkola EM from the truncated SVD, capped at 1000 steps, for every Omega**
+  (``solver="auto"`` = ``"em_subspace"``).  The paper names no solver.  With first-order scores the
+  objective's exact minimiser is degenerate: once a weight is pruned its score ``|w g|`` vanishes
+  (PLATON's pruned entries score ~1e-10 of the largest on MiniLM, kept ones span 3-4 decades), so
+  "w/ S" leaves ``A B`` nearly free on the pruned 75% and alternating least squares, which reaches
+  that minimiser, fills them with values up to 375x the matrix's largest entry:
+  ``||W - A B|| / ||W||`` averaged 4.10 over MiniLM's 36 matrices (plain SVD: 0.56), and the
+  factorized model's MRPC F1 after step 2 varied from 0 to 79 between runs of the same fit
+  (BENCHMARKS.md, issue 11 part 4; ``benchmarks/omega.py``).  EM from the SVD start moves towards
+  the weighted fit without leaving the neighbourhood of ``W`` -- each iterate is a rank-k
+  approximation of an entrywise convex combination of ``W`` and the previous iterate -- and on the same model
+  it kept the error at 0.56 with max ``|A B|`` 0.96x ``max |W|``, while lowering the paper's
+  objective to 0.13x the SVD's on average (J / J_svd; ALS: 0.06 at that cost).  ``solver="als"``
+  (alternating least squares, exact per half-step, O(out * in * k^2) per sweep) and ``"em"`` (EM
+  with the exact SVD M-step) remain options; ALS is the better solver of the *objective* (table
+  below), not of the matrix.
 - **0/1 masks ("w/ M") use EM** with one block-power step per iteration (``"em_subspace"``,
   Srebro-Jaakkola EM with an inexact, still monotone M-step: 5x cheaper per step and, measured,
   the same progress per step as the exact SVD M-step).  ``solver="em"`` gives the exact M-step.
@@ -69,12 +77,13 @@ each other, so one EM column serves both)::
     28-31 / 5.2-6.9 / 170-210 ms; 384x384 at rank 64: 14-26 / 2.1-2.4 / 44-80 ms; at rank 128:
     14-24 / 5.6-7.4 / 300-490 ms.
 
-So: ``solver="auto"`` = ALS for soft weights with ``iters=100, tol=1e-4`` -- on 1536x384 and
-384x1536 it stops after 7-74 sweeps (1.3-14 s per matrix) within 0.25% of the best value seen, or
-at the cap (100 sweeps, 19 s: 1536x384 "sensitivity", where 50 sweeps were 1.2% above 100);
-384x384 at rank 64: 0.3-6 s, at rank 128 up to ~35 s -- and EM-subspace for 0/1 masks with
-``iters=1000`` (5.5 s per 1536x384 matrix; matrix completion from 25% of the entries is slow for
-every solver -- 4000 steps still gain 11% -- raise ``iters`` to go further).  The
+This table compares the solvers on the objective alone, with synthetic gradients, before the
+degenerate minimiser was found on real first-order scores (above).  ``solver="auto"`` is now
+EM-subspace for every Omega with ``iters=1000`` (5.5 s per 1536x384 matrix; ~3 min for MiniLM's 36
+matrices at rank 64); ``solver="als"`` stops after 7-74 sweeps on 1536x384 and 384x1536 (1.3-14 s
+per matrix) within 0.25% of the best value seen, or at its cap (100 sweeps).  Matrix completion from
+25% of the entries is slow for every solver -- 4000 EM steps still gain 11% -- raise ``iters`` to go
+further.  The
 stopping rule is the relative decrease per iteration ``(J_{t-1} - J_t) / J_{t-1} <= tol``; note
 that it fires long before the optimum for slow solvers (EM with score weights at tol 1e-3 stops
 27-570% above it), so for EM the iteration cap, not ``tol``, sets the quality.  ALS cost grows as
@@ -376,8 +385,8 @@ def weighted_low_rank(
     measurements).  ``iters`` None: the solver's ``DEFAULT_ITERS``.  Returns ``(A, B, history)``."""
     solver = SOLVER_ALIASES.get(solver, solver)
     check(solver in SOLVERS, f"solver must be one of {SOLVERS}, got {solver!r}")
-    if solver == "auto":
-        solver = "em_subspace" if _is_binary(Omega) else "als"
+    if solver == "auto":  # EM for every Omega: ALS's exact minimiser is unbounded for first-order scores
+        solver = "em_subspace"
     iters = DEFAULT_ITERS[solver] if iters is None else iters
     if solver == "als":
         return weighted_svd_als(W, Omega, rank, iters=iters, tol=tol, init=init, compute_dtype=compute_dtype, guard=guard)

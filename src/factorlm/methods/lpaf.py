@@ -14,9 +14,8 @@
 2. factorize every target matrix of T_sparse (encoder linear layers; never embeddings) at the rank
    that meets ``--keep`` with **sparsity-aware SVD**, the weighted fit
    min ||Omega * (W - A B)||_F with Omega from the pruning importance scores ("w/ S",
-   ``--omega scores``, the paper's choice) solved element-wise (``--decomposition em``; from the
-   truncated SVD, by alternating least squares for score weights and Srebro-Jaakkola EM for a
-   binary mask, see :mod:`factorlm.decompose.weighted_svd` for the measured convergence);
+   ``--omega scores``, the paper's choice) solved element-wise (``--decomposition em``) by
+   Srebro-Jaakkola EM from the truncated SVD, 1000 steps (the paper names no solver; see below);
 3. **mixed-rank fine-tuning**: each factorized matrix i is replaced by its sparse dense twin W_i
    with probability p = max(0, p_init - d t) (z_i ~ Bernoulli(p), x_out = (1 - z_i)(A B)_i x +
    z_i W_i x), plus the consistency loss lambda * D(y_z1, y_z2) between two forwards with
@@ -31,6 +30,12 @@
   their quantiles among kept entries) and ``--decomposition row`` (Omega collapsed to one weight
   per input column, closed form) are factorlm's faster approximations; ``--decomposition svd`` is
   the w/o-sparsity-aware ablation.
+* ``--solver`` (step 2's solver, not named in the paper): the default is EM from the SVD for every
+  Omega.  ``--solver als`` reaches the objective's exact minimiser, which is degenerate with
+  first-order scores -- a pruned weight's score |w g| vanishes, so the fit is nearly free on the
+  pruned entries -- and on MiniLM it gave ||W - A B|| = 4.1 ||W|| (plain SVD 0.56) and a factorized
+  MRPC model at F1 0-79 from run to run; EM kept 0.56 and lowered the paper's objective to 0.13x the
+  SVD's (BENCHMARKS.md; ``benchmarks/omega.py``).  LPAF's default was ALS until 2026-12-02.
 * ``--density`` defaults to ``--keep`` (equal storage: the sparse model holds as many non-zeros
   as the factorized one has weights); the paper pairs densities and ranks per budget.
 * The schedule constants (``--p-init 0.5``, ``--p-zero-at 0.5`` = p reaches 0 halfway through
@@ -68,6 +73,7 @@ from .prune import PRUNING_FILE, PruneOptions, load_pruned, pruning_file_writer,
 
 DECOMPOSITIONS = ("em", "row", "svd")
 OMEGAS = ("scores", "mask", "scores_quantile")
+SOLVERS = ("auto", "em", "em_subspace", "als")
 
 
 @register_method("lpaf")
@@ -80,15 +86,19 @@ class LPAFMethod(Method):
         pruned_model: str = field(default="", metadata={"help": "start from a model saved by `factorlm prune` / --save-pruned (re-use one pruning)"})
         save_pruned: str = field(default="", metadata={"help": "also save the step-1 pruned model (with masks and scores) to this folder"})
         decomposition: str = field(default="em", metadata={"choices": DECOMPOSITIONS, "help": (
-            "step 2: em = element-wise weighted fit min ||Omega*(W-AB)|| from the SVD (the paper's objective; solver "
-            "chosen per Omega: alternating least squares for scores, EM for a mask), "
+            "step 2: em = element-wise weighted fit min ||Omega*(W-AB)|| from the SVD (the paper's objective; "
+            "solver: --solver), "
             "row = Omega collapsed to one weight per input column, closed form (faster approximation), "
             "svd = plain truncated SVD (ablation)")})
         omega: str = field(default="scores", metadata={"choices": OMEGAS, "help": (
             "step 2 weights: scores = normalised raw pruning scores (the paper's w/ S), mask = binary keep-mask "
             "(w/ M), scores_quantile = scores' quantiles among kept entries, pruned entries 1e-3 (factorlm's earlier choice)")})
+        solver: str = field(default="auto", metadata={"choices": SOLVERS, "help": (
+            "step 2 with --decomposition em: auto (the default) = em_subspace, Srebro-Jaakkola EM from the SVD with "
+            "one block-power M-step, 1000 steps; em = EM with exact SVD M-steps; als = alternating least squares, "
+            "the objective's exact minimiser, degenerate for first-order scores (see decompose/weighted_svd.py)")})
         em_iters: int | None = field(default=None, metadata={"type": int, "help": (
-            "step 2: maximum iterations of the weighted fit per matrix (default: the solver's, 100 ALS sweeps "
+            "step 2: maximum iterations of the weighted fit per matrix (default: the solver's, 1000 EM steps, 100 ALS sweeps "
             "for score weights, 1000 EM steps for a mask; see decompose/weighted_svd.py)")})
         finetune: bool = field(default=True, metadata={"help": "step 3 (false: no re-training, the ablation)"})
         mixed_rank: bool = field(default=True, metadata={"help": "step 3 with mixed-rank switching (false: vanilla fine-tuning)"})
@@ -102,6 +112,7 @@ class LPAFMethod(Method):
             check(self.decomposition in DECOMPOSITIONS,
                   f"--decomposition must be one of {', '.join(DECOMPOSITIONS)}, got {self.decomposition!r}")
             check(self.omega in OMEGAS, f"--omega must be one of {', '.join(OMEGAS)}, got {self.omega!r}")
+            check(self.solver in SOLVERS, f"--solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
             check(self.em_iters is None or self.em_iters >= 1, f"--em-iters must be >= 1, got {self.em_iters}")
             check(0 <= self.p_init <= 1, f"--p-init must be in [0, 1], got {self.p_init}")
             check(self.p_zero_at > 0, f"--p-zero-at must be > 0, got {self.p_zero_at}")
@@ -161,7 +172,7 @@ class LPAFMethod(Method):
             needs_scores = o.omega != "mask"
             check(not needs_scores or all(n in (scores or {}) for n in targets),
                   f"the pruning result has no importance scores for --omega {o.omega}: use --omega mask")
-            kw = dict(decomposition=o.decomposition, omega=o.omega)
+            kw = dict(decomposition=o.decomposition, omega=o.omega, solver=o.solver)
             if o.em_iters is not None:
                 kw["iters"] = o.em_iters
             decompose = {n: partial(sparsity_aware_svd, mask=masks[n], scores=scores[n] if needs_scores else None, **kw)
