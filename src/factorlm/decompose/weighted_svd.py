@@ -27,7 +27,8 @@ algorithm for it, the one this module treats as the reference, and the default s
   does not depend on the scale of ``Omega``).  Signed scores (movement pruning) cannot be used raw:
   inside the norm a negative weight acts as ``s^2``, which would give the entries training pushed
   hardest towards zero the *largest* weights.  Nothing to restore.
-- **Solver: Srebro-Jaakkola EM from the truncated SVD, capped at 1000 steps, for every Omega**
+- **Solver: Srebro-Jaakkola EM from the truncated SVD, up to 1000 steps (it stops earlier when
+  an iteration lowers the objective by a relative 1e-4 or less), for every Omega**
   (``solver="auto"`` = ``"em_subspace"``).  The paper names no solver.  With first-order scores the
   objective's exact minimiser is degenerate: once a weight is pruned its score ``|w g|`` vanishes
   (PLATON's pruned entries score ~1e-10 of the largest on MiniLM, kept ones span 3-4 decades), so
@@ -51,7 +52,9 @@ algorithm for it, the one this module treats as the reference, and the default s
   collapsed to one weight per input column, solved in closed form as FWSVD -- an approximation of
   the elementwise objective, exact only for column weights) are not in the paper.
 - The maths runs in float32 (float64 for a float64 ``W`` or with ``compute_dtype``).  Measured on a
-  1536x384 matrix, float32 ALS matches float64 to 7 digits of the weighted error.
+  1536x384 matrix with synthetic scores, float32 ALS matches float64 to 7 digits of the weighted
+  error; with first-order scores ALS's degenerate result depends on rounding (one MiniLM matrix:
+  ||W - A B|| / ||W|| = 3.19 in float32, 7.30 in float64).
 - Per-block structures (``monarch_weighted`` / ``blockwise_weighted``) call this per block, so
   signed scores are min-max normalised per block (non-negative ones: no difference).
 
@@ -80,10 +83,11 @@ each other, so one EM column serves both)::
 This table compares the solvers on the objective alone, with synthetic gradients, before the
 degenerate minimiser was found on real first-order scores (above).  ``solver="auto"`` is now
 EM-subspace for every Omega with ``iters=1000`` (5.5 s per 1536x384 matrix; ~3 min for MiniLM's 36
-matrices at rank 64); ``solver="als"`` stops after 7-74 sweeps on 1536x384 and 384x1536 (1.3-14 s
+matrices at rank 64, measured by ``benchmarks/omega.py``); ``solver="als"`` stops after 7-74 sweeps on 1536x384 and 384x1536 (1.3-14 s
 per matrix) within 0.25% of the best value seen, or at its cap (100 sweeps).  Matrix completion from
 25% of the entries is slow for every solver -- 4000 EM steps still gain 11% -- raise ``iters`` to go
-further.  The
+further for a 0/1 mask (with first-order scores, not: see above).  ``omega="scores_quantile"`` (floored
+at ``eps``, not degenerate) also runs EM by default now, where ALS progresses faster.  The
 stopping rule is the relative decrease per iteration ``(J_{t-1} - J_t) / J_{t-1} <= tol``; note
 that it fires long before the optimum for slow solvers (EM with score weights at tol 1e-3 stops
 27-570% above it), so for EM the iteration cap, not ``tol``, sets the quality.  ALS cost grows as
@@ -253,7 +257,9 @@ def weighted_svd_em(
         iters: maximum EM iterations (None: ``DEFAULT_ITERS``, 1000).  tol: stop when the relative
             decrease of the weighted error over one iteration, ``(J_{t-1} - J_t) / J_{t-1}``, falls
             to ``tol`` or below.  Convergence is slow when the typical ``w`` is small next to the
-            largest (module docstring): prefer :func:`weighted_svd_als` for soft weights.
+            largest (module docstring); with first-order scores that slowness is what keeps the
+            iterates near ``W`` (the objective's exact minimiser, which :func:`weighted_svd_als`
+            reaches, is degenerate), so a much larger ``iters`` drifts towards it.
         init: ``None``/``"svd"`` (default) = the truncated SVD of ``W``; ``"weighted"`` = that of
             ``w * W`` (the first EM step from ``Z = 0``); ``"best"`` = the better of the two under
             ``J``; or explicit factors ``(A0, B0)``.
@@ -362,11 +368,6 @@ def weighted_svd_als(
     return A.to(W.dtype), B.to(W.dtype), history
 
 
-def _is_binary(Omega: torch.Tensor) -> bool:
-    mx = Omega.max()
-    return bool(((Omega == 0) | (Omega == mx)).all())
-
-
 def weighted_low_rank(
     W: torch.Tensor,
     Omega: torch.Tensor,
@@ -381,8 +382,8 @@ def weighted_low_rank(
     """``min ||Omega * (W - A B)||_F^2`` with ``solver`` in :data:`SOLVERS`: ``"als"``
     (:func:`weighted_svd_als`), ``"em"`` (exact EM, :func:`weighted_svd_em` ``solver="svd"``),
     ``"em_subspace"`` (generalised EM, ``solver="subspace"``) or ``"auto"`` (default: ``"em_subspace"``
-    for a 0/1 ``Omega``, ``"als"`` otherwise -- the faster per second in the module docstring's
-    measurements).  ``iters`` None: the solver's ``DEFAULT_ITERS``.  Returns ``(A, B, history)``."""
+    for every ``Omega``: ALS's exact minimiser is degenerate for first-order scores, module
+    docstring).  ``iters`` None: the solver's ``DEFAULT_ITERS``.  Returns ``(A, B, history)``."""
     solver = SOLVER_ALIASES.get(solver, solver)
     check(solver in SOLVERS, f"solver must be one of {SOLVERS}, got {solver!r}")
     if solver == "auto":  # EM for every Omega: ALS's exact minimiser is unbounded for first-order scores
@@ -561,9 +562,9 @@ def sparsity_aware_svd(
             ``eps``); ``"mask"`` (LPAF "w/ M") = 0/1 keep-mask.  Default: ``"scores"`` if ``scores``
             is given, else ``"mask"`` if ``mask`` is given, else plain truncated SVD.  Where a mask
             is needed and ``mask`` is None, ``W != 0`` is used.
-        solver: ``"auto"`` (ALS for soft weights, EM-subspace for 0/1 masks), ``"als"``, ``"em"``
-            (exact EM, the paper's) or ``"em_subspace"`` (``"svd"`` / ``"subspace"`` accepted).
-        iters: cap on iterations (None: the solver's default, ALS 100 / EM 1000).
+        solver: ``"auto"`` (default: EM-subspace for every Omega), ``"als"``, ``"em"`` (exact EM)
+            or ``"em_subspace"`` (``"svd"`` / ``"subspace"`` accepted).
+        iters: cap on iterations (None: the solver's default, EM 1000 / ALS 100).
         compute_dtype: float32/float64 for the iterative fit (default float32, float64 for a
             float64 ``W``).
 

@@ -15,7 +15,7 @@
    that meets ``--keep`` with **sparsity-aware SVD**, the weighted fit
    min ||Omega * (W - A B)||_F with Omega from the pruning importance scores ("w/ S",
    ``--omega scores``, the paper's choice) solved element-wise (``--decomposition em``) by
-   Srebro-Jaakkola EM from the truncated SVD, 1000 steps (the paper names no solver; see below);
+   Srebro-Jaakkola EM from the truncated SVD, up to 1000 steps (the paper names no solver; see below);
 3. **mixed-rank fine-tuning**: each factorized matrix i is replaced by its sparse dense twin W_i
    with probability p = max(0, p_init - d t) (z_i ~ Bernoulli(p), x_out = (1 - z_i)(A B)_i x +
    z_i W_i x), plus the consistency loss lambda * D(y_z1, y_z2) between two forwards with
@@ -64,6 +64,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..decompose.weighted_svd import SOLVERS
 from ..errors import check
 from ..staged import run_factorize
 from ..models.surgery import get_module
@@ -73,7 +74,7 @@ from .prune import PRUNING_FILE, PruneOptions, load_pruned, pruning_file_writer,
 
 DECOMPOSITIONS = ("em", "row", "svd")
 OMEGAS = ("scores", "mask", "scores_quantile")
-SOLVERS = ("auto", "em", "em_subspace", "als")
+
 
 
 @register_method("lpaf")
@@ -98,8 +99,8 @@ class LPAFMethod(Method):
             "one block-power M-step, 1000 steps; em = EM with exact SVD M-steps; als = alternating least squares, "
             "the objective's exact minimiser, degenerate for first-order scores (see decompose/weighted_svd.py)")})
         em_iters: int | None = field(default=None, metadata={"type": int, "help": (
-            "step 2: maximum iterations of the weighted fit per matrix (default: the solver's, 1000 EM steps, 100 ALS sweeps "
-            "for score weights, 1000 EM steps for a mask; see decompose/weighted_svd.py)")})
+            "step 2: maximum iterations of the weighted fit per matrix (default: the solver's, 1000 EM steps or 100 ALS sweeps; "
+            "with score weights far more EM steps drift towards ALS's degenerate minimiser; see decompose/weighted_svd.py)")})
         finetune: bool = field(default=True, metadata={"help": "step 3 (false: no re-training, the ablation)"})
         mixed_rank: bool = field(default=True, metadata={"help": "step 3 with mixed-rank switching (false: vanilla fine-tuning)"})
         p_init: float = field(default=0.5, metadata={"help": "initial probability of using a matrix's sparse dense twin"})
@@ -173,6 +174,7 @@ class LPAFMethod(Method):
             check(not needs_scores or all(n in (scores or {}) for n in targets),
                   f"the pruning result has no importance scores for --omega {o.omega}: use --omega mask")
             kw = dict(decomposition=o.decomposition, omega=o.omega, solver=o.solver)
+            info["solver"] = ("em_subspace" if o.solver == "auto" else o.solver) if o.decomposition == "em" else None
             if o.em_iters is not None:
                 kw["iters"] = o.em_iters
             decompose = {n: partial(sparsity_aware_svd, mask=masks[n], scores=scores[n] if needs_scores else None, **kw)
