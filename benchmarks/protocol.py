@@ -255,9 +255,13 @@ def table(runs: list[dict], order: list[str]) -> str:
         t_steps = sorted({teacher_steps(r) for r in rs if r["method"] != "rankdyna" and teacher_steps(r)})
         e = cfg["teacher_epochs"]
         recipe = (f"{e:g} epoch{'' if e == 1 else 's'} at lr {cfg['teacher_learning_rate']:g}, batch {cfg['batch_size']}, "
-                  f"max length {cfg['max_length']}, {cfg['mixed_precision']} autocast"
-                  + (" with length grouping" if cfg.get("group_by_length") else "") + ", keep-best on the slice")
-        machines = ", ".join(sorted({r.get("machine", "?") for r in rs}))
+                  f"max length {cfg['max_length']}, precision as in Machine"
+                  + (", length grouping" if cfg.get("group_by_length") else "") + ", keep-best on the slice")
+        by_machine: dict[str, set] = {}
+        for r in rs:
+            by_machine.setdefault(r.get("machine", "?"), set()).add(r["seed"])
+        machines = "; ".join(f"{m} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, sorted(v)))})"
+                             for m, v in sorted(by_machine.items()))
         out.append(f"### {task}: {metric} x100 on dev, mean ± std over seeds {', '.join(map(str, seeds))}\n")
         out.append(f"Data: {sizes}. Teacher: {recipe}; {'/'.join(map(str, t_steps)) or '?'} teacher steps. "
                    f"Machine: {machines}.\n")
