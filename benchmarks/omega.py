@@ -96,6 +96,10 @@ def main() -> None:
     pruned_dir = Path(args.pruned)
     if not (pruned_dir / "model.safetensors").is_file():
         raise SystemExit(f"{pruned_dir} holds no pruned model (run protocol.py's LPAF_KD cell first)")
+    if args.teacher and not (Path(args.teacher) / "model.safetensors").is_file():
+        raise SystemExit(f"--teacher {args.teacher} holds no model (a folder under results/cache/teachers/)")
+    if not 0 < args.keep <= 1:
+        raise SystemExit(f"--keep must be in (0, 1], got {args.keep}")
 
     import torch
 
@@ -107,7 +111,8 @@ def main() -> None:
     from factorlm.session import Session
     from factorlm.staged import run_factorize
     from factorlm.train.evaluate import evaluate
-    from factorlm.decompose.weighted_svd import normalized_scores
+    from factorlm.decompose.svd import truncated_svd
+    from factorlm.decompose.weighted_svd import normalized_scores, weighted_error
 
     settings = {**COMMON, **TASKS[args.task]}
     config = RunConfig(task=args.task, method="lpaf", keep=args.keep, seed=args.seed,
@@ -135,6 +140,7 @@ def main() -> None:
             out.update({f"{split}_{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))})
         return out
 
+    j_svd: dict[str, float] = {}
     rows = [{"name": "pruned (before step 2)", **scores_of(base)}]
     print(json.dumps(rows[0]), flush=True)
     for name in args.candidates:
@@ -153,11 +159,10 @@ def main() -> None:
                 if n in teacher_w:
                     T = teacher_w[n].double()
                     stats["rel_err_teacher"].append(float((T - AB).norm() / T.norm()))
-                om = normalized_scores(scores[n]).double()
-                from factorlm.decompose.svd import truncated_svd
-                A0, B0 = truncated_svd(W, rank)
-                j0 = float((om * (W64 - A0.double() @ B0.double())).pow(2).sum())
-                stats["j_ratio"].append(float((om * (W64 - AB)).pow(2).sum()) / max(j0, 1e-300))
+                om = normalized_scores(scores[n])
+                if n not in j_svd:  # the plain SVD's value of the paper's objective: once per matrix
+                    j_svd[n] = weighted_error(W, om, *truncated_svd(W, rank))
+                stats["j_ratio"].append(weighted_error(W, om, A, B) / max(j_svd[n], 1e-300))
                 stats["max_ratio"].append(float(AB.abs().max() / W64.abs().max()))
                 return A, B
             return f
@@ -181,11 +186,13 @@ def main() -> None:
     lines = [f"#### Step 2 candidates on `{tag}` (keep {args.keep:g}, density {density:.3f}; no fine-tuning)", "",
              "| step 2 | rel. err vs pruned W | rel. err vs teacher W | J / J_svd (w/ S objective) | max J/J_svd | max|AB|/max|W| | select | dev | s |",
              "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r: dict, split: str) -> str:
+        keys = [f"{split}_{metric}", f"{split}_accuracy"] if metric else [k for k in r if k.startswith(split + "_")]
+        return " / ".join(f"{100 * r[k]:.1f}" for k in keys if k in r)
+
     for r in rows:
-        sel = " / ".join(f"{100 * r[k]:.1f}" for k in (f"select_{metric}", "select_accuracy") if k in r) if metric else \
-            " / ".join(f"{100 * v:.1f}" for k, v in r.items() if k.startswith("select_"))
-        dev = " / ".join(f"{100 * r[k]:.1f}" for k in (f"dev_{metric}", "dev_accuracy") if k in r) if metric else \
-            " / ".join(f"{100 * v:.1f}" for k, v in r.items() if k.startswith("dev_"))
+        sel, dev = cell(r, "select"), cell(r, "dev")
         if "rel_err" not in r:
             lines.append(f"| {r['name']} | | | | | | {sel} | {dev} | |")
             continue

@@ -76,7 +76,6 @@ DECOMPOSITIONS = ("em", "row", "svd")
 OMEGAS = ("scores", "mask", "scores_quantile")
 
 
-
 @register_method("lpaf")
 class LPAFMethod(Method):
     summary = "LPAF: first-order pruning -> sparsity-aware SVD -> mixed-rank fine-tuning (Ren & Zhu 2024)"
