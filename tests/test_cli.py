@@ -95,6 +95,8 @@ BAD = [
     (["compress", "--recipe", "/no/recipe.yaml"], "recipe file not found"),
     (["compress", "--method", "lpaf", "--schedule", "staged"], "does not support --schedule staged"),
     (["compress", "--method", "lpaf", "--p-init", "2"], "--p-init must be in [0, 1]"),
+    (["compress", "--method", "lpaf", "--decomposition", "row", "--solver", "als"], "only apply with --decomposition em"),
+    (["compress", "--method", "lpaf", "--decomposition", "svd", "--em-iters", "5"], "only apply with --decomposition em"),
     (["compress", "--method", "prune", "--prune-warmup", "0.7", "--prune-cooldown", "0.5"], "summing to < 1"),
     (["info", "/no/such/dir"], "does not exist"),
     (["evaluate", "/no/such/dir"], "does not exist"),

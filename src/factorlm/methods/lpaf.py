@@ -114,6 +114,9 @@ class LPAFMethod(Method):
             check(self.omega in OMEGAS, f"--omega must be one of {', '.join(OMEGAS)}, got {self.omega!r}")
             check(self.solver in SOLVERS, f"--solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
             check(self.em_iters is None or self.em_iters >= 1, f"--em-iters must be >= 1, got {self.em_iters}")
+            check(self.decomposition == "em" or (self.solver == "auto" and self.em_iters is None),
+                  f"--solver / --em-iters set step 2's element-wise fit and only apply with --decomposition em, "
+                  f"got --decomposition {self.decomposition}")
             check(0 <= self.p_init <= 1, f"--p-init must be in [0, 1], got {self.p_init}")
             check(self.p_zero_at > 0, f"--p-zero-at must be > 0, got {self.p_zero_at}")
             check(self.consistency >= 0, f"--consistency must be >= 0, got {self.consistency}")
