@@ -329,8 +329,37 @@ def table(runs: list[dict], order: list[str]) -> str:
                 parts += [f"minus {v}: {_compare(mine, [r for r in rs if r['name'] == v and r['keep'] == k])}"
                           for v in others]
                 out.append(f"- keep {k:g}: " + "; ".join(parts))
+        out += _starts(rs, keeps, names, metric)
         out.append("")
     return "\n".join(out)
+
+
+def _starts(rs: list[dict], keeps: list[float], names: list[str], metric: str) -> list[str]:
+    """Where each method's re-training starts: the score right after factorization (and LPAF's
+    pruned model before it), mean +- std over seeds; methods that record no such phase (RankDyna) and
+    ablations that share LPAF's starting point are left out."""
+    rows = []
+    for v in names:
+        for phase, what in (("pruned", "pruned model (step 1)"), ("factorized", "right after factorization")):
+            if phase == "pruned" and v not in ("LPAF", "LPAF_KD"):
+                continue  # the ablations re-use LPAF's pruned model
+            if phase == "factorized" and v.endswith(("_vanilla_ft", "_no_ft")):
+                continue  # they start from LPAF's factorized model
+            cells = []
+            for k in keeps:
+                ps = [r["phases"][phase] for r in rs if r["name"] == v and r["keep"] == k
+                      and (r.get("phases") or {}).get(phase, {}).get(metric) is not None]
+                cell = _ms([100 * p[metric] for p in ps]) if ps else ""
+                if ps and metric == "f1" and all("accuracy" in p for p in ps):  # F1 saturates at the majority's
+                    cell += f" (acc {_ms([100 * p['accuracy'] for p in ps])})"
+                cells.append(cell)
+            if any(cells):
+                rows.append(f"| {LABELS.get(v, v)}: {what} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", f"Before re-training ({metric} x100, mean ± std over the same seeds): where each method's last "
+            "training phase starts.", "", "| model | " + " | ".join(f"keep {k:g}" for k in keeps) + " |",
+            "|---|" + "---|" * len(keeps), *rows]
 
 
 def plot(runs: list[dict], path: Path, order: list[str]) -> None:
