@@ -218,7 +218,8 @@ def _teachers(rs: list[dict]) -> dict[int, float]:
 
 
 def _compare(a: list[dict], b: list[dict]) -> str:
-    """Difference of means (x100) of runs ``a`` minus runs ``b`` over the seeds both have."""
+    """Difference of means (x100) of runs ``a`` minus runs ``b`` over the seeds both have, judged against
+    the larger of the two stds (the protocol's rule), with the per-seed (paired) differences beside it."""
     sa, sb = {r["seed"]: 100 * r["score"] for r in a}, {r["seed"]: 100 * r["score"] for r in b}
     common = sorted(sa.keys() & sb.keys())
     if not common:
@@ -229,7 +230,11 @@ def _compare(a: list[dict], b: list[dict]) -> str:
         return f"{diff:+.1f} (one seed, noise unknown)"
     noise = max(statistics.stdev(xa), statistics.stdev(xb))
     verdict = "within noise" if abs(diff) < noise else "beyond noise"
-    return f"{diff:+.1f} ({verdict}: larger std {noise:.1f}; {len(common)} seeds)"
+    # the seeds pair the runs (same teacher, data split and, for LPAF's ablations, pruned model): the
+    # per-seed differences show what the spread across seeds hides
+    d = [x - y for x, y in zip(xa, xb)]
+    paired = f"per seed {' / '.join(f'{x:+.1f}' for x in d)}, paired std {statistics.stdev(d):.1f}"
+    return f"{diff:+.1f} ({verdict}: larger std {noise:.1f}; {len(common)} seeds; {paired})"
 
 
 def _flagged(r: dict, phase: str = "final") -> bool:
