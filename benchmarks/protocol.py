@@ -93,6 +93,8 @@ VARIANTS = {
     "LPAF_KD_vanilla_ft": "lpaf:finetune_distill=1,mixed_rank=false,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_KD_no_ft": "lpaf:finetune=false,finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_KD_plain_svd": "lpaf:finetune_distill=1,decomposition=svd,pruned_model={task}-k{keep}-s{seed}-full-kd",
+    # diagnostic, unequal compute: LPAF_KD's pruned model re-trained for the baselines' two epochs (three in all)
+    "LPAF_KD_ft2": "lpaf:finetune_distill=1,epochs=2,prune_epochs=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_no_prune": "lpaf:distill=0,prune=false",
     "LPAF_plain_svd": f"{LPAF},decomposition=svd",
     "LPAF_vanilla_ft": f"{LPAF},mixed_rank=false",
@@ -112,6 +114,7 @@ LABELS = {
     "LPAF_KD_vanilla_ft": "LPAF + KD, vanilla fine-tuning instead of mixed-rank (ablation)",
     "LPAF_KD_no_ft": "LPAF + KD w/o step 3 (the factorized pruned model; ablation)",
     "LPAF_KD_plain_svd": "LPAF + KD, vanilla SVD instead of sparsity-aware (ablation)",
+    "LPAF_KD_ft2": "LPAF + KD, mixed-rank for 2 epochs (diagnostic: one epoch more than the equal budget)",
     "LPAF_no_prune": "LPAF w/o pruning (step 1; 1 epoch)",
     "LPAF_plain_svd": "LPAF, vanilla SVD instead of sparsity-aware",
     "LPAF_vanilla_ft": "LPAF, vanilla fine-tuning instead of mixed-rank",
@@ -319,7 +322,7 @@ def table(runs: list[dict], order: list[str]) -> str:
                        "class, diverged or scored no better than the majority class (see the warnings in the JSON).")
         out.append("\nWall time includes the teacher's training in the first run of a (task, seed) and the pruning in "
                    "the first LPAF run of a (task, keep, seed); later runs load them from the cache.\n")
-        for lead, compared in (("LPAF", COMPARED), ("LPAF_KD", [*KD[:-1], *KD_ABLATIONS])):
+        for lead, compared in (("LPAF", COMPARED), ("LPAF_KD", [*KD[:-1], *KD_ABLATIONS]), ("LPAF_KD_ft2", KD)):
             lpaf = [r for r in rs if r["name"] == lead]
             others = [v for v in compared if any(r["name"] == v for r in rs)]
             for k in keeps:
@@ -348,7 +351,7 @@ def _starts(rs: list[dict], keeps: list[float], names: list[str], metric: str) -
         for phase, what in (("pruned", "pruned model (step 1)"), ("factorized", "right after factorization")):
             if phase == "pruned" and v not in ("LPAF", "LPAF_KD"):
                 continue  # the ablations re-use LPAF's pruned model
-            if phase == "factorized" and v.endswith(("_vanilla_ft", "_no_ft")):
+            if phase == "factorized" and v.endswith(("_vanilla_ft", "_no_ft", "_ft2")):
                 continue  # they start from LPAF's factorized model
             cells = []
             for k in keeps:
