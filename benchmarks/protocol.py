@@ -28,7 +28,9 @@ The first LPAF run of a (task, keep, seed) prunes and caches the pruned model
 (``results/cache/pruned/<task>-k<keep>-s<seed>-full``); the ablations at keep 0.25 (``--ablations``:
 w/o pruning, vanilla SVD instead of sparsity-aware, vanilla instead of mixed-rank fine-tuning) re-use
 it, so they differ from LPAF only in the step they ablate (w/o pruning trains one epoch fewer: the
-compression-steps column says so).
+compression-steps column says so).  ``--kd --variants LPAF_KD_ft2`` is a diagnostic outside equal
+compute, named so: LPAF_KD's cached pruned model re-trained (mixed-rank, distilled) for the
+baselines' two epochs instead of one, to test whether the halved re-training budget is what LPAF loses.
 
 Grid order: seed-major, then task, keep and variant, so a partial grid holds complete seeds.
 Resumable: each cell writes ``benchmarks/results/runs_protocol/<id>.json`` and is skipped when it
@@ -378,14 +380,17 @@ def plot(runs: list[dict], path: Path, order: list[str]) -> None:
 
     tasks = list(dict.fromkeys(r["task"] for r in runs))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks) + 3, 4.6), squeeze=False)
-    for i, (ax, task) in enumerate(zip(axes[0], tasks)):
+    present = sorted({r["name"] for r in runs}, key=lambda v: order.index(v) if v in order else len(order))
+    colors = {v: f"C{j % 10}" for j, v in enumerate(present)}  # one colour per method across every panel
+    legend = {}
+    for ax, task in zip(axes[0], tasks):
         rs = [r for r in runs if r["task"] == task]
         names = sorted(dict.fromkeys(r["name"] for r in rs), key=lambda v: order.index(v) if v in order else len(order))
         for v in names:
             keeps = sorted({r["keep"] for r in rs if r["name"] == v})
             ys = [[100 * r["score"] for r in rs if r["name"] == v and r["keep"] == k] for k in keeps]
             ax.errorbar(keeps, [statistics.mean(y) for y in ys], yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
-                        marker="o", capsize=3, label=LABELS.get(v, v))
+                        marker="o", capsize=3, color=colors[v], label=LABELS.get(v, v))
         teachers = _teachers(rs)
         if teachers:
             dm = statistics.mean(teachers.values())
@@ -399,8 +404,9 @@ def plot(runs: list[dict], path: Path, order: list[str]) -> None:
         ax.set_ylabel(f"{rs[0]['main_metric']} x100 (mean ± std over seeds)")
         ax.set_xticks(sorted({r["keep"] for r in rs}))
         ax.invert_xaxis()
-        if i == len(tasks) - 1:
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        for h, label in zip(*ax.get_legend_handles_labels()):  # a method run on one task only still gets its entry
+            legend.setdefault(label, h)
+    axes[0][-1].legend(list(legend.values()), list(legend), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     kd = any(v in KD for v in order)
     fig.suptitle(f"MiniLM-L6, equal compute, {'equal distillation from the teacher' if kd else 'no distillation'}"
                  " (protocol of issue 11)")
