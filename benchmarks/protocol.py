@@ -385,8 +385,7 @@ def plot(runs: list[dict], path: Path, order: list[str]) -> None:
     legend = {}
     for ax, task in zip(axes[0], tasks):
         rs = [r for r in runs if r["task"] == task]
-        names = sorted(dict.fromkeys(r["name"] for r in rs), key=lambda v: order.index(v) if v in order else len(order))
-        for v in names:
+        for v in (v for v in present if any(r["name"] == v for r in rs)):
             keeps = sorted({r["keep"] for r in rs if r["name"] == v})
             ys = [[100 * r["score"] for r in rs if r["name"] == v and r["keep"] == k] for k in keeps]
             ax.errorbar(keeps, [statistics.mean(y) for y in ys], yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
