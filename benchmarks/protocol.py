@@ -89,6 +89,8 @@ VARIANTS = {
     "FWSVD_Ft": "fwsvd:epochs=2",
     "LPAF": LPAF,
     "RankDyna": "rankdyna:epochs={rankdyna_epochs}",
+    # opt-in: each triplet costs its in+out weights, so RankDyna stores <= keep like the uniform methods
+    "RankDyna_weights": "rankdyna:epochs={rankdyna_epochs},budget_unit=weights",
     "SVD_Ft_KD": "svd:epochs=2,finetune_distill=1",
     "FWSVD_Ft_KD": "fwsvd:epochs=2,finetune_distill=1",
     "LPAF_KD": "lpaf:finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
@@ -111,6 +113,7 @@ LABELS = {
     "SVD_Ft": "SVD_Ft (2 epochs)", "FWSVD_Ft": "FWSVD_Ft (2 epochs)",
     "LPAF": "LPAF (prune 1 epoch without distillation + mixed-rank 1 epoch)",
     "RankDyna": "RankDyna (from the pre-trained model; teacher's epochs + 2)",
+    "RankDyna_weights": "RankDyna, budget in weights (stores <= keep; opt-in, not the paper's)",
     "SVD_Ft_KD": "SVD_Ft + KD (2 epochs)", "FWSVD_Ft_KD": "FWSVD_Ft + KD (2 epochs)",
     "LPAF_KD": "LPAF + KD (distilled pruning, its default, + distilled mixed-rank)",
     "LPAF_KD_vanilla_ft": "LPAF + KD, vanilla fine-tuning instead of mixed-rank (ablation)",
@@ -195,6 +198,9 @@ def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool 
         "train_steps": report.total_train_steps, "wall_s": round(time.time() - t0, 1), "warnings": report.warnings,
         "health": report.health, "baseline": report.baseline, "teacher": report.teacher, "config": config.to_dict(),
         "machine": machine(args.threads, config.mixed_precision),
+        # RankDyna's allocation (matrix -> kept rank; the matrices stored dense past break-even)
+        **({"ranks": report.info["ranks"], "dense_modules": report.info.get("dense", [])}
+           if "ranks" in (report.info or {}) else {}),
     }
 
 

@@ -1,0 +1,28 @@
+"""Diagnostic (issue 11, session 15): RankDyna on STS-B, keep 0.25, seed 2 collapsed in the protocol's
+run (Pearson 0 from its first evaluation, step 162).  Re-run the identical configuration with a
+selection evaluation every 27 steps to see where it fails.
+
+Each evaluation's DataLoader draws its base seed from the *global* torch RNG, so evaluating more often
+shifts the dropout stream that training sees afterwards: this run is the same seed and configuration
+on a different dropout stream, not a replay.  Output: ``results/rankdyna_eval_rng.{log,json}``.
+
+    python benchmarks/rankdyna_eval_rng.py
+"""
+import json
+import sys
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import protocol as P  # noqa: E402
+
+if __name__ == "__main__":
+    import torch
+
+    torch.set_num_threads(1)
+    P.COMMON = {**P.COMMON, "eval_every": 27}
+    args = types.SimpleNamespace(quick=False, max_steps=None, mixed_precision=None, verbose=True, threads=1)
+    r = P.run_one("stsb", "RankDyna", 0.25, 2, args)
+    out = P.RESULTS / "rankdyna_eval_rng.json"
+    out.write_text(json.dumps(r, indent=1))
+    print("score", r["score"], "stored", r["accounting"]["target_ratio"], "->", out)
