@@ -200,7 +200,7 @@ def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool 
         "machine": machine(args.threads, config.mixed_precision),
         # RankDyna's allocation (matrix -> kept rank; the matrices stored dense past break-even)
         **({"ranks": report.info["ranks"], "dense_modules": report.info.get("dense", [])}
-           if "ranks" in (report.info or {}) else {}),
+           if "ranks" in report.info else {}),
     }
 
 

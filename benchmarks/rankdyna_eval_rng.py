@@ -4,9 +4,10 @@ selection evaluation every 27 steps to see where it fails.
 
 Each evaluation's DataLoader draws its base seed from the *global* torch RNG, so evaluating more often
 shifts the dropout stream that training sees afterwards: this run is the same seed and configuration
-on a different dropout stream, not a replay.  Output: ``results/rankdyna_eval_rng.{log,json}``.
+on a different dropout stream, not a replay.  Output: ``results/rankdyna_eval_rng.json``; the committed
+``results/rankdyna_eval_rng.log`` is its evaluation lines (stdout):
 
-    python benchmarks/rankdyna_eval_rng.py
+    python benchmarks/rankdyna_eval_rng.py > benchmarks/results/rankdyna_eval_rng.log
 """
 import json
 import sys
@@ -24,5 +25,5 @@ if __name__ == "__main__":
     args = types.SimpleNamespace(quick=False, max_steps=None, mixed_precision=None, verbose=True, threads=1)
     r = P.run_one("stsb", "RankDyna", 0.25, 2, args)
     out = P.RESULTS / "rankdyna_eval_rng.json"
-    out.write_text(json.dumps(r, indent=1))
+    out.write_text(json.dumps(r, indent=1, default=str))  # as protocol.py writes its runs
     print("score", r["score"], "stored", r["accounting"]["target_ratio"], "->", out)
