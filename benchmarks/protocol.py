@@ -91,6 +91,10 @@ VARIANTS = {
     "RankDyna": "rankdyna:epochs={rankdyna_epochs}",
     # opt-in: each triplet costs its in+out weights, so RankDyna stores <= keep like the uniform methods
     "RankDyna_weights": "rankdyna:epochs={rankdyna_epochs},budget_unit=weights",
+    # diagnostics: SVD_Ft with the per-matrix ranks RankDyna learned for the same (task, keep, seed)
+    # (``--ranks`` its run JSON; it stores what RankDyna stores, so more than keep under the triplet budget)
+    "SVD_Ft_rd_ranks": "svd:epochs=2,ranks={rankdyna_ranks}",
+    "SVD_Ft_KD_rd_ranks": "svd:epochs=2,finetune_distill=1,ranks={rankdyna_ranks}",
     "SVD_Ft_KD": "svd:epochs=2,finetune_distill=1",
     "FWSVD_Ft_KD": "fwsvd:epochs=2,finetune_distill=1",
     "LPAF_KD": "lpaf:finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
@@ -114,6 +118,8 @@ LABELS = {
     "LPAF": "LPAF (prune 1 epoch without distillation + mixed-rank 1 epoch)",
     "RankDyna": "RankDyna (from the pre-trained model; teacher's epochs + 2)",
     "RankDyna_weights": "RankDyna, budget in weights (stores <= keep; opt-in, not the paper's)",
+    "SVD_Ft_rd_ranks": "SVD_Ft with RankDyna's learned ranks (diagnostic)",
+    "SVD_Ft_KD_rd_ranks": "SVD_Ft + KD with RankDyna's learned ranks (diagnostic)",
     "SVD_Ft_KD": "SVD_Ft + KD (2 epochs)", "FWSVD_Ft_KD": "FWSVD_Ft + KD (2 epochs)",
     "LPAF_KD": "LPAF + KD (distilled pruning, its default, + distilled mixed-rank)",
     "LPAF_KD_vanilla_ft": "LPAF + KD, vanilla fine-tuning instead of mixed-rank (ablation)",
@@ -180,6 +186,11 @@ def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool 
         if set(opts) - {"pruned_model", "distill", "finetune_distill"} and not may_prune:  # an ablation: wait for LPAF's pruning
             raise Deferred(opts["pruned_model"])
         opts["save_pruned"] = opts.pop("pruned_model")  # the first run of (task, keep, seed) prunes and caches
+    if cfg_over.get("ranks") == "{rankdyna_ranks}":  # the allocation of RankDyna's run of this cell
+        rd = RUNS / f"{run_id(task, 'RankDyna', keep, seed, args)}.json"
+        if not rd.is_file():
+            raise FileNotFoundError(f"RankDyna's run {rd.name} is not finished: run --variants RankDyna first")
+        cfg_over["ranks"] = str(rd)
     settings = {**COMMON, **TASKS[task], **(QUICK if args.quick else {}), **cfg_over}
     if args.max_steps:
         settings["max_steps"] = args.max_steps

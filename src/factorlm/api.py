@@ -358,6 +358,12 @@ def finetune(config: RunConfig, *, quiet: bool = False) -> Report:
                   baseline=session.baseline, warnings=list(session.warnings), health=session.health)
 
 
+def _budget_text(c: RunConfig) -> str:
+    if c.ranks is not None:
+        return f"the per-matrix ranks of {c.ranks}"
+    return f"{c.keep}" if c.rank is None else f"rank {c.rank}"
+
+
 def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Report:
     """Compress ``config.model`` on ``config.task`` with ``config.method``; save to ``config.output``.
 
@@ -373,12 +379,14 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     c = config.validate()
     method = get_method(c.method, c.method_options)  # bad method / option: fail before any work
     structure_class(c.structure)
-    keep_tag = f"k{c.keep:g}" if c.rank is None else f"r{c.rank}"
+    keep_tag = "ranks" if c.ranks is not None else f"k{c.keep:g}" if c.rank is None else f"r{c.rank}"
     out = _output_dir(c, f"runs/{c.task}-{c.method}-{keep_tag}") if save else None
     session = Session(c, quiet=quiet)
     method.validate(c, session.accelerator.num_processes)
     if c.skip_slow and not method.uses_plan:
         raise FactorLMError(f"--skip-slow applies to methods that factorize with a budget plan, not {method.name!r}")
+    if c.ranks is not None and not method.uses_plan:
+        raise FactorLMError(f"--ranks applies to methods that factorize with a rank plan (svd, fwsvd, lpaf), not {method.name!r}")
     session.task, session.data  # noqa: B018
 
     def validate(m):  # budget / rank / patterns must fit this model before anything trains
@@ -398,8 +406,12 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     dense_flops = _flops(model, c.max_length)
     dense_params = models.count_params(model)
     session.log(f"[{method.name}] compressing {len(models.find_targets(model, c.include, c.exclude))} target layers "
-                f"to keep {c.keep if c.rank is None else f'rank {c.rank}'} ({c.structure})")
+                f"to keep {_budget_text(c)} ({c.structure})")
     result = method.run(session, model)
+    if c.ranks is not None:  # the allocation itself, not only its path, goes into the report
+        from .ranks.explicit import read_ranks
+
+        result.info.update(ranks_file=c.ranks, ranks=read_ranks(c.ranks), dense=list(getattr(session, "plan_dense", [])))
     model = result.model
     if c.dtype != "fp32":  # deployed in a lower precision: its score in it is the final one
         session.evaluate(model, phase="final_fp32")

@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "asvd | svd (see `factorlm methods`)")
     c.add_argument("--keep", type=float, help="fraction of the target layers' parameters kept, in (0, 1] (default 0.25)")
     c.add_argument("--rank", type=int, help="explicit uniform rank instead of --keep")
+    c.add_argument("--ranks", metavar="FILE", help="per-matrix ranks instead of --keep: JSON {module: rank}, or a "
+                   "saved model's factorlm.json / run JSON with a 'ranks' field (e.g. a rankdyna run's allocation); ranks past "
+                   "break-even keep the matrix dense (svd, fwsvd, lpaf)")
     c.add_argument("--structure", help="lowrank (default) | monarch | blockwise")
     c.add_argument("--nblocks", type=int, help="Monarch / block-wise: number of blocks")
     c.add_argument("--include", nargs="+", help="regex: only layers whose name matches")

@@ -57,6 +57,7 @@ def check_config(c: RunConfig):
     check(c.schedule == "oneshot", "--task lm is one-shot (calibrated layer by layer); --schedule staged does not apply")
     check(not c.skip_slow, "--skip-slow does not apply to --task lm yet")
     check(c.keep is not None or c.rank is not None, "give --keep or --rank")
+    check(c.ranks is None, "--ranks does not apply to --task lm yet: give --keep or --rank")
     return method
 
 

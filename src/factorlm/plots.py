@@ -69,8 +69,11 @@ def report_png(meta: dict[str, Any], path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, ncols)
     title = f"{meta.get('method', '?')} on {meta.get('task', '?')}"
-    keep = (meta.get("recipe") or {}).get("keep")
-    if keep:
+    recipe = meta.get("recipe") or {}
+    keep = recipe.get("keep")
+    if recipe.get("ranks"):
+        title += f", per-matrix ranks from {Path(str(recipe['ranks'])).name}"
+    elif keep and recipe.get("rank") is None:
         title += f", keep {keep:g} of the target weights"
     if meta.get("warnings"):
         title += f"  -  {len(meta['warnings'])} warning(s): see factorlm.json"

@@ -134,12 +134,14 @@ def run_factorize(session, model, plan, structure, decompose: DecomposeArg | Dec
 
 
 def _with_kept_dense(session, model, acc: Accounting) -> Accounting:
-    """Targets that ``--skip-slow`` kept dense are still targets: their weights count on both sides."""
+    """Targets kept dense (by ``--skip-slow``, or past break-even in a ``--ranks`` file) are still
+    targets: their weights count on both sides."""
     from dataclasses import replace
 
     from .models.surgery import target_shapes
 
-    kept = (getattr(session, "speed_check", None) or {}).get("kept_dense") or []
+    kept = list(getattr(session, "plan_dense", None) or [])  # --ranks: past break-even, never factorized
+    kept += (getattr(session, "speed_check", None) or {}).get("kept_dense") or []
     if not kept:
         return acc
     w = sum(o * i for o, i in target_shapes(model, kept).values())

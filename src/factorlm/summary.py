@@ -53,7 +53,7 @@ _ABBREV = {
 # recipe keys already shown in the header
 _HEADER_KEYS = ("task", "method", "structure")
 # recipe keys always shown when set, even at their default value (they define the compression)
-_ALWAYS_SHOWN = ("keep", "rank")
+_ALWAYS_SHOWN = ("keep", "rank", "ranks")
 _TABLE_WIDTH = 100  # wrap the layer columns beyond this many characters
 
 

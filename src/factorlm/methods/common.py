@@ -48,8 +48,9 @@ def structure_fixed(session) -> dict:
 
 def plan_for(session, model: nn.Module, targets: list[str], weights: dict[str, torch.Tensor] | None = None,
              *, speed_check: bool | None = None):
-    """Uniform plan (largest shared knob within --keep, or --rank), or a global non-uniform rank plan;
-    then the per-matrix speed check (:func:`speed_check_plan`), which with ``--skip-slow`` keeps dense
+    """Uniform plan (largest shared knob within --keep, or --rank), a global non-uniform rank plan, or
+    the per-matrix ranks of a ``--ranks`` file (whose past-break-even matrices, left out of the plan
+    and kept dense, are listed in ``session.plan_dense``); then the per-matrix speed check (:func:`speed_check_plan`), which with ``--skip-slow`` keeps dense
     the matrices that would not run faster factorized, within the same budget.
 
     ``speed_check``: ``None`` = as the config says (:func:`speed_check_wanted`); ``False`` = the plan
@@ -58,7 +59,13 @@ def plan_for(session, model: nn.Module, targets: list[str], weights: dict[str, t
     cls = structure_class(c.structure)
     fixed = structure_fixed(session)
     replan = None
-    if c.rank_policy == "global" and c.rank is None:
+    session.plan_dense = []  # targets an explicit --ranks file keeps dense (past break-even)
+    if getattr(c, "ranks", None) is not None:
+        from ..ranks.explicit import explicit_plan, read_ranks
+
+        shapes = target_shapes(model, targets)
+        plan, session.plan_dense = explicit_plan(shapes, read_ranks(c.ranks))
+    elif c.rank_policy == "global" and c.rank is None:
         from ..errors import check
         from ..ranks.allocator import global_rank_plan
 
@@ -156,7 +163,7 @@ def speed_check_plan(session, model: nn.Module, shapes: dict, plan: dict, cls, f
     rows = batch * seq
     dt = getattr(c, "dtype", None) or "fp32"
     device = _speed_device(session, model)
-    keep = None if c.rank is not None else c.keep
+    keep = None if c.rank is not None or getattr(c, "ranks", None) is not None else c.keep
     memo_key = (cls.structure, rows, dt, str(device), skip, keep, tuple((n, speed.plan_key(p)) for n, p in plan.items()))
     memo = getattr(session, "_speed_check_memo", None)
     if memo is not None and memo[0] == memo_key:
