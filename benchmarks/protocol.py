@@ -133,7 +133,8 @@ LABELS = {
 
 
 class Deferred(Exception):
-    """An ablation whose LPAF pruned model is not cached yet (another process may be pruning it)."""
+    """A run that needs another run's output first: an ablation whose LPAF pruned model is not cached
+    yet (another process may be pruning it), or a ``*_rd_ranks`` diagnostic before RankDyna's run."""
 
 
 def resolve(name: str, task: str, quick: bool) -> str:
@@ -184,12 +185,12 @@ def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool 
             opts[k] = str(RESULTS / "cache" / "pruned" / tag)
     if "pruned_model" in opts and not Path(opts["pruned_model"]).is_dir():
         if set(opts) - {"pruned_model", "distill", "finetune_distill"} and not may_prune:  # an ablation: wait for LPAF's pruning
-            raise Deferred(opts["pruned_model"])
+            raise Deferred(f"LPAF's pruned model {opts['pruned_model']} is not cached yet")
         opts["save_pruned"] = opts.pop("pruned_model")  # the first run of (task, keep, seed) prunes and caches
     if cfg_over.get("ranks") == "{rankdyna_ranks}":  # the allocation of RankDyna's run of this cell
         rd = RUNS / f"{run_id(task, 'RankDyna', keep, seed, args)}.json"
         if not rd.is_file():
-            raise FileNotFoundError(f"RankDyna's run {rd.name} is not finished: run --variants RankDyna first")
+            raise Deferred(f"RankDyna's run {rd.name} is not finished (run --variants RankDyna first)")
         cfg_over["ranks"] = str(rd)
     settings = {**COMMON, **TASKS[task], **(QUICK if args.quick else {}), **cfg_over}
     if args.max_steps:
@@ -478,7 +479,7 @@ def main() -> None:
                 try:
                     res = run_one(t, v, k, s, args, may_prune=may_prune)
                 except Deferred as e:
-                    print(f"   deferred: LPAF's pruned model {e} is not cached yet", flush=True)
+                    print(f"   deferred: {e}", flush=True)
                     f.with_suffix(".claim").unlink(missing_ok=True)
                     deferred.append((t, v, k, s))
                     continue

@@ -125,6 +125,15 @@ def test_compress_with_per_matrix_ranks(tiny_dir, csv_task, tmp_path, capsys):
         k = ranks[n]
         best = (U[:, :k] * S[:k]) @ Vh[:k]  # Eckart-Young: the optimal rank-k fit
         assert torch.allclose(m.to_dense().double(), best, atol=1e-5), n
+    # lpaf: the matrices kept dense get the teacher's unpruned weights back, the others are factorized
+    code, _, err = run(["compress", "--model", tiny_dir, "--method", "lpaf", "--ranks", path, "--finetune", "false",
+                        "--max-steps", "2", "--output", tmp_path / "lpaf", *common], capsys)
+    assert code == 0, err
+    lpaf, lmeta = load(tmp_path / "lpaf"), json.loads((tmp_path / "lpaf" / "factorlm.json").read_text())
+    assert {n: m["rank"] for n, m in lmeta["modules"].items()} == {n: k for n, k in ranks.items() if n not in dense}
+    assert lmeta["accounting"]["target_weights_after"] == acc["target_weights_after"]
+    for n in dense:
+        assert type(get_module(lpaf, n)) is nn.Linear and torch.equal(get_module(lpaf, n).weight, get_module(teacher, n).weight)
     # the saved model's own factorlm.json is a --ranks file too; a stale name fails before any training
     meta["method_info"]["ranks"]["bert.encoder.layer.9.output.dense"] = 4
     (tmp_path / "stale.json").write_text(json.dumps(meta))

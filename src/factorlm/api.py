@@ -20,7 +20,7 @@ from torch import nn
 
 from . import models
 from .config import RunConfig
-from .errors import FactorLMError
+from .errors import FactorLMError, check
 from .models.loading import FACTORLM_JSON, read_meta, resolve_model
 from .session import Session
 
@@ -379,14 +379,21 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     c = config.validate()
     method = get_method(c.method, c.method_options)  # bad method / option: fail before any work
     structure_class(c.structure)
-    keep_tag = "ranks" if c.ranks is not None else f"k{c.keep:g}" if c.rank is None else f"r{c.rank}"
-    out = _output_dir(c, f"runs/{c.task}-{c.method}-{keep_tag}") if save else None
-    session = Session(c, quiet=quiet)
-    method.validate(c, session.accelerator.num_processes)
     if c.skip_slow and not method.uses_plan:
         raise FactorLMError(f"--skip-slow applies to methods that factorize with a budget plan, not {method.name!r}")
-    if c.ranks is not None and not method.uses_plan:
-        raise FactorLMError(f"--ranks applies to methods that factorize with a rank plan (svd, fwsvd, lpaf), not {method.name!r}")
+    ranks = None
+    if c.ranks is not None:
+        from .ranks.explicit import read_ranks
+
+        check(method.uses_plan, f"--ranks applies to methods that factorize with a rank plan (svd, fwsvd, lpaf), "
+                                f"not {method.name!r}")
+        c.ranks = str(Path(c.ranks).resolve())  # the recipe names the file wherever it is re-run from
+        ranks = read_ranks(c.ranks)  # read once: the plan and the report use this, whatever the file becomes
+    keep_tag = f"ranks-{Path(c.ranks).stem}" if c.ranks is not None else f"k{c.keep:g}" if c.rank is None else f"r{c.rank}"
+    out = _output_dir(c, f"runs/{c.task}-{c.method}-{keep_tag}") if save else None
+    session = Session(c, quiet=quiet)
+    session.explicit_ranks = ranks
+    method.validate(c, session.accelerator.num_processes)
     session.task, session.data  # noqa: B018
 
     def validate(m):  # budget / rank / patterns must fit this model before anything trains
@@ -408,10 +415,8 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     session.log(f"[{method.name}] compressing {len(models.find_targets(model, c.include, c.exclude))} target layers "
                 f"to keep {_budget_text(c)} ({c.structure})")
     result = method.run(session, model)
-    if c.ranks is not None:  # the allocation itself, not only its path, goes into the report
-        from .ranks.explicit import read_ranks
-
-        result.info.update(ranks_file=c.ranks, ranks=read_ranks(c.ranks), dense=list(getattr(session, "plan_dense", [])))
+    if ranks is not None:  # the allocation itself, not only its path, goes into the report
+        result.info.update(ranks_file=c.ranks, ranks=dict(ranks), dense=list(getattr(session, "plan_dense", [])))
     model = result.model
     if c.dtype != "fp32":  # deployed in a lower precision: its score in it is the final one
         session.evaluate(model, phase="final_fp32")

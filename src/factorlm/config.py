@@ -151,13 +151,10 @@ class RunConfig:
         check(self.schedule in ("oneshot", "staged"), f"--schedule must be oneshot or staged, got {self.schedule!r}")
         check(self.stage_order in ("bottom_up", "top_down"), f"--stage-order must be bottom_up or top_down, got {self.stage_order!r}")
         check(self.stages >= 0 and self.stage_epochs >= 0, "--stages and --stage-epochs must be >= 0")
-        if self.ranks is not None:
-            from .ranks.explicit import read_ranks
-
+        if self.ranks is not None:  # the file itself is read by compress, before any work
             check(self.rank is None, "give --ranks or --rank, not both")
             check(self.structure == "lowrank", f"--ranks gives low-rank ranks: use --structure lowrank, not {self.structure!r}")
             check(self.rank_policy == "uniform", "--ranks is the allocation: drop --rank-policy global")
-            read_ranks(self.ranks)  # a missing or malformed file fails here, before any work
         if self.rank is not None:
             check(self.rank > 0, f"--rank must be a positive integer, got {self.rank}")
         elif self.keep is not None:

@@ -63,8 +63,11 @@ def plan_for(session, model: nn.Module, targets: list[str], weights: dict[str, t
     if getattr(c, "ranks", None) is not None:
         from ..ranks.explicit import explicit_plan, read_ranks
 
+        ranks = getattr(session, "explicit_ranks", None)
+        if ranks is None:  # (api.compress reads the file once, before any work, and sets this)
+            ranks = session.explicit_ranks = read_ranks(c.ranks)
         shapes = target_shapes(model, targets)
-        plan, session.plan_dense = explicit_plan(shapes, read_ranks(c.ranks))
+        plan, session.plan_dense = explicit_plan(shapes, ranks)
     elif c.rank_policy == "global" and c.rank is None:
         from ..errors import check
         from ..ranks.allocator import global_rank_plan

@@ -146,8 +146,10 @@ class LPAFMethod(Method):
 
         # -- step 1: prune --------------------------------------------------------------------------
         masks = scores = None
-        # --skip-slow may keep some targets dense: they go back to their unpruned weights below
-        unpruned = {n: get_module(model, n).weight.detach().clone() for n in targets} if c.skip_slow else {}
+        # --skip-slow, or a --ranks file's ranks past break-even, may keep some targets dense: they go
+        # back to their unpruned weights below
+        keeps_some_dense = c.skip_slow or c.ranks is not None
+        unpruned = {n: get_module(model, n).weight.detach().clone() for n in targets} if keeps_some_dense else {}
         if o.pruned_model:
             from .. import models
 

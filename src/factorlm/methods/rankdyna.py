@@ -74,8 +74,7 @@ class RankDynaMethod(Method):
 
         c = session.config
         check(c.structure == "lowrank", "rankdyna produces low-rank layers: use --structure lowrank")
-        check(c.rank is None and c.ranks is None and c.keep is not None,
-              "rankdyna allocates ranks itself: give --keep, not --rank or --ranks")
+        check(c.rank is None and c.keep is not None, "rankdyna allocates ranks itself: give --keep, not --rank")
         o = self.options
         targets = targets_for(session, model)
         dense_w = sum(a * b for a, b in target_shapes(model, targets).values())

@@ -38,10 +38,16 @@ def read_ranks(path: str | Path) -> dict[str, int]:
         data = data["method_info"]["ranks"]
     elif isinstance(data, dict) and isinstance(data.get("ranks"), dict):
         data = data["ranks"]
+    elif isinstance(data, dict) and ("method_info" in data or "modules" in data):
+        raise FactorLMError(f"--ranks: {p} is a saved model's factorlm.json without an allocation ('method_info' has "
+                            "no 'ranks'; a rankdyna run's has one)")
     check(isinstance(data, dict) and len(data) > 0,
           f"--ranks: {p} must hold a JSON object {{module name: rank}} (or one with a 'ranks' field)")
     out = {}
     for name, r in data.items():
+        check(r != 0 or isinstance(r, bool),
+              f"--ranks: {p}: {name} has rank 0 (RankDyna with min_one=false can remove a matrix); a low-rank "
+              "layer needs rank >= 1")
         check(isinstance(r, int) and not isinstance(r, bool) and r >= 1,
               f"--ranks: {p}: the rank of {name} must be a positive integer, got {r!r}")
         out[str(name)] = int(r)
