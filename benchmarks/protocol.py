@@ -191,6 +191,8 @@ def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool 
         rd = RUNS / f"{run_id(task, 'RankDyna', keep, seed, args)}.json"
         if not rd.is_file():
             raise Deferred(f"RankDyna's run {rd.name} is not finished (run --variants RankDyna first)")
+        if "ranks" not in json.loads(rd.read_text()):
+            raise RuntimeError(f"RankDyna's run {rd.name} predates the recorded ranks: move it aside and re-run it")
         cfg_over["ranks"] = str(rd)
     settings = {**COMMON, **TASKS[task], **(QUICK if args.quick else {}), **cfg_over}
     if args.max_steps:

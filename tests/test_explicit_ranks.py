@@ -35,6 +35,7 @@ def test_read_ranks_formats(tmp_path, wrap):
     ('{"a": 0}', "a has rank 0 (RankDyna with min_one=false"),
     ('{"a": -1}', "the rank of a must be a positive integer, got -1"),
     ('{"method": "svd", "method_info": {}, "modules": {"a": {"rank": 4}}}', "without an allocation"),
+    ('{"task": "stsb", "score": 0.8, "accounting": {}}', "has no 'ranks' field"),  # a run JSON from before ranks
     ('{"a": 2.5}', "the rank of a must be a positive integer, got 2.5"),
     ('{"a": true}', "the rank of a must be a positive integer, got True"),
     ('{"ranks": {"a": "4"}}', "the rank of a must be a positive integer, got '4'"),

@@ -41,6 +41,8 @@ def read_ranks(path: str | Path) -> dict[str, int]:
     elif isinstance(data, dict) and ("method_info" in data or "modules" in data):
         raise FactorLMError(f"--ranks: {p} is a saved model's factorlm.json without an allocation ('method_info' has "
                             "no 'ranks'; a rankdyna run's has one)")
+    elif isinstance(data, dict) and any(isinstance(v, (dict, list, str)) or v is None for v in data.values()):
+        raise FactorLMError(f"--ranks: {p} has no 'ranks' field and is not a {{module name: rank}} object")
     check(isinstance(data, dict) and len(data) > 0,
           f"--ranks: {p} must hold a JSON object {{module name: rank}} (or one with a 'ranks' field)")
     out = {}
