@@ -95,6 +95,8 @@ VARIANTS = {
     # (``--ranks`` its run JSON; it stores what RankDyna stores, so more than keep under the triplet budget)
     "SVD_Ft_rd_ranks": "svd:epochs=2,ranks={rankdyna_ranks}",
     "SVD_Ft_KD_rd_ranks": "svd:epochs=2,finetune_distill=1,ranks={rankdyna_ranks}",
+    # the same with RankDyna_weights' ranks: they store <= keep, as the uniform plan does
+    "SVD_Ft_rdw_ranks": "svd:epochs=2,ranks={rankdyna_weights_ranks}",
     "SVD_Ft_KD": "svd:epochs=2,finetune_distill=1",
     "FWSVD_Ft_KD": "fwsvd:epochs=2,finetune_distill=1",
     "LPAF_KD": "lpaf:finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
@@ -120,6 +122,7 @@ LABELS = {
     "RankDyna_weights": "RankDyna, budget in weights (stores <= keep; opt-in, not the paper's)",
     "SVD_Ft_rd_ranks": "SVD_Ft with RankDyna's learned ranks (diagnostic)",
     "SVD_Ft_KD_rd_ranks": "SVD_Ft + KD with RankDyna's learned ranks (diagnostic)",
+    "SVD_Ft_rdw_ranks": "SVD_Ft with RankDyna_weights' learned ranks (diagnostic; stores <= keep)",
     "SVD_Ft_KD": "SVD_Ft + KD (2 epochs)", "FWSVD_Ft_KD": "FWSVD_Ft + KD (2 epochs)",
     "LPAF_KD": "LPAF + KD (distilled pruning, its default, + distilled mixed-rank)",
     "LPAF_KD_vanilla_ft": "LPAF + KD, vanilla fine-tuning instead of mixed-rank (ablation)",
@@ -187,8 +190,9 @@ def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool 
         if set(opts) - {"pruned_model", "distill", "finetune_distill"} and not may_prune:  # an ablation: wait for LPAF's pruning
             raise Deferred(f"LPAF's pruned model {opts['pruned_model']} is not cached yet")
         opts["save_pruned"] = opts.pop("pruned_model")  # the first run of (task, keep, seed) prunes and caches
-    if cfg_over.get("ranks") == "{rankdyna_ranks}":  # the allocation of RankDyna's run of this cell
-        rd = RUNS / f"{run_id(task, 'RankDyna', keep, seed, args)}.json"
+    source = {"{rankdyna_ranks}": "RankDyna", "{rankdyna_weights_ranks}": "RankDyna_weights"}.get(cfg_over.get("ranks"))
+    if source:  # the allocation of that RankDyna variant's run of this cell
+        rd = RUNS / f"{run_id(task, source, keep, seed, args)}.json"
         if not rd.is_file():
             raise Deferred(f"RankDyna's run {rd.name} is not finished (run --variants RankDyna first)")
         if "ranks" not in json.loads(rd.read_text()):

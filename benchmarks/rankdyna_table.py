@@ -21,7 +21,7 @@ KEEPS = (0.25, 0.16)
 SEEDS = (0, 1, 2)
 KD = ("SVD_Ft_KD", "FWSVD_Ft_KD", "LPAF_KD")
 # the diagnostic's columns: uniform ranks against RankDyna's learned ranks, without and with KD
-DIAG = ("SVD_Ft", "SVD_Ft_rd_ranks", "SVD_Ft_KD", "SVD_Ft_KD_rd_ranks", "RankDyna")
+DIAG = ("SVD_Ft", "SVD_Ft_rd_ranks", "SVD_Ft_rdw_ranks", "SVD_Ft_KD", "SVD_Ft_KD_rd_ranks", "RankDyna", "RankDyna_weights")
 
 
 def load_runs() -> list[dict]:
@@ -78,7 +78,7 @@ def diag_table(runs) -> list[str]:
     rows = []
     for task, metric in TASKS:
         for k in KEEPS:
-            if not any(cell(runs, task, n, k) for n in ("SVD_Ft_rd_ranks", "SVD_Ft_KD_rd_ranks")):
+            if not any(cell(runs, task, n, k) for n in DIAG if "_ranks" in n):
                 continue
             for n in DIAG:
                 rs = cell(runs, task, n, k)
