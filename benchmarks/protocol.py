@@ -97,6 +97,9 @@ VARIANTS = {
     "SVD_Ft_KD_rd_ranks": "svd:epochs=2,finetune_distill=1,ranks={rankdyna_ranks}",
     # the same with RankDyna_weights' ranks: they store <= keep, as the uniform plan does
     "SVD_Ft_rdw_ranks": "svd:epochs=2,ranks={rankdyna_weights_ranks}",
+    # one-shot non-uniform allocation from the teacher's (Fisher-weighted) spectra, within keep
+    "SVD_Ft_global": "svd:epochs=2,rank_policy=global",
+    "FWSVD_Ft_global": "fwsvd:epochs=2,rank_policy=global",
     "SVD_Ft_KD": "svd:epochs=2,finetune_distill=1",
     "FWSVD_Ft_KD": "fwsvd:epochs=2,finetune_distill=1",
     "LPAF_KD": "lpaf:finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
@@ -123,6 +126,8 @@ LABELS = {
     "SVD_Ft_rd_ranks": "SVD_Ft with RankDyna's learned ranks (diagnostic)",
     "SVD_Ft_KD_rd_ranks": "SVD_Ft + KD with RankDyna's learned ranks (diagnostic)",
     "SVD_Ft_rdw_ranks": "SVD_Ft with RankDyna_weights' learned ranks (diagnostic; stores <= keep)",
+    "SVD_Ft_global": "SVD_Ft, --rank-policy global (ranks from the teacher's spectra)",
+    "FWSVD_Ft_global": "FWSVD_Ft, --rank-policy global (ranks from Fisher-weighted spectra)",
     "SVD_Ft_KD": "SVD_Ft + KD (2 epochs)", "FWSVD_Ft_KD": "FWSVD_Ft + KD (2 epochs)",
     "LPAF_KD": "LPAF + KD (distilled pruning, its default, + distilled mixed-rank)",
     "LPAF_KD_vanilla_ft": "LPAF + KD, vanilla fine-tuning instead of mixed-rank (ablation)",

@@ -21,7 +21,8 @@ KEEPS = (0.25, 0.16)
 SEEDS = (0, 1, 2)
 KD = ("SVD_Ft_KD", "FWSVD_Ft_KD", "LPAF_KD")
 # the diagnostic's columns: uniform ranks against RankDyna's learned ranks, without and with KD
-DIAG = ("SVD_Ft", "SVD_Ft_rd_ranks", "SVD_Ft_rdw_ranks", "SVD_Ft_KD", "SVD_Ft_KD_rd_ranks", "RankDyna", "RankDyna_weights")
+DIAG = ("SVD_Ft", "SVD_Ft_global", "FWSVD_Ft_global", "SVD_Ft_rd_ranks", "SVD_Ft_rdw_ranks", "SVD_Ft_KD",
+        "SVD_Ft_KD_rd_ranks", "RankDyna", "RankDyna_weights")
 
 
 def load_runs() -> list[dict]:
