@@ -47,9 +47,9 @@ def read_ranks(path: str | Path) -> dict[str, int]:
           f"--ranks: {p} must hold a JSON object {{module name: rank}} (or one with a 'ranks' field)")
     out = {}
     for name, r in data.items():
-        check(r != 0 or isinstance(r, bool),
-              f"--ranks: {p}: {name} has rank 0 (RankDyna with min_one=false can remove a matrix); a low-rank "
-              "layer needs rank >= 1")
+        if r == 0 and not isinstance(r, bool):
+            raise FactorLMError(f"--ranks: {p}: {name} has rank 0 (RankDyna with min_one=false can remove a matrix); "
+                                "a low-rank layer needs rank >= 1")
         check(isinstance(r, int) and not isinstance(r, bool) and r >= 1,
               f"--ranks: {p}: the rank of {name} must be a positive integer, got {r!r}")
         out[str(name)] = int(r)
