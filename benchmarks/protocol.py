@@ -37,7 +37,10 @@ Resumable: each cell writes ``benchmarks/results/runs_protocol/<id>.json`` and i
 exists; two processes share the grid (``--threads 1`` each): a run is claimed by an exclusive
 ``<id>.claim`` file first.  Tables report mean +- sample std over seeds; a difference smaller than
 the larger of the two stds is marked "within noise".  Writes ``results/protocol.{md,json,png}``
-(``--ablations``: ``protocol_ablations.*``; ``--quick``: ``protocol_quick.*``).
+(``--ablations``: ``protocol_ablations.*``; ``--kd``: ``protocol_kd.*``; ``--quick``: ``protocol_quick.*``).
+A run writes its own grid to ``<table>_latest.*`` and adds its cells of the methods ``<table>.md``
+already shows to that table, which never shrinks; ``--table-only`` rewrites ``<table>.*`` with
+exactly the grid it is given (to add a method's column, or to narrow the table on purpose).
 
     python benchmarks/protocol.py --threads 1 &      # twice, side by side
     python benchmarks/protocol.py --quick            # one small MRPC cell, minutes: checks the pipeline
@@ -506,16 +509,44 @@ def main() -> None:
                 print(f"   {res['main_metric']} {100 * res['score']:.1f}{dense} steps={res['train_steps']} "
                       f"{res['wall_s']}s", flush=True)
             todo, deferred = deferred, []
-    wanted = {run_id(*g, args) for g in grid}
+    order = list(args.variants)
+    if args.table_only:  # an explicit rebuild: the table holds exactly the grid asked for
+        write_table(name, grid, order, args)
+        return
+    # a run writes its own grid to <name>_latest.*, and grows <name>.* by its cells of the methods
+    # that table already shows, so filling a few cells never shrinks the table a report cites
+    write_table(f"{name}_latest", grid, order, args)
+    grown, order = grown_scope(RESULTS / f"{name}.json", grid, order)
+    write_table(name, grown, order, args, echo=False)
+    print(f"tables: results/{name}_latest.md (this run's grid), results/{name}.md (grown)")
+
+
+def grown_scope(table_json: Path, grid: list[tuple], order: list[str]) -> tuple[list[tuple], list[str]]:
+    """The cells (task, variant, keep, seed) of ``table_json`` (a table written before) plus those of
+    ``grid`` whose variant that table already shows, and the variants in VARIANTS' order (raw variants
+    last).  No table yet: ``grid`` and ``order`` themselves."""
+    if not table_json.exists():
+        return grid, order
+    old = [(r["task"], r["name"], r["keep"], r["seed"]) for r in json.loads(table_json.read_text())]
+    rank = {v: i for i, v in enumerate(VARIANTS)}
+    shown = sorted(dict.fromkeys(v for _, v, _, _ in old), key=lambda v: rank.get(v, len(rank)))
+    return list(dict.fromkeys(old + [g for g in grid if g[1] in shown])), shown
+
+
+def write_table(stem: str, cells: list[tuple], order: list[str], args, echo: bool = True) -> None:
+    """``results/<stem>.{md,json,png}`` from the finished runs among ``cells``."""
+    wanted = {run_id(*c, args) for c in cells}
     runs = [json.loads(f.read_text()) for f in sorted(RUNS.glob("*.json")) if f.stem in wanted]
-    runs.sort(key=lambda r: (args.tasks.index(r["task"]), -r["keep"], r["seed"]))
+    tasks = list(dict.fromkeys(c[0] for c in cells))  # the grid's task order (a grown table: its old order first)
+    runs.sort(key=lambda r: (tasks.index(r["task"]), -r["keep"], r["seed"]))
     if not runs:
         sys.exit("no finished runs")
-    md = table(runs, list(args.variants))
-    print(md)
-    (RESULTS / f"{name}.md").write_text(md + "\n")
-    (RESULTS / f"{name}.json").write_text(json.dumps(runs, indent=1, default=str))
-    plot(runs, RESULTS / f"{name}.png", list(args.variants))
+    md = table(runs, order)
+    if echo:
+        print(md)
+    (RESULTS / f"{stem}.md").write_text(md + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(runs, indent=1, default=str))
+    plot(runs, RESULTS / f"{stem}.png", order)
 
 
 if __name__ == "__main__":
