@@ -52,6 +52,7 @@ exactly the grid it is given (to add a method's column, or to narrow the table o
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
@@ -106,9 +107,9 @@ VARIANTS = {
     "SVD_Ft_KD": "svd:epochs=2,finetune_distill=1",
     "FWSVD_Ft_KD": "fwsvd:epochs=2,finetune_distill=1",
     "LPAF_KD": "lpaf:finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
+    "LPAF_KD_plain_svd": "lpaf:finetune_distill=1,decomposition=svd,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_KD_vanilla_ft": "lpaf:finetune_distill=1,mixed_rank=false,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_KD_no_ft": "lpaf:finetune=false,finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
-    "LPAF_KD_plain_svd": "lpaf:finetune_distill=1,decomposition=svd,pruned_model={task}-k{keep}-s{seed}-full-kd",
     # diagnostic, unequal compute: LPAF_KD's pruned model re-trained for the baselines' two epochs (three in all)
     "LPAF_KD_ft2": "lpaf:finetune_distill=1,epochs=2,prune_epochs=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_no_prune": "lpaf:distill=0,prune=false",
@@ -478,6 +479,8 @@ def main() -> None:
         if not args.ablations:
             args.variants = ["SVD_Ft_KD", "LPAF_KD"] if args.kd else ["SVD_Ft", "LPAF"]
         name += "_quick"
+    if args.max_steps:  # a smoke test's run ids carry ms<N>__: its tables never touch the real ones
+        name += f"_smoke_ms{args.max_steps}"
     if not args.table_only and any("data_dir" in TASKS[t] for t in args.tasks) and not GLUE.is_dir():
         sys.exit(f"GLUE data not found under {GLUE} (set FACTORLM_DATA_DIR)")
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -516,8 +519,10 @@ def main() -> None:
     # a run writes its own grid to <name>_latest.*, and grows <name>.* by its cells of the methods
     # that table already shows, so filling a few cells never shrinks the table a report cites
     write_table(f"{name}_latest", grid, order, args)
-    grown, order = grown_scope(RESULTS / f"{name}.json", grid, order)
-    write_table(name, grown, order, args, echo=False)
+    with open(RESULTS / f".{name}.lock", "w") as lock:  # two processes sharing a grid grow it one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        grown, order = grown_scope(RESULTS / f"{name}.json", grid, order)
+        write_table(name, grown, order, args, echo=False)
     print(f"tables: results/{name}_latest.md (this run's grid), results/{name}.md (grown)")
 
 
