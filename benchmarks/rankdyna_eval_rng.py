@@ -2,9 +2,10 @@
 run (Pearson 0 from its first evaluation, step 162).  Re-run the identical configuration with a
 selection evaluation every 27 steps to see where it fails.
 
-Each evaluation's DataLoader draws its base seed from the *global* torch RNG, so evaluating more often
-shifts the dropout stream that training sees afterwards: this run is the same seed and configuration
-on a different dropout stream, not a replay.  Output: ``results/rankdyna_eval_rng.json``; the committed
+Each evaluation's DataLoader drew its base seed from the *global* torch RNG, so evaluating more often
+shifted the dropout stream that training sees afterwards: this run was the same seed and configuration
+on a different dropout stream, not a replay.  Since session 17 evaluation forks the RNG, so at a later
+commit this script replays the protocol's run (its committed log came from the code before that).  Output: ``results/rankdyna_eval_rng.json``; the committed
 ``results/rankdyna_eval_rng.log`` is its evaluation lines (stdout):
 
     python benchmarks/rankdyna_eval_rng.py > benchmarks/results/rankdyna_eval_rng.log

@@ -154,6 +154,19 @@ def test_same_seed_same_weights():
     assert not same_weights(a, c)  # dropout / shuffling follow the seed
 
 
+def test_evaluation_frequency_leaves_training_unchanged():
+    # evaluating (its DataLoader draws a base seed from the global RNG) must not shift the dropout
+    # stream training sees: the same run evaluated every step or only at the end trains the same weights
+    def run(eval_every):
+        train, evals = loaders()
+        model = make_model()
+        Trainer(model, train, evals, AccTask(), cfg(max_steps=6, eval_every=eval_every, keep_best=False)).fit()
+        return sd_copy(model)
+
+    assert same_weights(run(1), run(None))
+    assert same_weights(run(2), run(None))
+
+
 def test_hook_order_and_grad_visibility():
     events = []
 
@@ -219,7 +232,9 @@ def test_compute_loss_chain_changes_logged_loss():
 
 def test_keep_best_restores_best_weights_and_buffers():
     class Sabotage(Callback):
-        """Snapshot weights at the first (best) eval, then wreck weights and buffers every step."""
+        """Snapshot weights at the first (best) eval, then wreck weights and buffers every step.  Zeroed
+        weights predict one class (45% of dev, below the first eval's 55%) whatever the RNG draws, so the
+        first eval stays the best; random noise would let a later eval win by chance."""
 
         def __init__(self):
             self.best_snapshot = None
@@ -235,7 +250,7 @@ def test_keep_best_restores_best_weights_and_buffers():
             if self.wreck:
                 with torch.no_grad():
                     for p in trainer.unwrapped_model.parameters():
-                        p.add_(torch.randn_like(p) * 3)
+                        p.zero_()
                     trainer.unwrapped_model.p_mask.zero_()
                     trainer.unwrapped_model.np_mask.zero_()
 
@@ -251,6 +266,7 @@ def test_keep_best_restores_best_weights_and_buffers():
         metrics = t.fit()
         evs = eval_logs(t.state)
         assert [e["step"] for e in evs] == [8, 16, 24, 32]
+        assert all(e["accuracy"] < evs[0]["accuracy"] for e in evs[1:])  # the wreck makes the first eval the best
         best = max(evs, key=lambda e: e["accuracy"])
         assert t.state.best_step == best["step"] and t.state.best_metric == best["accuracy"]
         results[keep_best] = (model, sab, metrics, evs)
