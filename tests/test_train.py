@@ -154,6 +154,18 @@ def test_same_seed_same_weights():
     assert not same_weights(a, c)  # dropout / shuffling follow the seed
 
 
+def test_evaluate_leaves_the_global_rng_where_it_was():
+    _, evals = loaders()
+    model = make_model()
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    list(evals["dev"])  # a bare pass over a DataLoader does move it (the fork below is not a no-op)
+    assert not torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(7)
+    evaluate(model, evals, AccTask())
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_evaluation_frequency_leaves_training_unchanged():
     # evaluating (its DataLoader draws a base seed from the global RNG) must not shift the dropout
     # stream training sees: the same run evaluated every step or only at the end trains the same weights

@@ -151,9 +151,17 @@ def evaluate(model: nn.Module, eval_loaders: Mapping[str, Any], task, accelerato
     Values are python floats.  No loaders -> ``{}``.  ``stats``, when given, receives
     :func:`prediction_stats` per split.  QA tasks: the SQuAD scores (:mod:`.evaluate_qa`);
     ``null_threshold`` is SQuAD 2.0's (None: each split chooses its own, for model selection).
+
+    The global CPU RNG is forked for the call (each DataLoader iterator draws a base seed from it),
+    so evaluating leaves the random stream of the training around it (dropout, sampling) unchanged.
     """
     if not eval_loaders:
         return {}
+    with torch.random.fork_rng(devices=[]):
+        return _evaluate_splits(model, eval_loaders, task, accelerator, stats, null_threshold)
+
+
+def _evaluate_splits(model, eval_loaders, task, accelerator, stats, null_threshold) -> dict[str, float]:
     is_regression = bool(getattr(task, "is_regression", False))
     splits = _ordered_splits(eval_loaders, task)
     if getattr(task, "is_qa", False):

