@@ -154,6 +154,8 @@ def evaluate(model: nn.Module, eval_loaders: Mapping[str, Any], task, accelerato
 
     The global CPU RNG is forked for the call (each DataLoader iterator draws a base seed from it),
     so evaluating leaves the random stream of the training around it (dropout, sampling) unchanged.
+    Only the CPU RNG: nothing in eval mode draws from the CUDA one.  :func:`predict` and
+    :func:`~.evaluate_qa.evaluate_qa` called directly are not forked.
     """
     if not eval_loaders:
         return {}

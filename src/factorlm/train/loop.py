@@ -315,7 +315,9 @@ class Trainer:
                         bufs[k].copy_(v)
 
     def _run_eval(self) -> dict[str, float]:
-        metrics = self.evaluate()  # draws nothing from the RNG: how often a run evaluates leaves its training alone
+        # factorlm.train.evaluate forks the CPU RNG, so how often a run evaluates leaves its training alone
+        # (an override of Trainer.evaluate that does not call it must fork too)
+        metrics = self.evaluate()
         self._last_eval_step = self.state.step
         if not metrics:
             return metrics
