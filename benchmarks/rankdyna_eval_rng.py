@@ -6,8 +6,9 @@ Each evaluation's DataLoader drew its base seed from the *global* torch RNG, so 
 shifted the dropout stream that training sees afterwards: this run was the same seed and configuration
 on a different dropout stream, not a replay.  Since session 17 evaluation forks the RNG, so at a later
 commit this script and a re-run of the protocol's cell train identically; both differ from the committed
-protocol run after its first evaluation (step 162), and the committed log came from the code before.  Output: ``results/rankdyna_eval_rng.json``; the committed
-``results/rankdyna_eval_rng.log`` is its evaluation lines (stdout):
+protocol run after its first evaluation (step 162), and the committed log came from the code before.
+Output: ``results/rankdyna_eval_rng.json``; the committed ``results/rankdyna_eval_rng.log`` is its
+evaluation lines (stdout):
 
     python benchmarks/rankdyna_eval_rng.py > benchmarks/results/rankdyna_eval_rng.log
 """

@@ -163,7 +163,8 @@ def evaluate(model: nn.Module, eval_loaders: Mapping[str, Any], task, accelerato
         return _evaluate_splits(model, eval_loaders, task, accelerator, stats, null_threshold)
 
 
-def _evaluate_splits(model, eval_loaders, task, accelerator, stats, null_threshold) -> dict[str, float]:
+def _evaluate_splits(model: nn.Module, eval_loaders: Mapping[str, Any], task, accelerator,
+                     stats: dict[str, dict[str, float]] | None, null_threshold: float | None) -> dict[str, float]:
     is_regression = bool(getattr(task, "is_regression", False))
     splits = _ordered_splits(eval_loaders, task)
     if getattr(task, "is_qa", False):
