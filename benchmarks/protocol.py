@@ -112,6 +112,9 @@ VARIANTS = {
     "LPAF_KD_no_ft": "lpaf:finetune=false,finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
     # diagnostic, unequal compute: LPAF_KD's pruned model re-trained for the baselines' two epochs (three in all)
     "LPAF_KD_ft2": "lpaf:finetune_distill=1,epochs=2,prune_epochs=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
+    # issue 30: the baselines with LPAF_KD_ft2's three epochs after the teacher (budget split vs extra compute)
+    "SVD_Ft_KD_3ep": "svd:epochs=3,finetune_distill=1",
+    "FWSVD_Ft_KD_3ep": "fwsvd:epochs=3,finetune_distill=1",
     "LPAF_no_prune": "lpaf:distill=0,prune=false",
     "LPAF_plain_svd": f"{LPAF},decomposition=svd",
     "LPAF_vanilla_ft": f"{LPAF},mixed_rank=false",
@@ -138,6 +141,8 @@ LABELS = {
     "LPAF_KD_no_ft": "LPAF + KD w/o step 3 (the factorized pruned model; ablation)",
     "LPAF_KD_plain_svd": "LPAF + KD, vanilla SVD instead of sparsity-aware (ablation)",
     "LPAF_KD_ft2": "LPAF + KD, mixed-rank for 2 epochs (diagnostic: one epoch more than the equal budget)",
+    "SVD_Ft_KD_3ep": "SVD_Ft + KD (3 epochs, LPAF_KD_ft2's budget; Intel Xeon, its own re-trained teacher: not paired with the rows above)",
+    "FWSVD_Ft_KD_3ep": "FWSVD_Ft + KD (3 epochs, LPAF_KD_ft2's budget; Intel Xeon, its own re-trained teacher: not paired with the rows above)",
     "LPAF_no_prune": "LPAF w/o pruning (step 1; 1 epoch)",
     "LPAF_plain_svd": "LPAF, vanilla SVD instead of sparsity-aware",
     "LPAF_vanilla_ft": "LPAF, vanilla fine-tuning instead of mixed-rank",
