@@ -36,14 +36,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from factorlm.calibration import token_batches  # noqa: E402
+from factorlm.lm.calibrate import token_batches  # noqa: E402
 from factorlm.config import RunConfig  # noqa: E402
 from factorlm.data.text import calibration_blocks, read_documents, token_stream  # noqa: E402
-from factorlm.lm import _spectra, factorize, heal, plan_ranks  # noqa: E402
-from factorlm.methods.oneshot_lm import get_lm_method  # noqa: E402
-from factorlm.models.causal import load_causal_lm  # noqa: E402
+from factorlm.lm import factorize, heal, plan_ranks, spectra as _spectra  # noqa: E402
+from factorlm.lm.methods import get_lm_method  # noqa: E402
+from factorlm.lm.load import load_causal_lm  # noqa: E402
 from factorlm.models.surgery import find_targets, get_module, linear_shape  # noqa: E402
-from factorlm.train.perplexity import perplexity  # noqa: E402
+from factorlm.lm.perplexity import perplexity  # noqa: E402
 
 
 def rows_for(keeps, heal_steps):
@@ -175,7 +175,7 @@ def main(argv=None):
         del m
 
     if a.speed:
-        from factorlm.lm_speed import generation_speed
+        from factorlm.lm.speed import generation_speed
 
         sp = results.setdefault("speed", {})
         for keep in a.keeps:

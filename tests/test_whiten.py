@@ -284,7 +284,8 @@ def test_balancing_and_one_svd_path():
     W = weight(30, d)
     S = whitening_scale(X.T @ X)
     U, sigma = scaled_factors(W, S)
-    assert torch.allclose(sigma.cpu(), scaled_spectrum(W, S), rtol=1e-12, atol=0)
+    # eigvalsh vs eigh of the same small-side matrix: equal to rounding of sigma^2 (absolute in sigma_max^2)
+    assert torch.allclose(sigma.cpu(), scaled_spectrum(W, S), rtol=1e-9, atol=1e-9 * float(sigma[0]))
     for k in (1, 6, 20):
         A, B = factors_from_basis(W, U, k)
         Uk = U[:, :k]
@@ -333,3 +334,48 @@ def test_cli_default_damping_changes_the_optimum_negligibly():
     Gs = Xs.T @ Xs
     A, B = scaled_svd(W, 12, whitening_scale(Gs, 1e-6))
     assert torch.isfinite(A).all() and output_error(W, A, B, Gs) < 1e-8 * float((W @ Xs.T).pow(2).sum())
+
+
+# 10. through the small side (eigh of the out x out or in x in problem), against a float64 SVD of W S --------
+
+def _ill_gram(d: int, cond: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    lam = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), d, dtype=F64)
+    return (Q * lam) @ Q.T
+
+
+@pytest.mark.parametrize("out,inn", [(12, 40), (40, 12), (24, 24)])
+@pytest.mark.parametrize("damp", [0.0, 1e-6])
+def test_small_side_matches_float64_svd_on_ill_conditioned_grams(out, inn, damp):
+    from factorlm.decompose.whiten import GramScale, output_error
+
+    G = _ill_gram(inn, 1e10, seed=out + inn)
+    W = torch.randn(out, inn, generator=torch.Generator().manual_seed(3), dtype=F64)
+    Gd = G + damp * float(G.diagonal().mean()) * torch.eye(inn, dtype=F64)
+    lam, Q = torch.linalg.eigh(Gd)
+    S_ref = Q * lam.clamp_min(0).sqrt()  # independent square root of G' (no whitening_scale)
+    ref = torch.linalg.svdvals(W @ S_ref)
+    for scale in (GramScale(G, damp), whitening_scale(G, damp)):
+        U, sigma = scaled_factors(W, scale)
+        assert U.shape == (out, min(out, inn)) and sigma.shape == (min(out, inn),)
+        assert torch.allclose(sigma, ref, rtol=0, atol=1e-9 * float(ref[0]))
+        assert torch.allclose(scaled_spectrum(W, scale), ref, rtol=0, atol=1e-9 * float(ref[0]))
+        for k in (1, min(out, inn) // 3, min(out, inn) - 1):
+            A, B = factors_from_basis(W, U, k)
+            # the Eckart-Young optimum of ||(W - AB) S||^2 is the tail of the reference spectrum
+            best = float(ref[k:].pow(2).sum())
+            got = output_error(W, A, B, Gd)
+            assert abs(got - best) <= 1e-8 * float(ref.pow(2).sum()), (k, got, best)
+
+
+def test_small_side_rank_deficient_tall_matrix_has_zero_columns_not_nan():
+    from factorlm.decompose.whiten import GramScale
+
+    # out > in and W S of rank 3: the vanishing singular directions get zero columns of U
+    W = torch.randn(30, 3, dtype=F64) @ torch.randn(3, 8, dtype=F64)
+    U, sigma = scaled_factors(W, GramScale(torch.eye(8, dtype=F64)))
+    assert torch.isfinite(U).all() and (sigma[3:] < 1e-6 * sigma[0]).all()
+    assert torch.allclose(U[:, :3].T @ U[:, :3], torch.eye(3, dtype=F64), atol=1e-10)
+    A, B = factors_from_basis(W, U, 5)
+    assert rel(A @ B, W) < 1e-10

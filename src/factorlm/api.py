@@ -326,9 +326,10 @@ def measure_latency(session: Session, dense: nn.Module, compressed: nn.Module) -
         return {}
     seq = c.latency_seq or c.max_length
     device = next(compressed.parameters()).device
-    dtypes = tuple(dict.fromkeys(("fp32", *(("bf16",) if bf16_native(device) else ()), c.dtype)))  # + the deployed one
-    session.log(f"measuring latency: batch {c.latency_batch} x {seq} tokens, {', '.join(dtypes)} (--no-latency skips it)")
-    lat = compare_latency({"dense": dense, "compressed": compressed}, batch_size=c.latency_batch, seq_len=seq,
+    deployed = "fp32" if c.dtype == "auto" else c.dtype
+    dtypes = tuple(dict.fromkeys(("fp32", *(("bf16",) if bf16_native(device) else ()), deployed)))  # + the deployed one
+    session.log(f"measuring latency: batch {c.latency_batch or 32} x {seq} tokens, {', '.join(dtypes)} (--no-latency skips it)")
+    lat = compare_latency({"dense": dense, "compressed": compressed}, batch_size=c.latency_batch or 32, seq_len=seq,
                           dtypes=dtypes)
     lat["flop_ratio"] = round(_flops(dense, seq) / max(_flops(compressed, seq), 1), 3)
     for line in latency_lines(lat):
@@ -418,7 +419,7 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
     if ranks is not None:  # the allocation itself, not only its path, goes into the report
         result.info.update(ranks_file=c.ranks, ranks=dict(ranks), dense=list(getattr(session, "plan_dense", [])))
     model = result.model
-    if c.dtype != "fp32":  # deployed in a lower precision: its score in it is the final one
+    if c.dtype not in ("fp32", "auto"):  # deployed in a lower precision: its score in it is the final one
         session.evaluate(model, phase="final_fp32")
         model.to(models.io.DTYPES[c.dtype])
     session.evaluate(model, phase="final")

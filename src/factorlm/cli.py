@@ -54,9 +54,10 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     lt.add_argument("--latency-batch", type=int, help="batch size of the latency measurement (default 32)")
     lt.add_argument("--latency-seq", type=int, help="sequence length of the latency measurement (default --max-length)")
     lt.add_argument("--no-latency", dest="latency", action="store_const", const=False, help="skip the measurement")
-    lt.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+    lt.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
                     help="the final model's dtype: final evaluation, latency and saved weights (a bf16 save is half "
-                         "the size; default fp32); evaluate: cast the loaded model (default: as saved)")
+                         "the size); default auto: fp32 for encoders, and for --task lm the checkpoint's dtype, in "
+                         "which the model is also loaded and calibrated; evaluate: cast the loaded model (default: as saved)")
     if not train:
         return
     t = p.add_argument_group("training (every phase)")
@@ -105,7 +106,7 @@ def _add_option_flag(g, f: dataclasses.Field, methods: Sequence[str] = ()) -> No
 def _method_flags(p: argparse.ArgumentParser) -> dict[str, str]:
     """One flag per field of every registered method's Options; returns {dest: method names}."""
     from .methods import METHODS
-    from .methods.oneshot_lm import LM_METHODS
+    from .lm.methods import LM_METHODS
 
     seen: dict[str, list[str]] = {}
     fields: dict[str, dataclasses.Field] = {}
@@ -331,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "methods":
             from .methods import METHODS
 
-            from .methods.oneshot_lm import LM_METHODS
+            from .lm.methods import LM_METHODS
 
             for name in METHODS.names():
                 cls = METHODS.get(name)

@@ -94,10 +94,10 @@ class RunConfig:
     heal_samples: int = 1024  # calibration-text windows healing draws from (its own seeded draw)
     # -- measured latency in the report (dense source vs compressed, same process) -------------
     latency: bool = True
-    latency_batch: int = 32
-    latency_seq: int | None = None  # default: max_length
+    latency_batch: int | None = None  # default: 32 (encoders), 1 (--task lm)
+    latency_seq: int | None = None  # default: max_length (encoders), 128 prompt tokens (--task lm)
     # -- deployment ----------------------------------------------------------------------------
-    dtype: str = "fp32"  # the final model's dtype: final evaluation, latency and the saved weights
+    dtype: str = "auto"  # the final model's dtype; auto = fp32 for encoders, the checkpoint's dtype for --task lm
     skip_slow: bool = False  # keep dense the target matrices that would not run faster factorized
     # -- output --------------------------------------------------------------------------------
     output: str | None = None
@@ -131,8 +131,8 @@ class RunConfig:
         check(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
         check(self.max_train_samples is None or self.max_train_samples > 0, "--max-train-samples must be > 0")
         check(self.max_eval_samples is None or self.max_eval_samples > 0, "--max-eval-samples must be > 0")
-        check(self.dtype in ("fp32", "bf16", "fp16"), f"--dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
-        check(self.latency_batch > 0, f"--latency-batch must be > 0, got {self.latency_batch}")
+        check(self.dtype in ("auto", "fp32", "bf16", "fp16"), f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        check(self.latency_batch is None or self.latency_batch > 0, f"--latency-batch must be > 0, got {self.latency_batch}")
         check(self.latency_seq is None or self.latency_seq > 1, f"--latency-seq must be > 1, got {self.latency_seq}")
         check(self.selection_size >= 0 and (self.selection_size < 1 or float(self.selection_size).is_integer()),
               f"--selection-size must be a fraction in [0, 1) or a whole count, got {self.selection_size}")

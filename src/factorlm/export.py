@@ -266,13 +266,14 @@ def _quiet():
 
 # -- checks -------------------------------------------------------------------------------------------
 def _check_source(path: str) -> Path:
+    from .models import weights
     from .models.io import WEIGHTS_NAME
     from .models.loading import FACTORLM_JSON
 
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FactorLMError(f"model folder does not exist: {path}")
-    if not (p / FACTORLM_JSON).is_file() or not (p / WEIGHTS_NAME).is_file():
+    if not (p / FACTORLM_JSON).is_file() or not weights.files(p):
         raise FactorLMError(f"{path} is not a factorlm model folder (needs {FACTORLM_JSON} and {WEIGHTS_NAME}); "
                             "export takes a folder saved by factorlm")
     return p.resolve()

@@ -2,7 +2,7 @@
 
 from .fwsvd import fisher_importance, fisher_weighted_svd
 from .svd import compute_dtype_for, eckart_young_error, svd, truncated_svd
-from .whiten import InputStats, asvd_scale, output_error, scaled_spectrum, scaled_svd, whitening_scale
+from .whiten import GramScale, InputStats, asvd_scale, output_error, scaled_spectrum, scaled_svd, whitening_scale
 from .weighted_svd import (
     make_omega,
     normalized_scores,
@@ -17,5 +17,5 @@ __all__ = [
     "compute_dtype_for", "eckart_young_error", "fisher_importance", "fisher_weighted_svd", "make_omega",
     "normalized_scores", "row_weighted_svd", "sparsity_aware_svd", "svd", "truncated_svd", "weighted_low_rank",
     "weighted_svd_als", "weighted_svd_em",
-    "InputStats", "asvd_scale", "output_error", "scaled_spectrum", "scaled_svd", "whitening_scale",
+    "GramScale", "InputStats", "asvd_scale", "output_error", "scaled_spectrum", "scaled_svd", "whitening_scale",
 ]

@@ -165,6 +165,7 @@ def speed_check_plan(session, model: nn.Module, shapes: dict, plan: dict, cls, f
     batch, seq = speed_check_rows(c)
     rows = batch * seq
     dt = getattr(c, "dtype", None) or "fp32"
+    dt = "fp32" if dt == "auto" else dt  # encoders train in fp32; "auto" deploys in it
     device = _speed_device(session, model)
     keep = None if c.rank is not None or getattr(c, "ranks", None) is not None else c.keep
     memo_key = (cls.structure, rows, dt, str(device), skip, keep, tuple((n, speed.plan_key(p)) for n, p in plan.items()))

@@ -37,6 +37,7 @@ from ..errors import FactorLMError
 from ..layers.base import FactorizedLinear, structure_from_spec
 from ..profiling import DTYPES  # fp32 / bf16 / fp16 -> torch dtype
 from .loading import FACTORLM_JSON, read_meta
+from . import weights
 from .surgery import factorized_modules, set_module
 
 FORMAT_VERSION = 1
@@ -128,6 +129,7 @@ def save(
     meta: dict[str, Any] | None = None,
     overwrite: bool = False,
     extra_files: dict[str, Any] | None = None,
+    max_shard_size: int | str = weights.MAX_SHARD_SIZE,
 ) -> Path:
     """Write ``model`` (dense or factorized) to ``out_dir`` atomically; returns the folder.
 
@@ -136,10 +138,10 @@ def save(
     :func:`atomic_dir`).
 
     ``extra_files``: ``{relative name: bytes | str | callable(path)}`` written into the folder too
-    (e.g. plots, pruning masks) so they appear atomically with the weights.
+    (e.g. plots, pruning masks) so they appear atomically with the weights.  The weights are
+    ``model.safetensors``, or shards with an index past ``max_shard_size`` (:func:`weights.write`),
+    in the model's dtype.
     """
-    from safetensors.torch import save_model
-
     check_finite(model)
     for name, m in factorized_modules(model).items():
         if type(m).from_spec is FactorizedLinear.from_spec:  # e.g. a training-only wrapper
@@ -160,7 +162,7 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         try:
-            save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            weights.write(model, tmp, max_shard_size=max_shard_size)
         except Exception as e:  # noqa: BLE001 - safetensors reports a full disk etc. as its own error type
             if isinstance(e, OSError):
                 raise
@@ -200,64 +202,10 @@ def _model_class(name: str):
     return cls
 
 
-def _first_and_count(items: list[str]) -> str:
-    return items[0] + (f" (+{len(items) - 1} more)" if len(items) > 1 else "")
-
-
-def _shape(shape) -> str:
-    return "(" + ", ".join(str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
-def check_weights_match(model: nn.Module, weights: Path, factorized: set[str] = frozenset()) -> None:
-    """Compare the tensor names and shapes in the header of ``weights`` with ``model.state_dict()``.
-
-    Raises a one-line :class:`FactorLMError` naming the first mismatched tensor with its expected and
-    found shapes, and the first missing / unexpected tensor, each with a count (``(+N more)``).
-    Tied weights (one storage under several names, which safetensors saves once) count as present
-    when any of their names is in the file.  ``factorized``: module names whose structures came from
-    ``factorlm.json`` (the message blames that file when every offending tensor is under one of
-    them, else ``config.json`` and ``factorlm.json``).
-    """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), "pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file is the user's folder
-        msg = " ".join(str(e).split()) or type(e).__name__
-        raise FactorLMError(f"cannot read {weights}: {msg}") from None
-    expected = model.state_dict()
-    aliases: dict[tuple, list[str]] = {}
-    for k, t in expected.items():
-        if t.device.type != "meta" and t.numel() > 0:
-            st = t.untyped_storage()
-            aliases.setdefault((t.device, st.data_ptr(), st.nbytes()), []).append(k)
-    group = {k: names for names in aliases.values() for k in names}
-
-    mismatched, missing = [], []
-    for k, t in expected.items():
-        if k in found:
-            if found[k] != tuple(t.shape):
-                mismatched.append(k)
-        elif not any(a in found and found[a] == tuple(t.shape) for a in group.get(k, ())):
-            missing.append(k)
-    unexpected = [k for k in found if k not in expected]
-    if not (mismatched or missing or unexpected):
-        return
-    parts = []
-    if mismatched:
-        k = mismatched[0]
-        parts.append(f"{k} expected {_shape(expected[k].shape)}, found {_shape(found[k])}"
-                     + (f" (+{len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
-    if missing:
-        parts.append(f"missing {_first_and_count(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {_first_and_count(unexpected)}")
-    in_specs = all(any(k.startswith(m + ".") for m in factorized) for k in mismatched + missing + unexpected)
-    against = FACTORLM_JSON if in_specs else f"config.json and {FACTORLM_JSON}"
-    raise FactorLMError(f"{weights} does not match {against}: " + "; ".join(parts))
-
-
+def check_weights_match(model: nn.Module, weights_file: Path, factorized: set[str] = frozenset()) -> None:
+    """:func:`weights.check_match` for one file or a folder's files (kept for callers of one file)."""
+    p = Path(weights_file)
+    weights.check_match(model, weights.files(p) if p.is_dir() else [p], factorized, spec_file=FACTORLM_JSON)
 
 
 def model_dtype_name(model: nn.Module) -> str:
@@ -274,60 +222,54 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None,
     dtype it was saved in (``factorlm.json``'s ``dtype``; a bf16 save is half the size), or cast to
     ``dtype`` (a torch dtype or ``"fp32"`` / ``"bf16"`` / ``"fp16"``).
 
-    Every problem with the folder is a one-line :class:`FactorLMError`: a module spec that cannot be
-    built names its module (``factorlm.json: module X: rank must be in [1, 384] ...``), and weights
-    that do not fit the rebuilt model name the tensor and both shapes (:func:`check_weights_match`).
+    The model is built on the meta device (``accelerate.init_empty_weights``: no random
+    initialisation, no float32 copy) and the saved tensors are assigned to it, cast one by one
+    (:func:`weights.load_into`), so a model needs its own size in memory once.  Every problem with
+    the folder is a one-line :class:`FactorLMError`: a module spec that cannot be built names its
+    module (``factorlm.json: module X: rank must be in [1, 384] ...``), and weights that do not fit
+    the rebuilt model name the tensor and both shapes (:func:`weights.check_match`).
     """
-    from safetensors.torch import load_model
+    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FactorLMError(f"model folder does not exist: {path}")
     meta = read_meta(str(p))
-    if meta is None or not (p / WEIGHTS_NAME).is_file():
-        raise FactorLMError(f"{path} is not a factorlm model folder (needs {FACTORLM_JSON} and {WEIGHTS_NAME})")
+    files = weights.files(p) if meta is not None else []
+    if meta is None or not files:
+        raise FactorLMError(f"{path} is not a factorlm model folder (needs {FACTORLM_JSON} and {WEIGHTS_NAME} "
+                            f"or {weights.INDEX})")
     try:
         config = AutoConfig.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001 - any config problem is the user's folder
         raise FactorLMError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}") from None
     cls = _model_class(meta.get("model_class", ""))
-    model = cls(config)
     specs = meta.get("modules", {})
     if not isinstance(specs, dict):
         raise FactorLMError(f"{FACTORLM_JSON}: 'modules' must be an object of module name -> spec")
-    for name, spec in specs.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise FactorLMError(f"{FACTORLM_JSON} names module {name} which {cls.__name__} does not have") from None
-        try:
-            new = structure_from_spec(spec)
-        except FactorLMError as e:
-            raise FactorLMError(f"{FACTORLM_JSON}: module {name}: {e}") from None
-        shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
-        if None not in shape and shape != (new.out_features, new.in_features):
-            raise FactorLMError(f"{FACTORLM_JSON}: module {name}: shape {new.out_features}x{new.in_features} does not "
-                                f"match the {shape[0]}x{shape[1]} layer of {cls.__name__} in config.json")
-        set_module(model, name, new)
-    weights = p / WEIGHTS_NAME
-    check_weights_match(model, weights, set(specs))
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except Exception as e:  # noqa: BLE001
-        raise FactorLMError(f"cannot load {weights}: {' '.join(str(e).split())}") from None
-    if missing or unexpected:  # check_weights_match saw the same names; kept as a safety net
-        parts = ([f"missing {_first_and_count(sorted(missing))}"] if missing else []) + (
-            [f"unexpected {_first_and_count(sorted(unexpected))}"] if unexpected else [])
-        raise FactorLMError(f"{weights} does not match {FACTORLM_JSON}: " + "; ".join(parts))
+    with init_empty_weights(include_buffers=False):
+        model = cls(config)
+        for name, spec in specs.items():
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                raise FactorLMError(f"{FACTORLM_JSON} names module {name} which {cls.__name__} does not have") from None
+            try:
+                new = structure_from_spec(spec)
+            except FactorLMError as e:
+                raise FactorLMError(f"{FACTORLM_JSON}: module {name}: {e}") from None
+            shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+            if None not in shape and shape != (new.out_features, new.in_features):
+                raise FactorLMError(f"{FACTORLM_JSON}: module {name}: shape {new.out_features}x{new.in_features} does not "
+                                    f"match the {shape[0]}x{shape[1]} layer of {cls.__name__} in config.json")
+            set_module(model, name, new)
+    weights.check_match(model, files, set(specs), spec_file=FACTORLM_JSON)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise FactorLMError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
     target = dtype if dtype is not None else DTYPES.get(meta.get("dtype") or "fp32", torch.float32)
-    if target != torch.float32:
-        model.to(target)
-    if device is not None:
-        model.to(device)
+    weights.load_into(model, files, dtype=target, device=device)
     check_finite(model, f"model in {path}")
     return model.eval()

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .errors import FactorLMError
+from ..errors import FactorLMError
 
 __all__ = ["generation_speed", "SETTINGS"]
 

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 
 from ..errors import FactorLMError
-from .loading import FACTORLM_JSON, hub_offline, resolve_model
+from ..models.loading import FACTORLM_JSON, hub_offline, resolve_model
 
 __all__ = ["SMOLLM2", "SMOLLM2_FILE", "smollm2_gguf_path", "resolve_causal_model", "load_causal_lm",
-           "check_causal_config", "gguf_cache_dir"]
+           "load_tokenizer", "checkpoint_dtype", "check_causal_config", "gguf_cache_dir"]
 
 SMOLLM2 = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,7 +87,7 @@ def gguf_cache_dir(gguf_file: str | os.PathLike, cache_dir: str | os.PathLike | 
 def _convert_gguf(gguf_file: Path, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .io import atomic_dir
+    from ..models.io import atomic_dir
 
     if _package_dir("gguf") is None:
         raise FactorLMError(f"reading {gguf_file.name} needs the gguf package: run `{_GGUF_HINT}`")
@@ -169,21 +169,46 @@ def _load_error(name: str, e: BaseException) -> FactorLMError:
     return FactorLMError(f"cannot load {name}{offline}: {_first_line(e)}")
 
 
+def load_tokenizer(resolved: str, shown: str):
+    """The tokenizer of a resolved model (pad token = EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except Exception as e:  # noqa: BLE001
+        raise FactorLMError(f"cannot load the tokenizer of {shown}: {_first_line(e)}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint's ``config.json`` records (``dtype`` / ``torch_dtype``), float32 if none."""
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
+
+
 def load_causal_lm(
     name_or_path: str | None,
     *,
-    dtype: torch.dtype | None = torch.float32,
+    dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
+    resolved: str | None = None,
 ):
     """``(model, tokenizer, resolved_path)``: the causal LM in eval mode (``use_cache`` as configured)
     in ``dtype``, its tokenizer (pad token = EOS token when it has none) and where it was loaded from.
-    ``dtype=None``: a factorlm folder in the dtype it was saved in, any other model in float32."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    ``dtype=None``: the checkpoint's own dtype (a factorlm folder: the dtype it was saved in; a GGUF
+    file: float32, as converted), built without a random initialisation (transformers' meta-device
+    loading; :func:`factorlm.models.io.load` for factorlm folders).  ``resolved``: an already resolved
+    path (skips :func:`resolve_causal_model`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    resolved = resolve_causal_model(name_or_path, cache_dir=cache_dir)
+    resolved = resolved or resolve_causal_model(name_or_path, cache_dir=cache_dir)
     shown = name_or_path or SMOLLM2
     if (Path(resolved) / FACTORLM_JSON).is_file():
-        from .io import load
+        from ..models.io import load
 
         model = load(resolved, dtype=dtype)
         check_causal_config(model.config, shown)
@@ -194,14 +219,9 @@ def load_causal_lm(
             raise _load_error(shown, e) from None
         check_causal_config(config, shown)
         try:
-            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype or torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype or checkpoint_dtype(config))
         except Exception as e:  # noqa: BLE001
             raise _load_error(shown, e) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved)
-    except Exception as e:  # noqa: BLE001
-        raise FactorLMError(f"cannot load the tokenizer of {shown}: {_first_line(e)}") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(resolved, shown)
     model.eval()
     return model, tokenizer, resolved

@@ -18,7 +18,7 @@ left singular vectors of ``W S`` for a method-specific input scaling ``S``
     optional damping instead of a Cholesky (which fails on rank-deficient data), and
     ``W' = U_k U_k^T W`` instead of an explicit ``S^{-1}``; SVD-LLM's released profiling collects
     every Gram matrix from the dense model, here the default is sequential (``--sequential layer``,
-    :mod:`factorlm.calibration`); ``--sequential none`` is SVD-LLM's one-pass profile.  SVD-LLM's
+    :mod:`factorlm.lm.calibrate`); ``--sequential none`` is SVD-LLM's one-pass profile.  SVD-LLM's
     "parameter update" (a LoRA-style fine-tune of the factors) is ``--heal-steps``.
 
 Rank plans (``factorlm.ranks``): ``uniform`` keeps the same share ``--keep`` of every matrix (SVD-LLM's
@@ -36,10 +36,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..decompose.whiten import InputStats, asvd_scale, whitening_scale
+from ..decompose.whiten import GramScale, InputStats, asvd_scale
 from ..errors import check
 from ..registry import Registry
-from .base import build_options
+from ..methods.base import build_options
 
 #: --task lm method name -> class
 LM_METHODS: Registry[type["LMMethod"]] = Registry("--task lm method")
@@ -75,8 +75,9 @@ class LMMethod:
         in_features = w.shape[0] if type(module).__name__ == "Conv1D" else w.shape[1]
         return InputStats(in_features, gram="gram" in self.stats, absmean="absmean" in self.stats, device=w.device)
 
-    def scale(self, stats: InputStats | None) -> torch.Tensor | None:
-        """The input scaling ``S`` (None = identity; a vector = diagonal; a matrix = full)."""
+    def scale(self, stats: InputStats | None) -> torch.Tensor | GramScale | None:
+        """The input scaling ``S`` (None = identity; a vector = diagonal; a matrix = full; a
+        :class:`~factorlm.decompose.whiten.GramScale` = ``S S^T`` given by a Gram)."""
         return None
 
 
@@ -124,4 +125,4 @@ class Whiten(LMMethod):
 
     def scale(self, stats):
         check(self.options.damp >= 0, f"--damp must be >= 0, got {self.options.damp}")
-        return whitening_scale(stats.gram, self.options.damp)
+        return GramScale(stats.gram, self.options.damp)  # used directly on the small side (decompose.whiten)

@@ -1,6 +1,6 @@
 """Sequential calibration of a decoder: stream activations through its blocks, one block at a time.
 
-One-shot compressors (:mod:`factorlm.methods.oneshot_lm`) need statistics of each target layer's
+One-shot compressors (:mod:`factorlm.lm.methods`) need statistics of each target layer's
 *inputs* (a Gram matrix, a mean absolute activation).  This module gathers them for any Hugging Face
 decoder without per-model code:
 
@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import FactorLMError, check
+from ..errors import FactorLMError, check
 
 MODES = ("layer", "block", "none")
 
@@ -295,7 +295,7 @@ def output_sensitivity(model: nn.Module, targets: Sequence[str], batches: Sequen
 
     One backward per batch (the first ``max_batches``); no parameter gradient is stored: the graph
     starts at the input embeddings' output."""
-    from .models.surgery import get_module, linear_shape
+    from ..models.surgery import get_module, linear_shape
 
     lam = {n: 0.0 for n in targets}
     handles = []

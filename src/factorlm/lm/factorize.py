@@ -1,0 +1,69 @@
+"""Stage: factorize every target in place with the method's input scaling, block by block.
+
+Each target ``W`` becomes a :class:`~factorlm.layers.lowrank.LowRankLinear` ``A B`` with
+``A B = U_k U_k^T W`` (:mod:`factorlm.decompose.whiten`: ``U`` of ``W S`` through the small side, in
+float64), the factors cast to the model's dtype.  A calibrated method gets its statistics from
+:func:`factorlm.lm.calibrate.stream` (the calibration order ``--sequential``); each block's time is
+logged.  Only one matrix's float64 work exists at a time beside the model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from torch import nn
+
+from ..layers.lowrank import LowRankLinear
+from ..models.surgery import get_module, linear_weight, set_module
+from .calibrate import stream
+
+
+def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], method, batches, *,
+              mode: str, log=None, keep_dense: dict[str, nn.Module] | None = None) -> dict[str, Any]:
+    """Replace every target by its rank-``ranks[name]`` :class:`LowRankLinear` (in place); returns
+    per-target facts (rank, share of the scaled spectrum's energy discarded), the stream's work and
+    the seconds per block.  ``keep_dense``: a dict that receives the replaced dense modules (moved to
+    the CPU), for a distillation teacher; None drops them."""
+    from ..decompose.whiten import factors_from_basis, scaled_factors
+
+    facts: dict[str, dict[str, Any]] = {}
+    block_seconds: list[float] = []
+    clock = {"t": time.perf_counter(), "block": None}
+
+    def replace(names, scale, block=None):
+        for n in names:
+            m = get_module(model, n)
+            W = linear_weight(m).detach()
+            U, sigma = scaled_factors(W, scale)
+            k = ranks[n]
+            A, B = factors_from_basis(W, U, k)
+            del U
+            energy = sigma.pow(2)
+            lost = float(energy[k:].sum() / energy.sum()) if energy.sum() > 0 else 0.0
+            bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
+            set_module(model, n, LowRankLinear.from_factors(A.contiguous(), B.contiguous(), bias))
+            if keep_dense is not None:
+                keep_dense[n] = m.cpu().requires_grad_(False)
+            facts[n] = {"rank": k, "shape": list(W.shape), "energy_lost": round(lost, 6)}
+
+    def on_group(i, names, stats):
+        if clock["block"] is not None and clock["block"] != i:
+            block_seconds.append(round(time.perf_counter() - clock["t"], 2))
+            clock["t"] = time.perf_counter()
+            if log:
+                log(f"  block {clock['block']}: {block_seconds[-1]:.1f}s")
+        clock["block"] = i
+        replace(names, method.scale(stats))
+
+    work: dict[str, Any] = {}
+    if not method.calibrated:
+        replace(targets, None)
+        return {"modules": facts, "calibration": work}
+    prog = stream(model, targets, batches, method.make_stats, on_group, mode=mode, log=log)
+    block_seconds.append(round(time.perf_counter() - clock["t"], 2))
+    work = {"blocks": prog.blocks, "groups": prog.groups, "block_forwards": prog.forwards, "tokens": prog.tokens,
+            "groups_of_block_0": prog.group_names[: prog.groups // max(prog.blocks, 1)],
+            "seconds_per_block": block_seconds}
+    return {"modules": facts, "calibration": work}
+

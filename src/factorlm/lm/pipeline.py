@@ -1,0 +1,265 @@
+"""``--task lm``: one-shot low-rank compression of a causal language model, evaluated by perplexity.
+
+    factorlm compress --task lm --model smollm2 --method whiten --keep 0.8 --rank-policy global
+
+The stages (one module each in this package): read the calibration and evaluation text and count the
+evaluation tokens (before the model is loaded: a missing or too-short text fails at once), load the
+causal LM in its checkpoint's dtype (:mod:`.load`; a folder, a hub id, a ``.gguf`` file converted
+once, or the alias ``smollm2``), score the dense model (:mod:`.evaluate`: perplexity, a greedy
+sample, generation speed), plan the ranks (:mod:`.plan`), factorize every target of the decoder
+blocks with the method's input scaling while streaming the calibration windows block by block
+(:mod:`.factorize`, :mod:`.calibrate`), optionally heal the factors (:mod:`.heal`), score again, save
+(:mod:`.save`: sharded safetensors in the model's dtype), and only then time the compressed model and
+draw the report.  One copy of the model is held throughout.
+
+Targets: every ``nn.Linear`` (or GPT-2 ``Conv1D``) inside the decoder blocks; embeddings and the LM head
+are never factorized.  ``--keep`` is the share of the target weights kept; SVD-LLM's "compression
+ratio" is ``1 - keep`` (with the same share of every matrix: ``--rank-policy uniform``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import models
+from ..config import RunConfig
+from ..errors import FactorLMError, check
+from ..models.surgery import find_targets, get_module, linear_shape
+from .evaluate import Log, check_eval_tokens, flops_per_token, greedy_sample, param_groups, ppl
+
+TASK = "lm"
+METRIC = "perplexity"
+
+
+def check_config(c: RunConfig):
+    """Everything about the settings that can be wrong, before any work (one-line errors)."""
+    from .methods import LM_METHODS, get_lm_method
+
+    check(c.method in LM_METHODS, f"--task lm takes --method {' | '.join(LM_METHODS.names())}, got {c.method!r}")
+    method = get_lm_method(c.method, c.method_options)
+    check(c.structure == "lowrank", f"--task lm factorizes into low rank only, got --structure {c.structure}")
+    check(c.schedule == "oneshot", "--task lm is one-shot (calibrated layer by layer); --schedule staged does not apply")
+    check(not c.skip_slow, "--skip-slow does not apply to --task lm yet")
+    check(c.keep is not None or c.rank is not None, "give --keep or --rank")
+    check(c.ranks is None, "--ranks does not apply to --task lm yet: give --keep or --rank")
+    return method
+
+
+def _text(source: str | None, default: str, what: str) -> tuple[str, list[str]]:
+    from ..data.text import read_documents
+
+    name = source or default
+    docs = read_documents(name)
+    check(len(docs) > 0 and any(d.strip() for d in docs), f"{what} text {name} is empty")
+    return name, docs
+
+
+def check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Refuse models whose decoder weights are mostly outside the targets (fused 3-D expert tensors of
+    mixture-of-experts models: ``--keep`` would then trim a few percent of the model, silently)."""
+    fused = [n for n, p in model.named_parameters() if p.dim() == 3 and "embed" not in n]
+    if fused:
+        in_fused = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 3 and "embed" not in n)
+        total = sum(p.numel() for p in model.parameters())
+        raise FactorLMError(
+            f"{type(model).__name__} keeps {in_fused / total:.0%} of its parameters in fused 3-D tensors (e.g. "
+            f"{fused[0]}: mixture-of-experts weights), which --task lm cannot factorize yet; only its "
+            f"{len(targets)} 2-D layers would be compressed")
+
+
+def source_bytes(resolved: str, model: nn.Module) -> tuple[int, str]:
+    """Bytes of the source's weight files (``*.safetensors`` / ``*.bin`` of a local folder), else the
+    loaded parameters' bytes; and which of the two it is."""
+    from .save import weight_bytes
+
+    p = Path(resolved)
+    if p.is_dir():
+        n = weight_bytes(p) or sum(f.stat().st_size for f in p.glob("*.bin"))
+        if n:
+            return n, "source weight files"
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            n += t.numel() * t.element_size()
+    return n, "loaded parameters"
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the state dict's distinct tensors (what safetensors stores, without its header)."""
+    seen, n = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            n += t.numel() * t.element_size()
+    return n
+
+
+def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
+    """Compress a causal LM one-shot (see the module docstring); returns an :class:`factorlm.api.Report`."""
+    from accelerate.utils import set_seed
+
+    from ..api import Report, _output_dir
+    from ..data.text import DEFAULT_CALIBRATION, DEFAULT_EVAL, calibration_blocks, describe, token_stream
+    from ..ranks.budget import Accounting, break_even_rank
+    from . import evaluate, save as saving
+    from .calibrate import token_batches
+    from .factorize import factorize
+    from .heal import heal
+    from .load import SMOLLM2, load_causal_lm, load_tokenizer, resolve_causal_model
+    from .plan import plan_ranks, spectra as scaled_spectra
+
+    c = config.validate()
+    method = check_config(c)
+    log = Log(quiet)
+    keep_tag = f"k{c.keep:g}" if c.rank is None else f"r{c.rank}"
+    out = _output_dir(c, f"runs/lm-{c.method}-{keep_tag}") if save else None
+    need_calibration = method.calibrated or c.heal_steps or (
+        c.rank is None and c.rank_policy == "global" and c.global_score == "fisher")
+    calib_name, calib_docs = _text(c.calibration, DEFAULT_CALIBRATION, "calibration") if need_calibration \
+        else (None, [])
+    eval_name, eval_docs = _text(c.eval_text, DEFAULT_EVAL, "evaluation")
+    set_seed(c.seed)
+    t_start = time.perf_counter()
+
+    # the texts are tokenized before the model loads: a too-short evaluation text costs seconds, not a load
+    shown = c.model or SMOLLM2
+    resolved = resolve_causal_model(shown, cache_dir=c.cache_dir)
+    tokenizer = load_tokenizer(resolved, shown)
+    eval_ids = token_stream(tokenizer, eval_docs)
+    if c.eval_max_tokens:
+        eval_ids = eval_ids[: c.eval_max_tokens]
+    check_eval_tokens(eval_ids, c, eval_name)
+    text_info = {"evaluation": describe(eval_name, eval_ids)}
+    windows = calib_ids = None
+    if calib_docs:
+        calib_ids = token_stream(tokenizer, calib_docs)
+        windows = calibration_blocks(calib_ids, c.seq_len, c.calibration_samples, c.seed)
+        text_info["calibration"] = {**describe(calib_name, calib_ids), "windows": int(windows.shape[0]),
+                                    "window_tokens": c.seq_len, "tokens": int(windows.numel())}
+        if calib_name == eval_name:
+            log("WARNING: calibration and evaluation read the same text: the perplexity is not held out")
+
+    dtype = None if c.dtype == "auto" else models.io.DTYPES[c.dtype]
+    model, tokenizer, source = load_causal_lm(shown, dtype=dtype, resolved=resolved)
+    dtype_name = models.io.model_dtype_name(model)
+    targets = find_targets(model, c.include, c.exclude, conv1d=True)
+    check(targets, "no target layers found in the model (check --include/--exclude)")
+    check_targets(model, targets)
+    shapes = {n: linear_shape(get_module(model, n)) for n in targets}
+    bytes_before, bytes_what = source_bytes(resolved, model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    log(f"[{c.method}] {type(model).__name__} from {source} ({dtype_name}): {len(targets)} target layers in the "
+        f"decoder blocks (embeddings and LM head untouched)")
+    for k, v in text_info.items():
+        log(f"  {k}: {v['source']}, {v['tokens']:,} tokens" + (f" ({v['windows']} windows of {v['window_tokens']})"
+                                                                 if "windows" in v else ""))
+
+    # every dense measurement now, on the one model: no copy of it is kept
+    scores: dict[str, dict[str, Any]] = {}
+    samples: dict[str, str] = {}
+    scores["dense"] = ppl(model, eval_ids, c, log, "dense")
+    samples["dense"] = greedy_sample(model, tokenizer)
+    groups_before = param_groups(model, targets)
+    dense_params = models.count_params(model)
+    dense_flops = flops_per_token(model, c.seq_len)
+    dense_speed = evaluate.speed(model, c, "dense") if c.latency else None
+
+    batches = token_batches(windows, max(1, min(8, c.batch_size)), device) if windows is not None else []
+    spectra = None
+    if c.rank is None and c.rank_policy == "global":
+        log(f"  scaled spectra of every target (dense model) for the global rank plan ({c.global_score})")
+        spectra = scaled_spectra(model, targets, method, batches, log, c.global_score)
+    ranks = plan_ranks(c, shapes, spectra)
+    del spectra
+    past = [n for n, k in ranks.items() if k > break_even_rank(*shapes[n])]
+    if past:
+        log(f"WARNING: {len(past)} matrices are past their break-even rank (the factors outweigh the dense "
+            f"matrix), e.g. {past[0]}")
+    mode = getattr(method.options, "sequential", "none")
+    log(f"  factorizing ({'calibration order: ' + mode if method.calibrated else 'no calibration'}, "
+        f"{c.rank_policy if c.rank is None else 'fixed'} ranks "
+        f"{min(ranks.values())}-{max(ranks.values())})")
+    t0 = time.perf_counter()
+    dense_layers = {} if c.heal_steps and c.heal_loss == "distill" else None
+    info = factorize(model, targets, ranks, method, batches, mode=mode, log=log, keep_dense=dense_layers)
+    info["factorize_seconds"] = round(time.perf_counter() - t0, 1)
+    del batches
+    scores["oneshot"] = ppl(model, eval_ids, c, log, "one-shot")
+    if c.heal_steps:
+        heal_windows = calibration_blocks(calib_ids, c.seq_len, c.heal_samples, c.seed + 1)
+        info["heal"] = heal(model, heal_windows, c, log, dense=dense_layers)
+        del dense_layers
+        scores["healed"] = ppl(model, eval_ids, c, log, "healed")
+    scores["final"] = dict(scores["healed" if c.heal_steps else "oneshot"])
+    samples["final"] = greedy_sample(model, tokenizer)
+
+    groups_after = param_groups(model, targets)
+    tw_after = sum(get_module(model, n).weight_params() for n in targets)
+    acc = Accounting(target_weights_before=groups_before["targets"], target_weights_after=tw_after,
+                     model_params_before=dense_params, model_params_after=models.count_params(model)).to_dict()
+    acc["parts_before"], acc["parts_after"] = groups_before, groups_after
+    acc["svd_llm_ratio"] = round(1 - acc["target_ratio"], 4)
+    acc["bytes_before"], acc["bytes_before_is"] = bytes_before, bytes_what
+    acc["bytes_after"] = tensor_bytes(model)  # the saved tensors in the model's dtype (file sizes: bytes_on_disk)
+    acc["dtype"] = dtype_name
+    flops = {"dense": dense_flops, "final": flops_per_token(model, c.seq_len), "unit": "per token",
+             "context": c.seq_len}
+    ratio = scores["final"]["perplexity"] / scores["dense"]["perplexity"]
+    warnings = []
+    if not math.isfinite(scores["final"]["perplexity"]) or ratio > 100:
+        warnings.append(f"the compressed model's perplexity is {ratio:.3g}x the dense model's: it has lost the language")
+    for w in warnings:
+        log(f"WARNING: {w}")
+    info.update(ranks=ranks, samples=samples, text=text_info, rank_policy=c.rank_policy if c.rank is None else "fixed",
+                sequential=mode if method.calibrated else None, perplexity_ratio=round(ratio, 4), dtype=dtype_name)
+    report = Report(str(out) if out else None, TASK, c.method, METRIC, scores, acc, flops, c.heal_steps, info,
+                    warnings=warnings, health={"lost_language": bool(warnings)}, latency={})
+    report.model = model
+    meta = {"task": TASK, "method": c.method, "structure": "lowrank", "base_model": source,
+            "recipe": c.to_dict(), "method_info": info, "scores": scores, "accounting": acc,
+            "flops_per_token": flops, "latency": {}, "warnings": warnings, "health": report.health}
+    if save:  # the model first: what follows is optional and may fail without losing it
+        saving.save_model(model, out, tokenizer=tokenizer, meta=meta, overwrite=c.overwrite)
+        model.to(device)
+        acc["bytes_on_disk"] = saving.weight_bytes(out)
+        saving.record(Path(out), ["accounting", "bytes_on_disk"], acc["bytes_on_disk"])
+        log(f"saved to {out}")
+    if dense_speed is not None:
+        report.latency = evaluate.speed_report(dense_speed, evaluate.speed(model, c, "compressed"), dtype_name, log)
+        if save:
+            saving.record(Path(out), ["latency"], report.latency)
+    info["seconds"] = round(time.perf_counter() - t_start, 1)
+    if save:
+        saving.record(Path(out), ["method_info", "seconds"], info["seconds"])
+        saving.add_png(Path(out), log)
+    return report
+
+
+def evaluate_lm(path: str, config: RunConfig, *, quiet: bool = False, dtype: str | None = None) -> dict[str, Any]:
+    """Perplexity of a saved (or any) causal LM on ``config.eval_text`` with its recorded window settings."""
+    from ..data.text import DEFAULT_EVAL, describe, token_stream
+    from .load import load_causal_lm, load_tokenizer, resolve_causal_model
+
+    log = Log(quiet)
+    c = config.validate()
+    name, docs = _text(c.eval_text, DEFAULT_EVAL, "evaluation")
+    resolved = resolve_causal_model(path, cache_dir=c.cache_dir)
+    ids = token_stream(load_tokenizer(resolved, path), docs)
+    if c.eval_max_tokens:
+        ids = ids[: c.eval_max_tokens]
+    check_eval_tokens(ids, c, name)
+    # a factorlm folder is scored in the dtype it was saved in (as its recorded final score), unless --dtype
+    model, tokenizer, source = load_causal_lm(path, resolved=resolved,
+                                              dtype=None if dtype in (None, "auto") else models.io.DTYPES[dtype])
+    log(f"evaluating {source} on {name} ({len(ids):,} tokens)")
+    r = ppl(model, ids, c, log, "model")
+    return {**r, "text": describe(name, ids)}
