@@ -3,11 +3,13 @@
 
     python benchmarks/llm_scale.py --shapes w1024 w2048 --label after     # one row per shape
     python benchmarks/llm_scale.py --shapes w4096 --blocks 2 --label after
+    python benchmarks/llm_scale.py --shapes v262k --blocks 18 --label after -- --rank-policy global
     python benchmarks/llm_scale.py --table-only                           # rewrite the table
 
 Shapes (hidden / MLP / heads / kv heads; vocabulary 49,152 with SmolLM2's tokenizer, untied embeddings):
 ``w1024`` 1024 / 2816 / 16 / 4, ``w2048`` 2048 / 5632 / 32 / 4 (TinyLlama's block), ``w4096`` 4096 /
-14336 / 32 / 8 (one Llama-3-8B block).  Each model is random (seeded), saved once as bf16 safetensors
+14336 / 32 / 8 (one Llama-3-8B block); ``v262k`` 640 / 2048 / 4 / 1 (head dim 256) with a 262,144-token
+tied vocabulary (Gemma-3-270M's sizes; SmolLM2's tokenizer covers its first 49,152 ids).  Each model is random (seeded), saved once as bf16 safetensors
 under ``benchmarks/results/cache/llm_scale/`` and compressed in a fresh child process
 (``--method whiten --keep 0.8 --calibration-samples 16 --seq-len 128 --eval-max-tokens 4096``, one
 thread, no latency timing unless ``--latency``); the child's peak resident set size comes from
@@ -36,6 +38,9 @@ SHAPES = {
     "w1024": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4),
     "w2048": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4),
     "w4096": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
+    # Gemma-3-270M's sizes in a Llama block: 262,144-token vocabulary, tied embeddings (its 18 blocks: --blocks 18)
+    "v262k": dict(hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                  vocab_size=262144, tie_word_embeddings=True),
 }
 COMPRESS = ["--method", "whiten", "--keep", "0.8", "--calibration-samples", "16", "--seq-len", "128",
             "--eval-max-tokens", "4096"]
@@ -68,9 +73,9 @@ def make_model(shape: str, blocks: int, seed: int = 0) -> Path:
     from factorlm.lm.load import resolve_causal_model
 
     tok = AutoTokenizer.from_pretrained(resolve_causal_model("smollm2"))
-    cfg = LlamaConfig(vocab_size=49152, num_hidden_layers=blocks, max_position_embeddings=2048,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      **SHAPES[shape])
+    sizes = {"vocab_size": 49152, "tie_word_embeddings": False, **SHAPES[shape]}
+    cfg = LlamaConfig(num_hidden_layers=blocks, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, **sizes)
     torch.manual_seed(seed)
     with torch.device("cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)

@@ -354,3 +354,28 @@ def test_cli_subcommand(lowrank, tmp_path, capsys):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("fmt", ["dense", "hf"])
+def test_gpt2_conv1d_exports_load_in_transformers(tmp_path, fmt):
+    """GPT-2's Conv1D layers (weight stored (in, out)) come back as Conv1D, so the exported folder loads
+    in plain ``AutoModelForCausalLM`` with the factorized model's logits (before: a shape error)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from conftest import char_tokenizer, tiny_gpt2
+    from factorlm.lm import factorize as lm_factorize, get_lm_method
+    from factorlm.models.surgery import find_targets
+
+    model = tiny_gpt2()
+    targets = find_targets(model, conv1d=True)
+    lm_factorize(model, targets, {n: 4 for n in targets}, get_lm_method("svd"), [], mode="none")
+    src = models.save(model, tmp_path / "src", tokenizer=char_tokenizer(), meta={"method": "svd", "task": "lm"})
+    rep = ex.export(str(src), fmt, str(tmp_path / fmt), seq_len=SEQ)
+    assert rep["max_abs_diff"] <= rep["tolerance"]
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / fmt)).eval()
+    assert isinstance(hf.transformer.h[0].attn.c_attn, Conv1D) and isinstance(hf.transformer.h[1].mlp.c_proj, Conv1D)
+    ids = torch.randint(3, 99, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = model(input_ids=ids).logits, hf(input_ids=ids).logits
+    assert (got - ref).abs().max().item() <= ex.FP32_RTOL * max(1.0, ref.abs().max().item())

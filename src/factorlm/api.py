@@ -49,7 +49,9 @@ def load_model_for_task(name_or_path: str | None, task, seed: int | None = None,
     path = resolve_model(name_or_path)
     meta = read_meta(path) if Path(path).is_dir() else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        from .models.hub_folder import tokenizer_kwargs
+
+        tokenizer = AutoTokenizer.from_pretrained(path, **(tokenizer_kwargs(path) if meta is not None else {}))
     except Exception as e:  # noqa: BLE001
         raise FactorLMError(f"cannot load a tokenizer from {path!r}: {_first_line(e)}") from None
     if meta is not None:  # a factorlm folder: trained from in fp32, evaluated in its saved dtype

@@ -343,7 +343,9 @@ def _load_tokenizer(src: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(src))
+        from .models.hub_folder import tokenizer_kwargs
+
+        return AutoTokenizer.from_pretrained(str(src), **tokenizer_kwargs(src))
     except Exception as e:  # noqa: BLE001 - a broken tokenizer is the user's folder
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FactorLMError(f"cannot load the tokenizer in {src}: {msg}") from None

@@ -146,7 +146,7 @@ class InputStats:
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.detach().reshape(-1, self.in_features).to(device=self.device, dtype=cd)
         if self.gram is not None:
-            self.gram += (x.T @ x).to(torch.float64)
+            self.gram.add_(x.T @ x)  # promoted to float64 element-wise: no float64 copy of the product
         if self.abs_sum is not None:
             self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
         self.tokens += x.shape[0]
@@ -204,29 +204,31 @@ def asvd_scale(abs_mean: torch.Tensor, alpha: float = 0.5, eps: float = 1e-6) ->
 @dataclass(frozen=True)
 class GramScale:
     """Whitening given by its Gram: ``S S^T = G + damp * mean(diag G) I`` without forming ``S``
-    (:func:`scaled_factors` uses ``G`` directly when ``out <= in``; :meth:`matrix` is ``S``)."""
+    (:func:`scaled_factors` uses ``G`` directly when ``out <= in``, without copying it; :meth:`matrix` is ``S``)."""
 
     gram: torch.Tensor
     damp: float = 0.0
-
-    def damped(self) -> torch.Tensor:
-        """``G + damp * mean(diag G) I`` in float64, symmetrised (checks as :func:`whitening_scale`)."""
-        G = _checked_gram(self.gram, self.damp)
-        if self.damp > 0:
-            G = G + (self.damp * float(G.diagonal().mean())) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-        return G
 
     def matrix(self) -> torch.Tensor:
         return whitening_scale(self.gram, self.damp)
 
 
 def _checked_gram(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """The Gram in float64, checked (:func:`_gram_view`) and symmetrised."""
+    G, _ = _gram_view(gram, damp)
+    return (G + G.T) / 2
+
+
+def _gram_view(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """``(G, c)``: the Gram in float64 (no copy when it is float64 already; not symmetrised) and the
+    damping ``c = damp * mean(diag G)``; one-line errors for a bad shape, damp or non-finite / zero Gram."""
     check(gram.dim() == 2 and gram.shape[0] == gram.shape[1], f"Gram matrix must be square, got shape {tuple(gram.shape)}")
     check(damp >= 0 and damp == damp and damp != float("inf"), f"damp must be a finite number >= 0, got {damp!r}")
     G = gram.detach().to(torch.float64)
     check(bool(torch.isfinite(G).all()), "Gram matrix has NaN/Inf entries (non-finite layer inputs during calibration?)")
-    check(float(G.diagonal().mean()) > 0, "Gram matrix is zero: no calibration tokens (or only zero inputs) reached this layer")
-    return (G + G.T) / 2
+    mean = float(G.diagonal().mean())
+    check(mean > 0, "Gram matrix is zero: no calibration tokens (or only zero inputs) reached this layer")
+    return G, damp * mean
 
 
 def _scaled_weight(W: torch.Tensor, scale) -> torch.Tensor:
@@ -257,8 +259,12 @@ def _small_side(W: torch.Tensor, scale) -> tuple[str, torch.Tensor, torch.Tensor
     if out <= inn:
         if isinstance(scale, GramScale):
             check(scale.gram.shape[0] == inn, f"Gram matrix is {tuple(scale.gram.shape)}, W has {inn} input features")
+            # W (G + c I) W^T = W G W^T + c W W^T, symmetrised after: no in x in copy of G is made
+            G, c = _gram_view(scale.gram, scale.damp)
             W64 = W.detach().to(torch.float64)
-            M = W64 @ scale.damped().to(W64.device) @ W64.T
+            M = (W64 @ G.to(W64.device)) @ W64.T
+            if c > 0:
+                M.add_(W64 @ W64.T, alpha=c)
         else:
             WS = _scaled_weight(W, scale)
             M = WS @ WS.T

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FactorLMError, check
@@ -293,8 +294,11 @@ def output_sensitivity(model: nn.Module, targets: Sequence[str], batches: Sequen
     layer (summed over the same tokens) costs about ``lambda * ||E||^2 / 2`` of loss, which makes the
     whitened spectra of different layers comparable (:func:`factorlm.lm.plan_ranks`, ``global``).
 
-    One backward per batch (the first ``max_batches``); no parameter gradient is stored: the graph
-    starts at the input embeddings' output."""
+    The loss is the batch's mean next-token loss, as ``labels=input_ids`` gives, but computed one window
+    at a time (its summed token losses over the batch's token count, one backward each), so the logits
+    alive at once are one window's (``seq_len x vocab`` floats: 134 MB at a 262k vocabulary, not 8x
+    that plus their softmax and gradient); the first ``max_batches`` batches.  No parameter gradient is
+    stored: the graph starts at the input embeddings' output."""
     from ..models.surgery import get_module, linear_shape
 
     lam = {n: 0.0 for n in targets}
@@ -319,8 +323,16 @@ def output_sensitivity(model: nn.Module, targets: Sequence[str], batches: Sequen
         model.eval()
         with torch.enable_grad():
             for b in batches[: max_batches or len(batches)]:
-                out = model(**b, labels=b["input_ids"], use_cache=False)
-                out.loss.backward()
+                ids = b["input_ids"]
+                mask = b.get("attention_mask")
+                labels = ids[:, 1:] if mask is None else ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+                n_tokens = max(1, int((labels != -100).sum()))
+                for i in range(ids.shape[0]):  # one window per backward: the logits of one window at a time
+                    row = {k: v[i: i + 1] for k, v in b.items() if torch.is_tensor(v)}
+                    logits = model(**row, use_cache=False).logits[0, :-1]
+                    loss = F.cross_entropy(logits.float(), labels[i], ignore_index=-100, reduction="sum") / n_tokens
+                    loss.backward()
+                    del logits, loss
     finally:
         for h in handles:
             h.remove()

@@ -174,7 +174,9 @@ def load_tokenizer(resolved: str, shown: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        from ..models.hub_folder import tokenizer_kwargs
+
+        tokenizer = AutoTokenizer.from_pretrained(resolved, **(tokenizer_kwargs(resolved) if Path(resolved).is_dir() else {}))
     except Exception as e:  # noqa: BLE001
         raise FactorLMError(f"cannot load the tokenizer of {shown}: {_first_line(e)}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -219,7 +221,11 @@ def load_causal_lm(
             raise _load_error(shown, e) from None
         check_causal_config(config, shown)
         try:
-            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype or checkpoint_dtype(config))
+            # on a CPU-only machine the weights are read into memory rather than memory-mapped: mapped
+            # pages stay resident (and counted) until the last tensor of the file dies, so every replaced
+            # dense matrix would stay in memory beside its factors; on a GPU they are copied off the map
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype or checkpoint_dtype(config),
+                                                         disable_mmap=not torch.cuda.is_available())
         except Exception as e:  # noqa: BLE001
             raise _load_error(shown, e) from None
     tokenizer = load_tokenizer(resolved, shown)

@@ -1,11 +1,14 @@
-"""Save and load factorized models as plain folders (no pickle, no remote code, no network).
+"""Save and load factorized models as plain folders (no pickle, no network).
 
 A folder holds the HF ``config.json``, the tokenizer files, ``model.safetensors`` (the state dict:
 factor weights under the original module names, e.g. ``...query.A`` / ``...query.B``) and
 ``factorlm.json``: the model class, one entry per replaced module (``structure``, ``shape``, plus the
 structure's parameters such as ``rank``), the method, the full recipe, library versions and scores.
 The saved ``config.json`` names the class actually saved in ``architectures`` (e.g.
-``BertForSequenceClassification``, not the ``BertForMaskedLM`` the source checkpoint came as).
+``BertForSequenceClassification``, not the ``BertForMaskedLM`` the source checkpoint came as).  A folder
+with factorized layers also gets ``modeling_factorlm.py``, an ``auto_map`` and ``model_type: "factorlm"``
+(:mod:`factorlm.models.hub_folder`): plain transformers loads it with ``trust_remote_code=True`` and
+refuses it without, rather than building random layers where the factors are; and a model card.
 :func:`load` rebuilds the architecture from the config, swaps in empty structures from those specs,
 checks the tensor names and shapes in the ``model.safetensors`` header against it (a mismatch is a
 one-line :class:`FactorLMError` naming the tensor, the expected and the found shape) and loads the
@@ -37,7 +40,7 @@ from ..errors import FactorLMError
 from ..layers.base import FactorizedLinear, structure_from_spec
 from ..profiling import DTYPES  # fp32 / bf16 / fp16 -> torch dtype
 from .loading import FACTORLM_JSON, read_meta
-from . import weights
+from . import hub_folder, weights
 from .surgery import factorized_modules, set_module
 
 FORMAT_VERSION = 1
@@ -157,8 +160,11 @@ def save(
     }
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
+    factorized = bool(info["modules"])
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
+        if factorized:  # loads in plain transformers with trust_remote_code, fails loudly without it
+            hub_folder.write(tmp, config, type(model).__name__)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         try:
@@ -169,6 +175,10 @@ def save(
             raise FactorLMError(f"could not write {Path(out_dir) / WEIGHTS_NAME}: "
                                 f"{' '.join(str(e).split()) or type(e).__name__}") from None
         (tmp / FACTORLM_JSON).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
+        if factorized and "README.md" not in (extra_files or {}):
+            auto = hub_folder.auto_classes(model.config.model_type, type(model).__name__)
+            card = hub_folder.model_card(json.loads(json.dumps(info, default=_json_default)), type(model).__name__, auto)
+            (tmp / "README.md").write_text(card)
         for rel, content in (extra_files or {}).items():
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +240,6 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None,
     the rebuilt model name the tensor and both shapes (:func:`weights.check_match`).
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
     p = Path(path).expanduser()
     if not p.is_dir():
@@ -241,7 +250,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None,
         raise FactorLMError(f"{path} is not a factorlm model folder (needs {FACTORLM_JSON} and {WEIGHTS_NAME} "
                             f"or {weights.INDEX})")
     try:
-        config = AutoConfig.from_pretrained(str(p))
+        config = hub_folder.read_config(p)
     except Exception as e:  # noqa: BLE001 - any config problem is the user's folder
         raise FactorLMError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}") from None
     cls = _model_class(meta.get("model_class", ""))

@@ -126,6 +126,45 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     import copy
 
     out = model if inplace else copy.deepcopy(model)
-    for name, m in factorized_modules(out).items():
-        set_module(out, name, m.to_linear())
+    factored = factorized_modules(out)
+    conv1d = _conv1d_slots(out, factored)
+    for name, m in factored.items():
+        lin = m.to_linear()
+        set_module(out, name, _as_conv1d(lin) if name in conv1d else lin)
     return out
+
+
+def _conv1d_slots(model: nn.Module, names) -> set[str]:
+    """The names among ``names`` where the model's own architecture has a transformers ``Conv1D``
+    (GPT-2 style, weight stored (in, out)): found on a meta-device skeleton of the same class."""
+    config = getattr(model, "config", None)
+    if config is None or not names:
+        return set()
+    try:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            ref = type(model)(config)
+    except Exception:  # noqa: BLE001 - not a transformers class: no Conv1D slots to restore
+        return set()
+    out = set()
+    for n in names:
+        try:
+            if type(ref.get_submodule(n)).__name__ == "Conv1D":
+                out.add(n)
+        except AttributeError:
+            pass
+    return out
+
+
+def _as_conv1d(lin: nn.Linear) -> nn.Module:
+    """A transformers ``Conv1D`` computing ``lin`` (its weight is ``lin.weight`` transposed)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(lin.out_features, lin.in_features)
+    with torch.no_grad():
+        conv.weight = nn.Parameter(lin.weight.detach().T.contiguous())
+        conv.bias = nn.Parameter(lin.bias.detach().clone() if lin.bias is not None
+                                 else torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
+    return conv
