@@ -379,3 +379,19 @@ def test_small_side_rank_deficient_tall_matrix_has_zero_columns_not_nan():
     assert torch.allclose(U[:, :3].T @ U[:, :3], torch.eye(3, dtype=F64), atol=1e-10)
     A, B = factors_from_basis(W, U, 5)
     assert rel(A @ B, W) < 1e-10
+
+
+def test_gram_is_accumulated_in_column_blocks(monkeypatch):
+    """Past ``_GRAM_CHUNK`` entries the float32 products come in column blocks (an uneven last one):
+    the float64 sum is still X^T X of every update, against an independent float64 product."""
+    import factorlm.decompose.whiten as W
+
+    monkeypatch.setattr(W, "_GRAM_CHUNK", 37 * 5)  # 37 features: blocks of 5 columns, the last of 2
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 11, 37, generator=g), torch.randn(7, 37, generator=g)]
+    st = W.InputStats(37)
+    for x in xs:
+        st.update(x)
+    ref = sum(x.reshape(-1, 37).double().T @ x.reshape(-1, 37).double() for x in xs)
+    torch.testing.assert_close(st.gram, ref, rtol=1e-5, atol=1e-5)
+    assert st.tokens == 29 and st.gram.dtype == torch.float64

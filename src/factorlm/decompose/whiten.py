@@ -102,6 +102,9 @@ __all__ = [
 ]
 
 
+_GRAM_CHUNK = 1 << 24  # entries of one float32 block of x^T x (InputStats.update)
+
+
 class InputStats:
     """Streaming statistics of a layer's inputs: float64 Gram X^T X, sum of |x| per feature, token count."""
 
@@ -145,8 +148,11 @@ class InputStats:
         # batch's few thousand tokens lose nothing that matters), summed across updates in float64
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.detach().reshape(-1, self.in_features).to(device=self.device, dtype=cd)
-        if self.gram is not None:
-            self.gram.add_(x.T @ x)  # promoted to float64 element-wise: no float64 copy of the product
+        if self.gram is not None:  # x^T x in column blocks of at most ~2^24 entries: no in x in float32
+            n = self.in_features    # temporary beside the float64 sum (14336 wide: 67 MB, not 822 MB)
+            step = n if n * n <= _GRAM_CHUNK else max(1, _GRAM_CHUNK // n)
+            for a in range(0, n, step):
+                self.gram[:, a: a + step].add_(x.T @ x[:, a: a + step])  # float64 += float32, element-wise
         if self.abs_sum is not None:
             self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
         self.tokens += x.shape[0]
