@@ -290,7 +290,7 @@ def test_every_method_trains_saves_and_reloads_on_qa(method, task, extra, qa_dir
         assert factorlm.models.factorized_modules(model)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     batch = tok(["Who?", "When?"], ["Marie Curie was there.", "In 1889 it rained."], return_tensors="pt", padding=True)
     for a, b in zip(_logits(report.model.eval(), batch), _logits(model, batch)):
         assert torch.equal(a, b)
