@@ -123,7 +123,9 @@ def main() -> None:
     base = models.load(str(pruned_dir))
     from transformers import AutoTokenizer
 
-    session.tokenizer = AutoTokenizer.from_pretrained(str(pruned_dir))
+    from factorlm.models.hub_folder import tokenizer_kwargs
+
+    session.tokenizer = AutoTokenizer.from_pretrained(str(pruned_dir), **tokenizer_kwargs(pruned_dir))
     targets = targets_for(session, base)
     masks, scores, density = load_pruned(str(pruned_dir), targets, base)
     plan = plan_for(session, base, targets, speed_check=False)

@@ -133,3 +133,38 @@ def test_factorlm_tokenizer_loads_never_read_the_remote_config(tmp_path, monkeyp
     tok = AutoTokenizer.from_pretrained(out, **hub_folder.tokenizer_kwargs(out))
     assert tok("ab")["input_ids"] == char_tokenizer()("ab")["input_ids"]
     assert hub_folder.read_config(out).model_type == "llama"
+
+
+def test_resaving_a_remote_loaded_model_keeps_the_folder_safe(tmp_path):
+    """``save_pretrained`` of the model plain transformers returned writes a folder that again refuses to
+    load without ``trust_remote_code`` and loads with it to the same logits (not a standard folder whose
+    factor tensors would be dropped for random dense layers)."""
+    from transformers import AutoModelForCausalLM
+
+    out = _save(_factorize(tiny_llama(), ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj"]), tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    again = tmp_path / "again"
+    hf.save_pretrained(again)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(again)
+    back = AutoModelForCausalLM.from_pretrained(again, trust_remote_code=True)
+    ids = torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=0, rtol=0)
+    torch.testing.assert_close(models.load(again)(ids).logits, hf(ids).logits, atol=0, rtol=0)
+
+
+def test_remote_loader_takes_the_usual_arguments(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = _save(_factorize(tiny_llama(), ["model.layers.0.mlp.up_proj"]), tmp_path)
+    hf, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, use_cache=False, dtype="bfloat16",
+                                                    device_map="auto", attn_implementation="eager",
+                                                    output_loading_info=True)
+    assert hf.config.use_cache is False and hf.config._attn_implementation == "eager"
+    assert hf.dtype == torch.bfloat16 and info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert hf.config.architectures == ["LlamaForCausalLM"]
+    assert next(hf.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(NotImplementedError, match="one device"):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, device_map={"a": "cpu", "b": "meta"})
+    # factorlm.load keeps the saved architectures too (the causal-LM check reads them)
+    assert models.load(out).config.architectures == ["LlamaForCausalLM"]

@@ -239,3 +239,20 @@ def test_latency_batch_and_seq_are_honoured(monkeypatch):
     assert seen == {"batch": 4, "prompt": 64}
     evaluate.speed(None, RunConfig(task="lm"), "dense")
     assert seen == {"batch": 1, "prompt": 128}
+
+
+def test_a_factorized_encoder_folder_is_not_taken_for_a_causal_lm(tmp_path):
+    """The saved ``architectures`` survive the remote-code config, so --task lm still refuses a
+    factorized classifier by its class (its model type alone, bert, has a causal-LM class)."""
+    from conftest import tiny_bert
+    from factorlm.layers.lowrank import LowRankLinear
+    from factorlm.lm.load import load_causal_lm
+    from factorlm.models.surgery import set_module
+
+    model = tiny_bert()
+    set_module(model, "bert.encoder.layer.0.attention.self.query", LowRankLinear(32, 32, 4))
+    torch.nn.init.zeros_(model.bert.encoder.layer[0].attention.self.query.bias)
+    out = tmp_path / "enc"
+    models.save(model, out, tokenizer=char_tokenizer(), meta={"task": "sst2", "method": "svd"})
+    with pytest.raises(FactorLMError, match="not a causal LM"):
+        load_causal_lm(str(out))

@@ -103,6 +103,7 @@ __all__ = [
 
 
 _GRAM_CHUNK = 1 << 24  # entries of one float32 block of x^T x (InputStats.update)
+_LIVE = torch.finfo(torch.float64).eps ** 0.5  # relative floor of a resolved singular value (out > in)
 
 
 class InputStats:
@@ -300,7 +301,9 @@ def scaled_factors(W: torch.Tensor, scale) -> tuple[torch.Tensor, torch.Tensor]:
     if side == "left":
         return Q[:, :r], sigma
     V = Q[:, :r]
-    live = sigma > 1e-12 * float(sigma[0]) if r and float(sigma[0]) > 0 else torch.zeros_like(sigma, dtype=torch.bool)
+    # sigma^2 are eigenvalues, resolved to ~eps * sigma_max^2, so sigma below ~sqrt(eps) * sigma_max is noise:
+    # those directions get zero columns (W S V / sigma would not be orthonormal there)
+    live = sigma > _LIVE * float(sigma[0]) if r and float(sigma[0]) > 0 else torch.zeros_like(sigma, dtype=torch.bool)
     U = (WS @ V) / torch.where(live, sigma, torch.ones_like(sigma))
     return U * live, sigma
 

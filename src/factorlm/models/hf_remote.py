@@ -35,7 +35,7 @@ SPEC_FILE = "factorlm.json"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_NOT_BASE = ("model_type", BASE_KEY, "auto_map", "architectures", "transformers_version")
+_NOT_BASE = ("model_type", BASE_KEY, "auto_map", "transformers_version")
 
 
 class LowRankLinear(nn.Module):
@@ -90,6 +90,56 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+_LOAD_KWARGS = {"dtype", "torch_dtype", "device_map", "attn_implementation", "output_loading_info",
+                "trust_remote_code", "adapter_kwargs", "cache_dir", "revision", "token", "local_files_only",
+                "force_download", "proxies", "code_revision", "quantization_config", "subfolder", "_commit_hash",
+                "low_cpu_mem_usage", "use_safetensors", "_from_auto", "_from_pipeline"}
+
+
+def _device(device_map):
+    """One device from ``device_map`` (``"auto"``: the first GPU if any); several devices are refused."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise NotImplementedError("modeling_factorlm.py places the model on one device; pass device_map='cuda:0' "
+                                      "or move it with .to() (accelerate's dispatch_model can split it after loading)")
+        device_map = devices.pop()
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return torch.device(device_map)
+
+
+def _keep_format_on_save(model: nn.Module, folder: str, saved_config: dict, meta: dict) -> None:
+    """``model.save_pretrained`` (and ``push_to_hub``) write a folder that loads the same way again:
+    the standard files, then this folder's config fields, ``factorlm.json`` and this file."""
+    import shutil
+
+    standard = type(model).save_pretrained
+
+    def save_pretrained(save_directory, *args, **kwargs):
+        out = standard(model, save_directory, *args, **kwargs)
+        cfg_path = os.path.join(save_directory, "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        cfg.update({k: saved_config[k] for k in ("model_type", BASE_KEY, "auto_map", "architectures") if k in saved_config})
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        with open(os.path.join(save_directory, SPEC_FILE), "w") as f:
+            json.dump({**meta, "dtype": next((k for k, v in _DTYPES.items() if v == model.dtype), meta.get("dtype"))},
+                      f, indent=2)
+        here = os.path.abspath(__file__)
+        there = os.path.join(save_directory, "modeling_factorlm.py")
+        if os.path.abspath(there) != here:
+            shutil.copyfile(here, there)
+        return out
+
+    model.save_pretrained = save_pretrained
+
+
 class FactorLMModel(PreTrainedModel):
     """Entry point for the ``AutoModel...`` classes: :meth:`from_pretrained` returns the *original*
     transformers class (the one named in ``factorlm.json``) with the factorized layers swapped in."""
@@ -105,13 +155,25 @@ class FactorLMModel(PreTrainedModel):
         with open(os.path.join(folder, SPEC_FILE)) as f:
             meta = json.load(f)
         with open(os.path.join(folder, "config.json")) as f:
-            base = base_config(json.load(f))
+            saved_config = json.load(f)
+        if isinstance(config, FactorLMConfig):  # AutoModel's: the file plus the caller's config overrides
+            base = base_config({**saved_config, **config.to_dict()})
+        elif isinstance(config, PretrainedConfig):  # the caller's own base config
+            base = config
+        else:
+            base = base_config(saved_config)
+        for k in list(kwargs):  # config overrides passed straight to from_pretrained (use_cache=False, ...)
+            if k not in _LOAD_KWARGS and hasattr(base, k):
+                setattr(base, k, kwargs.pop(k))
+        for k in ("quantization_config", "subfolder"):
+            if kwargs.get(k):
+                raise NotImplementedError(f"modeling_factorlm.py does not take {k}=; load the folder as it is")
         arch = getattr(transformers, meta["model_class"])
         dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
         if dtype in (None, "auto"):
             dtype = _DTYPES.get(meta.get("dtype") or "fp32", torch.float32)
         elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+            dtype = _DTYPES.get(dtype) or getattr(torch, dtype)
         try:  # no random initialisation: a skeleton on the meta device (buffers stay real)
             from accelerate import init_empty_weights
         except ImportError:  # plain construction: slower, same result
@@ -151,7 +213,18 @@ class FactorLMModel(PreTrainedModel):
         if unexpected or left:
             raise ValueError(f"{folder}: weights do not fit {meta['model_class']}: "
                              f"unexpected {unexpected[:3]}, not loaded {left[:3]}")
-        device_map = kwargs.get("device_map")
-        if isinstance(device_map, (str, torch.device)) and device_map != "auto":
-            model.to(device_map)
-        return model.eval()
+        impl = kwargs.get("attn_implementation") or (  # AutoModel moves it into the config it passes
+            getattr(config, "_attn_implementation_internal", None) if isinstance(config, FactorLMConfig) else None)
+        if impl:
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation(impl)
+            else:
+                model.config._attn_implementation = impl
+        device = _device(kwargs.get("device_map"))
+        if device is not None:
+            model.to(device)
+        _keep_format_on_save(model, folder, saved_config, meta)
+        model.eval()
+        if kwargs.get("output_loading_info"):
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return model
