@@ -212,12 +212,6 @@ def _model_class(name: str):
     return cls
 
 
-def check_weights_match(model: nn.Module, weights_file: Path, factorized: set[str] = frozenset()) -> None:
-    """:func:`weights.check_match` for one file or a folder's files (kept for callers of one file)."""
-    p = Path(weights_file)
-    weights.check_match(model, weights.files(p) if p.is_dir() else [p], factorized, spec_file=FACTORLM_JSON)
-
-
 def model_dtype_name(model: nn.Module) -> str:
     """``fp32`` / ``bf16`` / ``fp16``: the dtype of the model's floating-point parameters."""
     for p in model.parameters():
