@@ -104,6 +104,25 @@ def tiny_llama(seed: int = 0, **overrides):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def tiny_gemma3_wrapper(seed: int = 0):
+    """A 2-block Gemma-3 multimodal wrapper (``Gemma3ForConditionalGeneration``: a one-block SigLIP vision
+    tower and projector around a text decoder with one sliding-window and one global layer)."""
+    import transformers
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+    from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    tc = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                          sliding_window=16, layer_types=["sliding_attention", "full_attention"], bos_token_id=1,
+                          eos_token_id=2, pad_token_id=2)
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4,
+                                    image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+    return transformers.Gemma3ForConditionalGeneration(cfg).eval()
+
+
 def tiny_gpt2(seed: int = 0):
     """A 2-block GPT-2 (Conv1D layers, tied embeddings)."""
     import transformers

@@ -256,3 +256,30 @@ def test_a_factorized_encoder_folder_is_not_taken_for_a_causal_lm(tmp_path):
     models.save(model, out, tokenizer=char_tokenizer(), meta={"task": "sst2", "method": "svd"})
     with pytest.raises(FactorLMError, match="not a causal LM"):
         load_causal_lm(str(out))
+
+
+# ------------------------------------------------------------------------ multimodal wrappers
+def test_a_multimodal_wrapper_compresses_its_language_model_only(tmp_path, texts):
+    """A ``...ForConditionalGeneration`` wrapper (Gemma-3 >= 4B, Llama-4, Qwen-VL) is compressed through its
+    ``language_model``: every target sits in its decoder blocks, the vision tower and projector stay
+    bit-identical, and the folder loads in plain transformers (trust_remote_code) to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_gemma3_wrapper
+    from factorlm.api import compress
+
+    src = _src(tmp_path, make=tiny_gemma3_wrapper)
+    dense = tiny_gemma3_wrapper()
+    out = tmp_path / "out"
+    rep = compress(_cfg(src, *texts, out), quiet=True)
+    ranks = rep.info["ranks"]
+    assert ranks and all(n.startswith("model.language_model.layers.") for n in ranks)
+    assert len(ranks) == 2 * 7  # q k v o gate up down in both blocks
+    sd, ref = rep.model.state_dict(), dense.state_dict()
+    for k, v in ref.items():
+        if not k.startswith("model.language_model.layers."):
+            assert torch.equal(sd[k], v), k
+    ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(0))
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(remote).__name__ == "Gemma3ForConditionalGeneration"
+    torch.testing.assert_close(remote(input_ids=ids).logits, models.load(out)(input_ids=ids).logits, atol=0, rtol=0)

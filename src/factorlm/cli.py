@@ -189,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "calibration text (default); distill = KL to the dense model's next-token distribution")
     lm.add_argument("--heal-samples", type=int, help="calibration-text windows healing draws from (default 1024, "
                     "or as many as the text holds)")
+    lm.add_argument("--heal-optimizer", choices=["auto", "adamw", "adamw-sr", "adamw8bit"], help="auto (default): "
+                    "torchao's AdamW with stochastic rounding for bf16 weights (torch's AdamW rounds small updates of "
+                    "bf16 weights away), torch's AdamW otherwise; adamw8bit: torchao's 8-bit moments (2 bytes per "
+                    "trainable parameter instead of 8)")
+    lm.add_argument("--heal-update", choices=["joint", "sequential"], help="joint: both factors of every layer train "
+                    "together (default); sequential: SVD-LLM's update, A for half the steps, then B (gradients and "
+                    "optimizer state for one factor at a time)")
+    lm.add_argument("--heal-checkpointing", action="store_true", default=None, help="gradient checkpointing during "
+                    "healing (transformers'): activations of one block at a time, one more forward per step")
+    lm.add_argument("--device", help="execution device: auto (a GPU when one is visible, default), cpu, cuda, cuda:N")
+    lm.add_argument("--offload", choices=["none", "cpu"], help="cpu: keep the model on the CPU; its decoder blocks "
+                    "visit the device one at a time for calibration and factorization, and evaluation / healing "
+                    "spread it over every visible GPU with accelerate (for models larger than the GPU); default none")
     _method_flags(p)
 
     p = sub.add_parser("prune", help="unstructured pruning alone (PLATON, movement or magnitude): a sparse model + masks")

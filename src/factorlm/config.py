@@ -92,6 +92,11 @@ class RunConfig:
     heal_params: str = "factors"  # factors | all: what healing trains
     heal_loss: str = "lm"  # lm (next-token loss) | distill (KL to the dense model's next-token distribution)
     heal_samples: int = 1024  # calibration-text windows healing draws from (its own seeded draw)
+    heal_optimizer: str = "auto"  # auto (adamw-sr for bf16 weights, else adamw) | adamw | adamw-sr | adamw8bit
+    heal_update: str = "joint"  # joint (both factors) | sequential (SVD-LLM: A, then B; state for one at a time)
+    heal_checkpointing: bool = False  # transformers' gradient checkpointing during healing
+    device: str = "auto"  # --task lm execution device: auto (a GPU when visible) | cpu | cuda | cuda:N
+    offload: str = "none"  # --task lm: none (the model on the device) | cpu (blocks visit the device one at a time)
     # -- measured latency in the report (dense source vs compressed, same process) -------------
     latency: bool = True
     latency_batch: int | None = None  # default: 32 (encoders), 1 (--task lm)
@@ -136,6 +141,10 @@ class RunConfig:
         check(self.latency_seq is None or self.latency_seq > 1, f"--latency-seq must be > 1, got {self.latency_seq}")
         check(self.selection_size >= 0 and (self.selection_size < 1 or float(self.selection_size).is_integer()),
               f"--selection-size must be a fraction in [0, 1) or a whole count, got {self.selection_size}")
+        check(self.heal_optimizer in ("auto", "adamw", "adamw-sr", "adamw8bit"),
+              f"--heal-optimizer must be auto, adamw, adamw-sr or adamw8bit, got {self.heal_optimizer!r}")
+        check(self.heal_update in ("joint", "sequential"), f"--heal-update must be joint or sequential, got {self.heal_update!r}")
+        check(self.offload in ("none", "cpu"), f"--offload must be none or cpu, got {self.offload!r}")
         check(self.calibration_samples > 0, f"--calibration-samples must be > 0, got {self.calibration_samples}")
         check(self.seq_len > 1, f"--seq-len must be > 1, got {self.seq_len}")
         check(self.eval_stride is None or 1 <= self.eval_stride <= self.seq_len,

@@ -19,7 +19,15 @@ from torch import nn
 
 
 def dummy_batch(model: nn.Module, batch_size: int, seq_len: int, device=None) -> dict[str, torch.Tensor]:
-    vocab = getattr(model.config, "vocab_size", 1000)
+    vocab = getattr(model.config, "vocab_size", None)
+    try:
+        vocab = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        vocab = vocab or 1000
+    # a multimodal wrapper's image / special tokens sit at the top of its vocabulary: stay below them
+    special = [getattr(model.config, k, None) for k in ("image_token_id", "image_token_index", "boi_token_index",
+                                                         "video_token_id")]
+    vocab = min([vocab] + [t for t in special if isinstance(t, int) and t > 5])
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -28,8 +28,8 @@ Orders (``mode``):
     every statistic comes from the dense model (one pass; SVD-LLM's released profiling path).
 
 Memory beyond the model: one block's statistics plus the calibration hidden states
-(``n x seq x hidden``) and the blocks' arguments (shared tensors are held once).  The model itself
-stays where it is (no offloading of blocks).
+(``n x seq x hidden``) and the blocks' arguments (shared tensors are held once).  The model stays
+where it is, or (``offload_to``) on the CPU with one block at a time on the execution device.
 """
 
 from __future__ import annotations
@@ -189,6 +189,7 @@ def stream(
     *,
     mode: str = "layer",
     log: Callable[[str], None] | None = None,
+    offload_to: torch.device | None = None,
 ) -> Progress:
     """Walk the decoder's blocks; for each group of targets collect input statistics and hand them over.
 
@@ -196,10 +197,22 @@ def stream(
     whose first member is ``module``; ``on_group(block_index, full_names, stats)`` is called once per
     group with the statistics of its input (it may replace the group's modules, e.g. by their
     factorized versions: later statistics then see them, as ``mode`` says).
+
+    ``offload_to``: an execution device for a model kept on the CPU; the blocks visit it one at a time
+    (:func:`factorlm.lm.placement.blocks_visit`) and the model is on the CPU afterwards.
     """
     check(mode in MODES, f"calibration order must be one of {', '.join(MODES)}, got {mode!r}")
     check(len(batches) > 0, "no calibration batches")
     blocks_name, blocks = decoder_blocks(model, targets)
+    if offload_to is not None:
+        from .placement import blocks_visit
+
+        with blocks_visit(model, blocks_name, blocks, offload_to):
+            return _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_name, blocks)
+    return _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_name, blocks)
+
+
+def _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_name, blocks) -> Progress:
     by_block: dict[int, list[str]] = {}
     for t in targets:
         by_block.setdefault(block_of(t, blocks_name), []).append(t)

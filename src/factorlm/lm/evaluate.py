@@ -74,7 +74,9 @@ def flops_per_token(model: nn.Module, seq_len: int) -> int:
 def greedy_sample(model: nn.Module, tokenizer, prompt: str = SAMPLE_PROMPT, new_tokens: int = SAMPLE_TOKENS) -> str:
     """``new_tokens`` greedy tokens after ``prompt`` (only ``input_ids`` / ``attention_mask`` reach
     ``generate``: a tokenizer's ``token_type_ids`` would be rejected by decoder models)."""
-    device = next(model.parameters()).device
+    from .placement import input_device
+
+    device = input_device(model)
     enc = tokenizer(prompt, return_tensors="pt")
     ids = {k: enc[k].to(device) for k in ("input_ids", "attention_mask") if k in enc}
     out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False,

@@ -20,11 +20,13 @@ from .calibrate import stream
 
 
 def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], method, batches, *,
-              mode: str, log=None, keep_dense: dict[str, nn.Module] | None = None) -> dict[str, Any]:
+              mode: str, log=None, keep_dense: dict[str, nn.Module] | None = None,
+              offload_to=None) -> dict[str, Any]:
     """Replace every target by its rank-``ranks[name]`` :class:`LowRankLinear` (in place); returns
     per-target facts (rank, share of the scaled spectrum's energy discarded), the stream's work and
     the seconds per block.  ``keep_dense``: a dict that receives the replaced dense modules (moved to
-    the CPU), for a distillation teacher; None drops them."""
+    the CPU), for a distillation teacher; None drops them.  ``offload_to``: the execution device of a
+    model kept on the CPU (blocks visit it one at a time; an uncalibrated method's matrices do too)."""
     from ..decompose.whiten import factors_from_basis, scaled_factors
 
     facts: dict[str, dict[str, Any]] = {}
@@ -35,10 +37,14 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
         for n in names:
             m = get_module(model, n)
             W = linear_weight(m).detach()
+            home = W.device
+            if offload_to is not None:
+                W = W.to(offload_to)
             U, sigma = scaled_factors(W, scale)
             k = ranks[n]
             A, B = factors_from_basis(W, U, k)
             del U
+            A, B = A.to(home), B.to(home)
             energy = sigma.pow(2)
             lost = float(energy[k:].sum() / energy.sum()) if energy.sum() > 0 else 0.0
             bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
@@ -60,7 +66,7 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
     if not method.calibrated:
         replace(targets, None)
         return {"modules": facts, "calibration": work}
-    prog = stream(model, targets, batches, method.make_stats, on_group, mode=mode, log=log)
+    prog = stream(model, targets, batches, method.make_stats, on_group, mode=mode, log=log, offload_to=offload_to)
     block_seconds.append(round(time.perf_counter() - clock["t"], 2))
     work = {"blocks": prog.blocks, "groups": prog.groups, "block_forwards": prog.forwards, "tokens": prog.tokens,
             "groups_of_block_0": prog.group_names[: prog.groups // max(prog.blocks, 1)],

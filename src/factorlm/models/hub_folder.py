@@ -22,6 +22,7 @@ MODELING_FILE = "modeling_factorlm.py"
 _ENTRY = f"{Path(MODELING_FILE).stem}.{hf_remote.FactorLMModel.__name__}"
 # (Auto class, transformers' mapping of model type -> class name) for the heads factorlm saves
 _AUTO = [("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+         ("AutoModelForImageTextToText", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),  # multimodal wrappers
          ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
          ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
          ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),

@@ -56,6 +56,7 @@ class TrainConfig:
     log_every: int = 20
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    optimizer: str = "adamw"  # adamw | adamw-sr | adamw8bit (factorlm.train.optim)
     keep_best: bool = True  # restore the best weights by task.main_metric (higher is better) at the end
     checkpoint_dir: str | None = None
     save_every: int | None = None  # steps; needs checkpoint_dir
@@ -207,7 +208,9 @@ class Trainer:
         groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
         groups = [g for g in groups if g["params"]]
         check(bool(groups), "the model has no trainable parameters")
-        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+        from .optim import make_optimizer
+
+        optimizer = make_optimizer(groups, config.optimizer, config.learning_rate, config.weight_decay)
 
         check(train_loader is not None, "no training data")
         self._module = model

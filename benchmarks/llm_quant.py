@@ -1,0 +1,150 @@
+"""Issue 31: low rank that adds to quantization.  SmolLM2-135M perplexity against the stored bytes of the
+210 target matrices, for round-to-nearest quantization alone and RTN + a whitened low-rank correction of
+its error (EoRA-style, :mod:`factorlm.decompose.quantize`), beside today's pure low rank.
+
+    python benchmarks/llm_quant.py            # resumable: rows cached in results/llm_quant.json
+    python benchmarks/llm_quant.py --tables-only
+
+Setup as ``benchmarks/llm.py`` (hamlet.txt, 16,384 tokens, non-overlapping windows of 256; calibration
+128 seeded windows x 256 tokens of the convention speeches; fp32 compute).  Quantization: symmetric RTN,
+one bf16 scale per group of input channels (torchao's affine primitives).  Correction: rank ``r`` per
+matrix with ``r (out + in)`` factor weights = ``--corr`` x the matrix's weights (rounded down to a
+multiple of 32), fitted to the *dense* model's calibration inputs (one pass, SVD-LLM's "none" order);
+factors stored bf16, or int8 in groups of 32 (``c8``: half the bytes, so twice the rank).  Bytes are
+counted as stored: codes + scales + factors, against the targets' bf16 bytes (2 per weight).  One
+calibration seed (the quantizer itself has no randomness).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from factorlm.data.text import calibration_blocks, read_documents, token_stream  # noqa: E402
+from factorlm.decompose.quantize import error_correction, rtn, rtn_bytes  # noqa: E402
+from factorlm.lm.calibrate import stream, token_batches  # noqa: E402
+from factorlm.lm.load import load_causal_lm  # noqa: E402
+from factorlm.lm.methods import get_lm_method  # noqa: E402
+from factorlm.lm.perplexity import perplexity  # noqa: E402
+from factorlm.models.surgery import find_targets, get_module  # noqa: E402
+
+OUT = HERE / "results" / "llm_quant.json"
+ROWS = [  # (bits, group, correction share of the bf16 weights, correction factor bits, whitened)
+    (8, 64, 0, 16, True), (4, 32, 0, 16, True), (4, 64, 0, 16, True), (4, 128, 0, 16, True),
+    (3, 32, 0, 16, True), (3, 64, 0, 16, True), (3, 128, 0, 16, True), (2, 64, 0, 16, True),
+    (3, 128, 0.05, 16, True), (3, 128, 0.05, 16, False), (3, 128, 0.05, 8, True), (3, 64, 0.05, 8, True),
+    (4, 128, 0.02, 8, True), (2, 64, 0.05, 8, True), (2, 64, 0.1, 8, True),
+]
+
+
+def key(bits, group, corr, cbits, white):
+    k = f"int{bits}-g{group}"
+    if corr:
+        k += f"+corr{corr:g}-{'c8' if cbits == 8 else 'bf16'}-{'white' if white else 'plain'}"
+    return k
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tables-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    res = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": {}}
+    if not a.tables_only:
+        run(res)
+    write_table(res)
+
+
+def run(res: dict) -> None:
+    model, tok, _ = load_causal_lm("smollm2", dtype=torch.float32)
+    targets = find_targets(model, conv1d=True)
+    ev = token_stream(tok, read_documents("hamlet"))
+    cal = calibration_blocks(token_stream(tok, read_documents("convention")), 256, 128, 0)
+    dense_w = {n: get_module(model, n).weight.detach().clone() for n in targets}
+    numel = sum(w.numel() for w in dense_w.values())
+    res["setup"] = {"targets": len(targets), "target_weights": numel, "bf16_bytes": 2 * numel,
+                    "evaluation": f"hamlet.txt, {len(ev):,} tokens, windows of 256",
+                    "calibration": "convention speeches, 128 x 256 tokens, dense-model inputs"}
+
+    def ppl():
+        return perplexity(model, ev, seq_len=256, batch_size=4)["perplexity"]
+
+    def save():
+        OUT.write_text(json.dumps(res, indent=1) + "\n")
+
+    if "dense" not in res:
+        res["dense"] = ppl()
+        save()
+    todo = [r for r in ROWS if key(*r) not in res["rows"]]
+    if not todo:
+        return
+    scales = {}
+    if any(r[2] for r in todo):
+        method = get_lm_method("whiten", {})
+        t0 = time.perf_counter()
+
+        def on_group(i, names, stats):
+            s = method.scale(stats)
+            for n in names:
+                scales[n] = s
+
+        stream(model, targets, token_batches(cal, 8), method.make_stats, on_group, mode="none")
+        print(f"calibration {time.perf_counter() - t0:.0f}s", flush=True)
+    for bits, group, corr, cbits, white in todo:
+        k = key(bits, group, corr, cbits, white)
+        t0 = time.perf_counter()
+        nbytes, ranks = 0, []
+        for n in targets:
+            W = dense_w[n]
+            out, inp = W.shape
+            _, _, W_hat = rtn(W, bits, group)
+            nbytes += rtn_bytes((out, inp), bits, group)
+            if corr:
+                per_rank = (out + inp) * (2 if cbits == 16 else (1 + 2 / 32))  # bytes of one rank
+                r = int(corr * 2 * out * inp / per_rank) // 32 * 32
+                if r:
+                    A, B = error_correction(W, W_hat, r, scales[n] if white else None)
+                    if cbits == 8:  # factors on an int8 grid, groups of 32 along the rank / input
+                        A = rtn(A, 8, 32)[2]
+                        B = rtn(B, 8, 32)[2]
+                    W_hat = W_hat + A @ B
+                    nbytes += int(r * per_rank)
+                ranks.append(r)
+            get_module(model, n).weight.data.copy_(W_hat)
+        fit_s = time.perf_counter() - t0
+        p = ppl()
+        for n in targets:
+            get_module(model, n).weight.data.copy_(dense_w[n])
+        res["rows"][k] = {"bits": bits, "group": group, "correction": corr, "factor_bits": cbits if corr else None,
+                          "whitened": white if corr else None, "bytes": nbytes, "bytes_vs_bf16": nbytes / (2 * numel),
+                          "perplexity": p, "ratio": p / res["dense"], "ranks": [min(ranks), max(ranks)] if ranks else None,
+                          "fit_s": round(fit_s, 1)}
+        save()
+        print(f"{k}: bytes {nbytes / (2 * numel):.3f} of bf16, perplexity {p:.2f} ({p / res['dense']:.2f}x)", flush=True)
+
+
+def write_table(res: dict) -> None:
+    dense = res.get("dense")
+    rows = sorted(res["rows"].items(), key=lambda kv: kv[1]["bytes_vs_bf16"])
+    lines = [f"dense perplexity {dense:.2f}; {res['setup']['evaluation']}; calibration {res['setup']['calibration']}",
+             "", "| weights of the 210 targets | bytes vs bf16 | perplexity | vs dense | correction ranks |",
+             "|---|---|---|---|---|"]
+    for k, r in rows:
+        rk = f"{r['ranks'][0]}-{r['ranks'][1]}" if r.get("ranks") else "-"
+        lines.append(f"| {k} | {r['bytes_vs_bf16']:.3f} | {r['perplexity']:.2f} | {r['ratio']:.2f}x | {rk} |")
+    lines.append("\ncommand: `python benchmarks/llm_quant.py` (one thread)")
+    (HERE / "results" / "llm_quant.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

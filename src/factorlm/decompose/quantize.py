@@ -1,0 +1,67 @@
+"""Round-to-nearest weight quantization and a whitened low-rank correction of its error.
+
+*Quantization* (the baseline users already have): symmetric, group-wise round-to-nearest of each row of
+``W`` (out, in) in groups of ``group_size`` consecutive input channels, ``bits``-bit integer codes in
+``[-2^(b-1), 2^(b-1) - 1]`` and one bf16 scale per group, through torchao's affine quantization
+primitives (``choose_qparams_affine`` / ``quantize_affine`` / ``dequantize_affine``, symmetric mapping:
+``scale = max|w| / ((q_max - q_min) / 2)``).  Stored bytes: ``bits / 8`` per weight plus 2 per group.
+
+*Correction* (EoRA: S.-Y. Liu et al., "EoRA: Fine-tuning-free Compensation for Compressed LLM with
+Eigenspace Low-Rank Approximation", 2024, https://arxiv.org/abs/2410.21271, code
+https://github.com/NVlabs/EoRA): the quantization error ``E = W - Q(W)`` is approximated at rank ``k``
+in the space of the layer's inputs, ``min_{rank C <= k} ||(E - C) X^T||_F``, whose minimiser is the
+whitened truncation of ``E`` (:mod:`factorlm.decompose.whiten`: ``C = U_k U_k^T E`` with ``U`` the left
+singular vectors of ``E S``, ``S S^T = X^T X``); the layer becomes ``Q(W) + A B``.  As published: the
+eigenspace of the calibration inputs' Gram (EoRA projects ``E`` onto it, scaled by the square roots of
+its eigenvalues, which is one choice of ``S``; every ``S`` gives the same ``C``, see ``whiten``).
+Differs: the quantizer here is RTN, where EoRA compensates GPTQ / SparseGPT models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import check
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def rtn(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes int8 (out, in), scales bf16 (out, in / group_size), W_hat)``: the group-wise symmetric RTN of
+    ``W`` and its dequantized value ``codes * scale`` in ``W``'s dtype (computed in float32)."""
+    from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine, dequantize_affine,
+                                                       quantize_affine)
+
+    check(2 <= bits <= 8, f"quantization bits must be in [2, 8], got {bits}")
+    out, inp = W.shape
+    check(group_size > 0 and inp % group_size == 0,
+          f"the group size {group_size} must divide the input width {inp}")
+    lo, hi = qrange(bits)
+    block = (1, group_size)
+    x = W.detach().float()
+    scale, zero = choose_qparams_affine(x, MappingType.SYMMETRIC, block, torch.int8, quant_min=lo, quant_max=hi,
+                                        scale_dtype=torch.bfloat16)
+    scale = scale.to(torch.bfloat16)
+    codes = quantize_affine(x, block, scale.float(), zero, torch.int8, lo, hi)
+    W_hat = dequantize_affine(codes, block, scale.float(), zero, torch.int8, lo, hi, output_dtype=torch.float32)
+    return codes, scale, W_hat.to(W.dtype)
+
+
+def rtn_bytes(shape: tuple[int, int], bits: int, group_size: int) -> int:
+    """Stored bytes of :func:`rtn`'s output: packed codes plus one bf16 scale per group."""
+    out, inp = shape
+    return (out * inp * bits + 7) // 8 + 2 * out * (inp // group_size)
+
+
+def error_correction(W: torch.Tensor, W_hat: torch.Tensor, rank: int, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of rank ``rank`` minimising ``||(W - W_hat - A B) S||_F`` (``scale``: a
+    :mod:`factorlm.decompose.whiten` input scaling, e.g. a ``GramScale``; None = plain Frobenius)."""
+    from .whiten import factors_from_basis, scaled_factors
+
+    E = (W.detach().double() - W_hat.detach().double())
+    check(1 <= rank <= min(E.shape), f"rank {rank} is out of range for a {tuple(E.shape)} matrix")
+    U, _ = scaled_factors(E, scale)
+    A, B = factors_from_basis(E, U, rank)
+    return A.to(W.dtype), B.to(W.dtype)
