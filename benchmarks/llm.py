@@ -56,6 +56,7 @@ def rows_for(keeps, heal_steps):
             dict(method="whiten", keep=k, policy="uniform", seq="layer"),
             dict(method="whiten", keep=k, policy="global", seq="layer"),  # energy-normalized scores
             dict(method="whiten", keep=k, policy="global-fisher", seq="layer"),  # loss-weighted (the default)
+            dict(method="whiten", keep=k, policy="global-fisher-weight", seq="layer"),  # per stored weight (issue 31)
         ]
     if heal_steps:
         k = 0.8 if 0.8 in keeps else keeps[0]
@@ -139,8 +140,11 @@ def main(argv=None):
             continue
         opts = {} if r["method"] == "svd" else {"sequential": r["seq"]}
         method = get_lm_method(r["method"], opts)
-        policy, score = {"global": ("global", "energy"), "global-fisher": ("global", "fisher")}.get(r["policy"], (r["policy"], "fisher"))
+        policy, score = {"global": ("global", "energy"), "global-fisher": ("global", "fisher"),
+                         "global-fisher-weight": ("global", "fisher")}.get(r["policy"], (r["policy"], "fisher"))
+        price = "weight" if r["policy"].endswith("-weight") else "triplet"
         c = RunConfig(task="lm", method=r["method"], keep=r["keep"], rank_policy=policy, global_score=score, seq_len=a.seq_len,
+                      rank_price=price,
                       heal_steps=r.get("heal", 0), heal_loss=r.get("heal_loss", "lm"), learning_rate=a.heal_lr,
                       batch_size=8, mixed_precision="bf16", progress=False, seed=0)
         t0 = time.perf_counter()
@@ -162,8 +166,9 @@ def main(argv=None):
         if r.get("heal"):
             hw = calibration_blocks(cal_ids, a.seq_len, 1024, 1)
             t0 = time.perf_counter()
-            teacher = copy.deepcopy(model) if r["heal_loss"] == "distill" else None
-            res["heal_info"] = heal(m, hw, c, lambda s: print(s, flush=True), teacher=teacher)
+            # the dense teacher: the untouched model's target layers, swapped into the student (lm.heal.DenseTeacher)
+            dense_layers = {n: get_module(model, n) for n in targets} if r["heal_loss"] == "distill" else None
+            res["heal_info"] = heal(m, hw, c, lambda s: print(s, flush=True), dense=dense_layers)
             res["heal_s"] = round(time.perf_counter() - t0, 1)
             res["perplexity"] = ppl(m)
         else:

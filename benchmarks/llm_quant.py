@@ -5,7 +5,7 @@ its error (EoRA-style, :mod:`factorlm.decompose.quantize`), beside today's pure 
     python benchmarks/llm_quant.py            # resumable: rows cached in results/llm_quant.json
     python benchmarks/llm_quant.py --tables-only
 
-Setup as ``benchmarks/llm.py`` (hamlet.txt, 16,384 tokens, non-overlapping windows of 256; calibration
+Setup as ``benchmarks/llm.py --eval-max-tokens 16384`` (the first 16,384 tokens of hamlet.txt, non-overlapping windows of 256; calibration
 128 seeded windows x 256 tokens of the convention speeches; fp32 compute).  Quantization: symmetric RTN,
 one bf16 scale per group of input channels (torchao's affine primitives).  Correction: rank ``r`` per
 matrix with ``r (out + in)`` factor weights = ``--corr`` x the matrix's weights (rounded down to a
@@ -38,10 +38,10 @@ from factorlm.models.surgery import find_targets, get_module  # noqa: E402
 
 OUT = HERE / "results" / "llm_quant.json"
 ROWS = [  # (bits, group, correction share of the bf16 weights, correction factor bits, whitened)
-    (8, 64, 0, 16, True), (4, 32, 0, 16, True), (4, 64, 0, 16, True), (4, 128, 0, 16, True),
-    (3, 32, 0, 16, True), (3, 64, 0, 16, True), (3, 128, 0, 16, True), (2, 64, 0, 16, True),
-    (3, 128, 0.05, 16, True), (3, 128, 0.05, 16, False), (3, 128, 0.05, 8, True), (3, 64, 0.05, 8, True),
-    (4, 128, 0.02, 8, True), (2, 64, 0.05, 8, True), (2, 64, 0.1, 8, True),
+    (8, 64, 0, 16, True), (4, 32, 0, 16, True), (4, 64, 0, 16, True), (4, 192, 0, 16, True),
+    (3, 32, 0, 16, True), (3, 64, 0, 16, True), (3, 192, 0, 16, True), (2, 64, 0, 16, True),
+    (3, 192, 0.05, 16, True), (3, 192, 0.05, 16, False), (3, 192, 0.05, 8, True), (3, 64, 0.05, 8, True),
+    (4, 192, 0.02, 8, True), (2, 64, 0.05, 8, True), (2, 64, 0.1, 8, True),
 ]
 
 
@@ -67,7 +67,7 @@ def main() -> None:
 def run(res: dict) -> None:
     model, tok, _ = load_causal_lm("smollm2", dtype=torch.float32)
     targets = find_targets(model, conv1d=True)
-    ev = token_stream(tok, read_documents("hamlet"))
+    ev = token_stream(tok, read_documents("hamlet"))[:16384]  # as benchmarks/llm.py --eval-max-tokens 16384
     cal = calibration_blocks(token_stream(tok, read_documents("convention")), 256, 128, 0)
     dense_w = {n: get_module(model, n).weight.detach().clone() for n in targets}
     numel = sum(w.numel() for w in dense_w.values())

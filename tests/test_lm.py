@@ -367,7 +367,7 @@ def test_smollm2_whiten_beats_svd(tmp_path):
 
     cal.write_text("\n".join(read_documents("convention")[:6]))
     common = dict(task="lm", model="smollm2", keep=0.9, calibration=str(cal), calibration_samples=16, seq_len=128,
-                  eval_max_tokens=2048, latency=False, progress=False)
+                  eval_max_tokens=2048, eval_seq_len=128, latency=False, progress=False)
     w = compress(RunConfig(method="whiten", output=str(tmp_path / "w"), **common), quiet=True)
     dense = w.scores["dense"]["perplexity"]
     assert 20 < dense < 120

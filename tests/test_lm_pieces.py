@@ -471,3 +471,78 @@ def test_smollm2_gguf_end_to_end(tmp_path, monkeypatch, capsys, minilm_path):
     with pytest.raises(FactorLMError) as e:
         load_causal_lm(default_model_path())
     assert "is not a causal LM (architectures: BertModel)" in one_line(e)
+
+
+# ------------------------------------------------------------------------ BOS per window, eval window
+def test_perplexity_with_a_bos_per_window_matches_a_manual_loop():
+    """``bos_id``: every window is [BOS] + seq_len - 1 text tokens and every text token is scored, the
+    first from the BOS alone; checked against an independent loop over the windows."""
+    import torch.nn.functional as F
+
+    from conftest import tiny_llama
+    from factorlm.lm.perplexity import perplexity
+
+    model = tiny_llama()
+    ids = torch.randint(3, 99, (70,), generator=torch.Generator().manual_seed(5))
+    got = perplexity(model, ids, seq_len=16, bos_id=1)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, 70, 15):
+            chunk = ids[b:b + 15]
+            x = torch.cat([torch.tensor([1]), chunk])[None]
+            logits = model(x).logits[0, :-1]
+            nll += F.cross_entropy(logits.float(), chunk, reduction="sum").item()
+            n += len(chunk)
+    assert got["tokens_scored"] == n == 70 and got["bos"]
+    assert got["nll"] == pytest.approx(nll / n, rel=1e-6)
+    plain = perplexity(model, ids, seq_len=16)
+    assert plain["tokens_scored"] == 70 - 5 and not plain["bos"]  # the first token of each window unscored
+
+
+def test_bos_token_modes():
+    from factorlm.data.text import bos_token, with_bos
+
+    class Tok:
+        bos_token_id = 7
+
+        def __init__(self, adds):
+            self.adds = adds
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": ([7] if self.adds and add_special_tokens else []) + [42]}
+
+    assert bos_token(Tok(True)) == 7 and bos_token(Tok(False)) is None
+    assert bos_token(Tok(False), "yes") == 7 and bos_token(Tok(True), "no") is None
+    w = with_bos(torch.tensor([[3, 4], [5, 6]]), 7)
+    assert w.tolist() == [[7, 3, 4], [7, 5, 6]]
+
+
+def test_eval_window_defaults_to_2048_or_the_context():
+    from factorlm.config import RunConfig
+    from factorlm.errors import FactorLMError
+    from factorlm.lm.evaluate import eval_window
+
+    assert eval_window(RunConfig(task="lm"), 8192) == 2048
+    assert eval_window(RunConfig(task="lm"), 1024) == 1024
+    assert eval_window(RunConfig(task="lm"), None) == 2048
+    assert eval_window(RunConfig(task="lm", eval_seq_len=256), 8192) == 256
+    with pytest.raises(FactorLMError, match="longer than the model's 1024"):
+        eval_window(RunConfig(task="lm", eval_seq_len=4096), 1024)
+
+
+def test_rank_price_weight_buys_the_cheaper_triplets():
+    """``--rank-price weight``: with the same spectrum, a matrix whose triplets cost fewer weights gets more
+    rank than under the default pricing (score per triplet), inside the same budget."""
+    from factorlm.config import RunConfig
+    from factorlm.lm.plan import plan_ranks
+
+    sv = torch.linspace(1.0, 0.01, 64, dtype=torch.float64)
+    spectra = {"wide": sv.clone(), "small": sv.clone()}
+    shapes = {"wide": (64, 448), "small": (64, 64)}  # a triplet costs 512 vs 128 weights
+    base = dict(task="lm", keep=0.3, rank_policy="global", global_score="fisher")
+    tri = plan_ranks(RunConfig(**base), shapes, spectra)
+    wt = plan_ranks(RunConfig(**base, rank_price="weight"), shapes, spectra)
+    budget = 0.3 * sum(o * i for o, i in shapes.values())
+    for plan in (tri, wt):
+        assert sum(k * sum(shapes[n]) for n, k in plan.items()) <= budget
+    assert wt["small"] > tri["small"] and wt["wide"] < tri["wide"]

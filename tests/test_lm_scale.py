@@ -74,6 +74,9 @@ def test_explicit_dtype_overrides_the_checkpoint(tmp_path, texts):
     rep = compress(_cfg(src, *texts, tmp_path / "o", dtype="fp32"), quiet=True, save=False)
     assert {p.dtype for p in rep.model.parameters()} == {torch.float32}
     assert rep.accounting["dtype"] == "fp32"
+    gen = rep.info["generation"]  # greedy continuations of dense and compressed, scored for loops
+    assert gen["dense"]["of"] == gen["final"]["of"] == 4 and rep.health["loops"] == (gen["final"]["loops"] > gen["dense"]["loops"])
+    assert all(len(p["text"]) > 0 and 0 < p["distinct_2"] <= 1 for p in gen["final"]["prompts"])
 
 
 # ------------------------------------------------------------------------ sharded weights, meta loading
@@ -168,7 +171,7 @@ def test_too_short_eval_text_is_refused_before_the_model_loads(tmp_path, monkeyp
         raise AssertionError("the model was loaded before the text was checked")
 
     monkeypatch.setattr(lm_load, "load_causal_lm", no_load)
-    with pytest.raises(FactorLMError, match=r"needs at least 33 "):
+    with pytest.raises(FactorLMError, match=r"needs at least 257 "):
         compress(_cfg(src, cal, ev, tmp_path / "o"), quiet=True)
     assert not (tmp_path / "o").exists()
 
@@ -269,9 +272,12 @@ def test_a_multimodal_wrapper_compresses_its_language_model_only(tmp_path, texts
     from factorlm.api import compress
 
     src = _src(tmp_path, make=tiny_gemma3_wrapper)
+    (src / "preprocessor_config.json").write_text('{"image_processor_type": "SiglipImageProcessor"}\n')
     dense = tiny_gemma3_wrapper()
     out = tmp_path / "out"
     rep = compress(_cfg(src, *texts, out), quiet=True)
+    # the processor's files travel with the folder (AutoProcessor needs them besides the tokenizer)
+    assert (out / "preprocessor_config.json").read_text() == (src / "preprocessor_config.json").read_text()
     ranks = rep.info["ranks"]
     assert ranks and all(n.startswith("model.language_model.layers.") for n in ranks)
     assert len(ranks) == 2 * 7  # q k v o gate up down in both blocks

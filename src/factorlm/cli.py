@@ -82,8 +82,12 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
 def _lm_eval_flags(g) -> None:
     g.add_argument("--eval-text", help="perplexity text: a corpus (convention, hamlet, debates) or a .txt/.jsonl/.json "
                    "file, disjoint from the calibration (default hamlet)")
-    g.add_argument("--seq-len", type=int, help="tokens per calibration and perplexity window (default 256)")
-    g.add_argument("--eval-stride", type=int, help="perplexity window stride (default --seq-len: non-overlapping)")
+    g.add_argument("--seq-len", type=int, help="tokens per calibration window (default 256)")
+    g.add_argument("--eval-seq-len", type=int, help="tokens per perplexity window (default: 2048 or the model's "
+                   "context if shorter)")
+    g.add_argument("--eval-stride", type=int, help="perplexity window stride (default --eval-seq-len: non-overlapping)")
+    g.add_argument("--bos", choices=["auto", "yes", "no"], help="a BOS token before every calibration and perplexity "
+                   "window: auto (default) where the tokenizer puts one before every text (Llama-style)")
     g.add_argument("--eval-max-tokens", type=int, help="score only the first N tokens of the evaluation text")
 
 
@@ -181,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--global-score", choices=["fisher", "energy"], help="--rank-policy global: fisher = each "
                     "matrix's scaled spectrum weighted by the loss gradient on its outputs (default); energy = each "
                     "matrix's relative error")
+    lm.add_argument("--rank-price", choices=["triplet", "weight"], help="--rank-policy global: keep the singular "
+                    "triplets with the best score (triplet, default) or the best score per stored weight (weight: a "
+                    "triplet of a 576x1536 matrix costs 2112 weights, of a 576x192 one 768)")
     lm.add_argument("--rank-multiple", type=int, help="round every rank down to a multiple of this (8: fast kernels)")
     lm.add_argument("--heal-steps", type=int, help="optimizer steps of language-model fine-tuning of the factors on "
                     "the calibration windows after the one-shot factorization (default 0)")

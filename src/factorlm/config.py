@@ -84,10 +84,13 @@ class RunConfig:
     calibration_samples: int = 128  # random windows of seq_len tokens
     eval_text: str | None = None  # corpus name or text file for perplexity (default: hamlet)
     seq_len: int = 256  # tokens per calibration window and per perplexity window
-    eval_stride: int | None = None  # perplexity window stride (default seq_len: non-overlapping)
+    eval_seq_len: int | None = None  # perplexity window (default: min(2048, the model's context))
+    eval_stride: int | None = None  # perplexity window stride (default eval_seq_len: non-overlapping)
+    bos: str = "auto"  # a BOS token before every window: auto (where the tokenizer adds one) | yes | no
     eval_max_tokens: int | None = None  # cap on the evaluation tokens (default: all)
     rank_multiple: int = 1  # round ranks down to multiples of this (8: fast kernels)
     global_score: str = "fisher"  # --rank-policy global: fisher (loss-weighted spectra) | energy (relative)
+    rank_price: str = "triplet"  # --rank-policy global: rank by score per triplet | per weight (score / (out + in))
     heal_steps: int = 0  # optimizer steps of language-model fine-tuning after the one-shot factorization
     heal_params: str = "factors"  # factors | all: what healing trains
     heal_loss: str = "lm"  # lm (next-token loss) | distill (KL to the dense model's next-token distribution)
@@ -144,6 +147,9 @@ class RunConfig:
         check(self.heal_optimizer in ("auto", "adamw", "adamw-sr", "adamw8bit"),
               f"--heal-optimizer must be auto, adamw, adamw-sr or adamw8bit, got {self.heal_optimizer!r}")
         check(self.heal_update in ("joint", "sequential"), f"--heal-update must be joint or sequential, got {self.heal_update!r}")
+        check(self.rank_price in ("triplet", "weight"), f"--rank-price must be triplet or weight, got {self.rank_price!r}")
+        check(self.bos in ("auto", "yes", "no"), f"--bos must be auto, yes or no, got {self.bos!r}")
+        check(self.eval_seq_len is None or self.eval_seq_len > 1, f"--eval-seq-len must be > 1, got {self.eval_seq_len}")
         check(self.offload in ("none", "cpu"), f"--offload must be none or cpu, got {self.offload!r}")
         check(self.calibration_samples > 0, f"--calibration-samples must be > 0, got {self.calibration_samples}")
         check(self.seq_len > 1, f"--seq-len must be > 1, got {self.seq_len}")

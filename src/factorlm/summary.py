@@ -520,4 +520,9 @@ def lm_lines(meta: dict[str, Any]) -> list[str]:
                      f"({c['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x)")
     for k, v in (info.get("samples") or {}).items():
         lines.append(f"sample {k:<7} {' '.join(str(v).split())[:110]!r}")
+    gen = info.get("generation") or {}
+    if "dense" in gen and "final" in gen:
+        d, f = gen["dense"], gen["final"]
+        lines.append(f"generation     greedy continuations looping {d['loops']}/{d['of']} -> {f['loops']}/{f['of']}, "
+                     f"distinct bigrams {d['distinct_2']:.2f} -> {f['distinct_2']:.2f} ({f['new_tokens']} tokens each)")
     return lines

@@ -261,3 +261,30 @@ def describe(source: str, ids: torch.Tensor | None = None, docs: Sequence[str] |
         "characters": sum(len(d) for d in docs),
         "tokens": None if ids is None else int(torch.as_tensor(ids).numel()),
     }
+
+
+def bos_token(tokenizer, mode: str = "auto") -> int | None:
+    """The token each window starts with, or None.  ``auto``: the tokenizer's BOS id when the tokenizer
+    itself puts it before every encoded text (Llama-style: the model was trained so), else None;
+    ``yes``: the BOS id (FactorLMError when there is none); ``no``: None."""
+    if mode == "no":
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "yes":
+        if bos is None:
+            raise FactorLMError("--bos yes: the tokenizer has no BOS token")
+        return int(bos)
+    if bos is None:
+        return None
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode a letter adds nothing we can see
+        return None
+    return int(bos) if ids and ids[0] == bos else None
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``windows`` (n, L) with a BOS column put in front (n, L + 1); unchanged when ``bos`` is None."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), int(bos), dtype=windows.dtype), windows], dim=1)

@@ -31,15 +31,28 @@ class Log:
             print(msg, file=sys.stderr, flush=True)
 
 
+EVAL_SEQ_LEN = 2048  # the default perplexity window (SVD-LLM, ASVD, lm-evaluation-harness: 2048), or the context
+
+
+def eval_window(c: RunConfig, context: int | None) -> int:
+    """``--eval-seq-len``, or min(2048, the model's context)."""
+    if c.eval_seq_len:
+        check(context is None or c.eval_seq_len <= context,
+              f"--eval-seq-len {c.eval_seq_len} is longer than the model's {context} positions")
+        return c.eval_seq_len
+    return min(EVAL_SEQ_LEN, context or EVAL_SEQ_LEN)
+
+
 def min_eval_tokens(c: RunConfig) -> int:
-    """Tokens an evaluation text needs: one full window of ``--seq-len`` plus the first target."""
-    return c.seq_len + 1
+    """Tokens an evaluation text needs: one full window of ``--eval-seq-len`` plus the first target."""
+    return (c.eval_seq_len or c.seq_len) + 1
 
 
 def check_eval_tokens(ids: torch.Tensor, c: RunConfig, name: str) -> None:
     need = min_eval_tokens(c)
-    check(len(ids) >= need, f"evaluation text {name} has {len(ids):,} tokens; perplexity with --seq-len {c.seq_len} "
-                            f"needs at least {need:,} (give a longer --eval-text or a smaller --seq-len)")
+    check(len(ids) >= need, f"evaluation text {name} has {len(ids):,} tokens; perplexity with --eval-seq-len "
+                            f"{c.eval_seq_len or c.seq_len} needs at least {need:,} (give a longer --eval-text or a "
+                            "smaller --eval-seq-len)")
 
 
 def param_groups(model: nn.Module, targets: list[str]) -> dict[str, int]:
@@ -84,14 +97,17 @@ def greedy_sample(model: nn.Module, tokenizer, prompt: str = SAMPLE_PROMPT, new_
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def ppl(model, ids, c: RunConfig, log, what: str) -> dict[str, Any]:
+def ppl(model, ids, c: RunConfig, log, what: str, bos: int | None = None) -> dict[str, Any]:
     from .perplexity import perplexity
 
     t0 = time.perf_counter()
-    r = perplexity(model, ids, seq_len=c.seq_len, stride=c.eval_stride, batch_size=max(1, c.eval_batch_size // 16))
+    window = c.eval_seq_len or c.seq_len
+    # about 8 windows of 256 tokens' worth of logits per batch, whatever the window
+    batch = max(1, (c.eval_batch_size // 16) * 256 // window)
+    r = perplexity(model, ids, seq_len=window, stride=c.eval_stride, batch_size=batch, bos_id=bos)
     r = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-    log(f"  {what}: perplexity {r['perplexity']:.3f} ({r['tokens_scored']:,} tokens, windows of {r['seq_len']}, "
-        f"stride {r['stride']}; {time.perf_counter() - t0:.0f}s)")
+    log(f"  {what}: perplexity {r['perplexity']:.3f} ({r['tokens_scored']:,} tokens, windows of {r['seq_len']}"
+        f"{' from a BOS' if r['bos'] else ''}, stride {r['stride']}; {time.perf_counter() - t0:.0f}s)")
     return r
 
 

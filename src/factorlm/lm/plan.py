@@ -30,7 +30,8 @@ def plan_ranks(c: RunConfig, shapes: dict[str, tuple[int, int]], spectra: dict[s
         return ratio_plan(shapes, c.keep, c.rank_multiple)
     # fisher: the spectra are already loss-weighted (comparable in absolute units); energy: each
     # matrix's relative error
-    plan = global_rank_plan(spectra, shapes, c.keep, "none" if c.global_score == "fisher" else "energy")
+    plan = global_rank_plan(spectra, shapes, c.keep, "none" if c.global_score == "fisher" else "energy",
+                            per_param=c.rank_price == "weight")
     return {n: round_rank(k, c.rank_multiple, break_even_rank(*shapes[n])) for n, k in plan.items()}
 
 

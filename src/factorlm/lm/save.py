@@ -25,6 +25,26 @@ def save_model(model: nn.Module, out, *, tokenizer, meta: dict[str, Any], overwr
     return models.save(model, out, tokenizer=tokenizer, overwrite=overwrite, meta=meta)
 
 
+#: the files a multimodal wrapper's processor (images / video) loads from, copied from the source as they are
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json")
+
+
+def copy_processor_files(source: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+    """Copy :data:`PROCESSOR_FILES` from a local source folder (what ``AutoProcessor`` needs besides
+    the tokenizer); returns the names copied."""
+    import shutil
+
+    src, copied = Path(source), []
+    if not src.is_dir():
+        return copied
+    for name in PROCESSOR_FILES:
+        if (src / name).is_file() and not (Path(out) / name).exists():
+            shutil.copyfile(src / name, Path(out) / name)
+            copied.append(name)
+    return copied
+
+
 def record(folder: Path, keys: list[str], value) -> None:
     """Add one fact known only after saving to ``factorlm.json`` (atomic replace)."""
     f = Path(folder) / models.loading.FACTORLM_JSON

@@ -13,7 +13,10 @@
     per parameter instead of 8 for fp32 moments; Dettmers et al., 2022), stochastic rounding of bf16
     weights.  torchao applies it to tensors of at least 4096 elements; smaller ones keep full moments.
 
-torchao is imported only when one of its optimizers is asked for.
+torchao is imported only when one of its optimizers is asked for.  Its step is ``torch.compile``d once
+per distinct parameter shape (~2 s each on this CPU, the first step only): a global rank plan with
+hundreds of distinct factor shapes pays minutes once; it needs inductor's toolchain (a C++ compiler on
+CPU, Triton on GPU).
 """
 
 from __future__ import annotations
