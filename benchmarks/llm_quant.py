@@ -8,8 +8,7 @@ its error (EoRA-style, :mod:`factorlm.decompose.quantize`), beside today's pure 
 Setup as ``benchmarks/llm.py --eval-max-tokens 16384`` (the first 16,384 tokens of hamlet.txt, non-overlapping windows of 256; calibration
 128 seeded windows x 256 tokens of the convention speeches; fp32 compute).  Quantization: symmetric RTN,
 one bf16 scale per group of input channels (torchao's affine primitives).  Correction: rank ``r`` per
-matrix with ``r (out + in)`` factor weights = ``--corr`` x the matrix's weights (rounded down to a
-multiple of 32), fitted to the *dense* model's calibration inputs (one pass, SVD-LLM's "none" order);
+matrix whose factors' bytes are the row's share of the matrix's bf16 bytes (rounded down), fitted to the *dense* model's calibration inputs (one pass, SVD-LLM's "none" order);
 factors stored bf16, or int8 in groups of 32 (``c8``: half the bytes, so twice the rank).  Bytes are
 counted as stored: codes + scales + factors, against the targets' bf16 bytes (2 per weight).  One
 calibration seed (the quantizer itself has no randomness).
@@ -42,6 +41,8 @@ ROWS = [  # (bits, group, correction share of the bf16 weights, correction facto
     (3, 32, 0, 16, True), (3, 64, 0, 16, True), (3, 192, 0, 16, True), (2, 64, 0, 16, True),
     (3, 192, 0.05, 16, True), (3, 192, 0.05, 16, False), (3, 192, 0.05, 8, True), (3, 64, 0.05, 8, True),
     (4, 192, 0.02, 8, True), (2, 64, 0.05, 8, True), (2, 64, 0.1, 8, True),
+    (3, 32, 0.03, 8, True), (3, 64, 0.045, 8, True), (4, 192, 0.01, 8, True), (4, 576, 0, 16, True),
+    (4, 576, 0.02, 8, True), (4, 64, 0.02, 8, True),
 ]
 
 
@@ -110,11 +111,11 @@ def run(res: dict) -> None:
             nbytes += rtn_bytes((out, inp), bits, group)
             if corr:
                 per_rank = (out + inp) * (2 if cbits == 16 else (1 + 2 / 32))  # bytes of one rank
-                r = int(corr * 2 * out * inp / per_rank) // 32 * 32
+                r = int(corr * 2 * out * inp / per_rank)
                 if r:
                     A, B = error_correction(W, W_hat, r, scales[n] if white else None)
-                    if cbits == 8:  # factors on an int8 grid, groups of 32 along the rank / input
-                        A = rtn(A, 8, 32)[2]
+                    if cbits == 8:  # factors on an int8 grid, groups of 32 along the output / input
+                        A = rtn(A.T.contiguous(), 8, 32)[2].T
                         B = rtn(B, 8, 32)[2]
                     W_hat = W_hat + A @ B
                     nbytes += int(r * per_rank)

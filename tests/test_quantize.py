@@ -71,3 +71,97 @@ def test_error_correction_is_the_optimal_rank_k_fit_in_the_input_space(shape):
         assert got <= np.linalg.norm((E - C) @ S) + 1e-12
     # the corrected layer's output error is below RTN's alone
     assert got < np.linalg.norm(E @ S)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n", [1, 7, 8, 1001])
+def test_pack_bits_round_trips_bit_exactly_in_the_stated_bytes(bits, n):
+    from factorlm.decompose.quantize import pack_bits, qrange, unpack_bits
+
+    lo, hi = qrange(bits)
+    codes = torch.randint(lo, hi + 1, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.int64).to(torch.int8)
+    codes[0] = lo
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n * bits + 7) // 8
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+    if bits == 4 and n == 8:  # the layout: little-endian, offset by 8
+        c = torch.tensor([-8, 7, 0, 1, -1, 2, 3, -3], dtype=torch.int8)
+        assert pack_bits(c, 4).tolist() == [0 | (15 << 4), 8 | (9 << 4), 7 | (10 << 4), 11 | (5 << 4)]
+
+
+@pytest.mark.parametrize("rank", [0, 5])
+def test_quant_lowrank_layer_round_trips_through_its_spec_and_counts_its_bytes(rank):
+    """``QuantLowRankLinear``: forward = x (Q(W) + A B)^T + b; the stored bytes are the packed codes,
+    the bf16 scales and the factors; a module rebuilt from its spec and state dict is bit-identical."""
+    from factorlm.layers import QuantLowRankLinear, structure_from_spec
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 64, generator=g)
+    b = torch.randn(24, generator=g)
+    m = QuantLowRankLinear.from_weight(W, 3, 16, rank, bias=b)
+    x = torch.randn(5, 64, generator=g)
+    _, _, W_hat = rtn(W, 3, 16)
+    dense = W_hat + (m.A @ m.B if rank else 0)
+    torch.testing.assert_close(m(x), x @ dense.T + b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.to_dense(), dense, atol=0, rtol=0)
+    assert m.weight_bytes() == rtn_bytes((24, 64), 3, 16) + rank * (24 + 64) * 4
+    assert m.num_params() == 24 * 64 + rank * 88 + 24
+    n = structure_from_spec(m.spec())
+    n.load_state_dict(m.state_dict())
+    torch.testing.assert_close(n(x), m(x), atol=0, rtol=0)
+    if rank:  # the correction lowers the error of the quantized layer
+        assert (W - m.to_dense()).norm() < (W - W_hat).norm()
+    h = m.to(torch.bfloat16)  # the factors follow the dtype; codes and scales stay as stored
+    assert h.qweight.dtype == torch.uint8 and h.scales.dtype == torch.bfloat16 and h.weight_dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------ --method rtn / rtn-lowrank
+def _lm_cfg(tmp_path, **kw):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_lm_scale import TEXT, _cfg, _src
+
+    cal, ev = tmp_path / "cal.txt", tmp_path / "eval.txt"
+    cal.write_text(TEXT)
+    ev.write_text(TEXT[::-1])
+    src = tmp_path / "src" if (tmp_path / "src").exists() else _src(tmp_path)
+    return _cfg(src, cal, ev, tmp_path / kw.pop("name", "out"), **kw)
+
+
+def test_rtn_lowrank_stores_the_bytes_it_reports_within_the_budget_and_reloads_exactly(tmp_path):
+    """``--method rtn-lowrank --keep 0.8 --bits 3 --group-size 16``: every target is a QuantLowRankLinear whose
+    stored bytes (packed codes + bf16 scales + fp32 factors) sum to the report's ``target_bytes_after``,
+    at most 0.8 of the targets' bf16 bytes; the saved folder reloads to the same logits."""
+    from factorlm import models
+    from factorlm.api import compress
+    from factorlm.layers import QuantLowRankLinear
+    from factorlm.models.surgery import get_module
+
+    opts = {"bits": 3, "group_size": 16}
+    rep = compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.8, method_options=opts), quiet=True)
+    acc, ranks = rep.accounting, rep.info["ranks"]
+    mods = {n: get_module(rep.model, n) for n in ranks}
+    assert all(isinstance(m, QuantLowRankLinear) and m.bits == 3 for m in mods.values())
+    expect = sum(rtn_bytes((m.out_features, m.in_features), 3, 16) + m.rank * (m.out_features + m.in_features) * 4
+                 for m in mods.values())
+    assert acc["target_bytes_after"] == expect
+    assert expect <= 0.8 * 2 * acc["target_weights_before"] and min(ranks.values()) >= 1
+    assert acc["quantized"]["bits"] == 3
+    ids = torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(0))
+    loaded = models.load(tmp_path / "out")
+    torch.testing.assert_close(loaded(ids).logits, rep.model(ids).logits, atol=0, rtol=0)
+    # quantization alone at the same bits: no correction, fewer bytes
+    alone = compress(_lm_cfg(tmp_path, method="rtn", method_options=opts, name="rtn"), quiet=True, save=False)
+    assert set(alone.info["ranks"].values()) == {0}
+    assert alone.accounting["target_bytes_after"] < expect
+
+
+def test_rtn_lowrank_refuses_a_budget_below_the_codes(tmp_path):
+    from factorlm.api import compress
+
+    with pytest.raises(FactorLMError, match="below what int3 in groups of 16 stores alone"):
+        compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.1, method_options={"bits": 3, "group_size": 16}),
+                 quiet=True, save=False)
+    with pytest.raises(FactorLMError, match="takes a byte budget"):
+        compress(_lm_cfg(tmp_path, method="rtn-lowrank", rank_policy="global"), quiet=True, save=False)

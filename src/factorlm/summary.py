@@ -494,9 +494,16 @@ def lm_lines(meta: dict[str, Any]) -> list[str]:
         rel = f"  ({p / dense:.2f}x dense)" if dense and phase != "dense" else ""
         lines.append(f"  {phase:<11} {p:>12.3f}{rel}")
     acc = meta.get("accounting") or {}
-    if acc.get("target_weights_before"):
+    if acc.get("target_weights_before") and acc.get("quantized"):
+        q = acc["quantized"]
+        lines.append(f"target weights {acc['target_weights_before']:,} -> int{q['bits']} codes in groups of "
+                     f"{q['group_size']} + {acc['target_weights_after'] - acc['target_weights_before']:,} correction weights")
+    elif acc.get("target_weights_before"):
         lines.append(f"target weights {acc['target_weights_before']:,} -> {acc['target_weights_after']:,} "
                      f"({acc['target_ratio']:.2%} kept; SVD-LLM ratio {acc.get('svd_llm_ratio', 1 - acc['target_ratio']):.2f})")
+    if acc.get("target_bytes_after"):
+        lines.append(f"target bytes   {acc['target_bytes_after'] / 2**20:,.1f} MiB stored = {acc['target_bytes_vs_bf16']:.3f} "
+                     f"of their bf16 bytes")
     if acc.get("model_params_before"):
         parts = acc.get("parts_before") or {}
         extra = (f"; embeddings {parts['embeddings']:,}, LM head {'tied' if not parts.get('lm_head') else format(parts['lm_head'], ',')}"

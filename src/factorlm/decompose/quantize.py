@@ -65,3 +65,31 @@ def error_correction(W: torch.Tensor, W_hat: torch.Tensor, rank: int, scale=None
     U, _ = scaled_factors(E, scale)
     A, B = factors_from_basis(E, U, rank)
     return A.to(W.dtype), B.to(W.dtype)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed ``bits``-bit integer codes -> a flat uint8 tensor of ``ceil(n * bits / 8)`` bytes (every 8
+    codes fill ``bits`` bytes, little-endian; the codes are offset by ``2^(bits-1)`` to be non-negative)."""
+    lo, hi = qrange(bits)
+    flat = codes.reshape(-1).to(torch.int64)
+    check(bool(((flat >= lo) & (flat <= hi)).all()), f"codes outside the {bits}-bit range [{lo}, {hi}]")
+    n = flat.numel()
+    pad = (-n) % 8
+    v = torch.cat([flat - lo, flat.new_zeros(pad)]).reshape(-1, 8)
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    word = (v << shifts).sum(dim=1)  # 8 * bits <= 64 bits per row
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    out = ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return out[: (n * bits + 7) // 8]
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` signed codes as int8."""
+    lo, _ = qrange(bits)
+    rows = (n + 7) // 8
+    raw = torch.cat([packed.reshape(-1).to(torch.int64), packed.new_zeros(rows * bits - packed.numel(),
+                                                                         dtype=torch.uint8).to(torch.int64)])
+    raw = raw.reshape(rows, bits)
+    word = (raw << (torch.arange(bits, dtype=torch.int64) * 8)).sum(dim=1)
+    v = (word[:, None] >> (torch.arange(8, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    return (v.reshape(-1)[:n] + lo).to(torch.int8)

@@ -5,6 +5,7 @@ from .blockwise import BlockLowRankLinear
 from .lowrank import LowRankLinear
 from .mixed_rank import MixedRankLinear
 from .monarch import MonarchLinear
+from .quantized import QuantLowRankLinear
 from .svd_masked import SVDLinear
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "LowRankLinear",
     "MixedRankLinear",
     "MonarchLinear",
+    "QuantLowRankLinear",
     "SVDLinear",
     "linear_flops",
     "linear_params",

@@ -1,4 +1,5 @@
-"""One-shot low-rank compression of causal language models (``--task lm``): ``svd``, ``asvd``, ``whiten``.
+"""One-shot compression of causal language models (``--task lm``): ``svd``, ``asvd``, ``whiten`` (low rank),
+``rtn`` (quantization alone) and ``rtn-lowrank`` (quantization + a low-rank correction, one byte budget).
 
 Every target ``W`` (out, in) becomes ``A B`` with ``A B = U_k U_k^T W``, where ``U_k`` are the top-k
 left singular vectors of ``W S`` for a method-specific input scaling ``S``
@@ -126,3 +127,71 @@ class Whiten(LMMethod):
     def scale(self, stats):
         check(self.options.damp >= 0, f"--damp must be >= 0, got {self.options.damp}")
         return GramScale(stats.gram, self.options.damp)  # used directly on the small side (decompose.whiten)
+
+
+# -- quantization, and quantization with a low-rank correction (issue 31) -------------------------------
+@dataclass
+class QuantOptions:
+    bits: int = field(default=4, metadata={"help": "rtn / rtn-lowrank: bits per quantized weight (2-8; default 4)"})
+    group_size: int = field(default=32, metadata={
+        "help": "rtn / rtn-lowrank: input channels sharing one bf16 scale (must divide every target's input width; "
+                "default 32)"})
+
+
+@register_lm_method("rtn")
+class RTN(LMMethod):
+    """Round-to-nearest weight quantization alone (:func:`factorlm.decompose.quantize.rtn`): the baseline a
+    user already has; ``--keep`` does not apply (the bytes follow from ``--bits`` / ``--group-size``)."""
+
+    summary = "round-to-nearest quantization, symmetric, one bf16 scale per group (torchao's primitives)"
+    Options = QuantOptions
+
+    @property
+    def quant(self) -> tuple[int, int]:
+        return self.options.bits, self.options.group_size
+
+
+@register_lm_method("rtn-lowrank")
+class RTNLowRank(LMMethod):
+    """RTN plus a whitened low-rank correction of its error (EoRA-style,
+    :mod:`factorlm.decompose.quantize`; factorlm's recipe): ``--keep`` is the share of the targets' bf16
+    bytes the layer may store; what the quantized weights leave buys the same share of correction rank in
+    every matrix, fitted to the calibration inputs (``--sequential`` as for ``whiten``)."""
+
+    summary = "RTN + a rank-k correction of its error in the calibration inputs' space (EoRA-style), in one byte budget"
+    stats = ("gram",)
+
+    @dataclass
+    class Options(CalibrationOptions, QuantOptions):
+        bits: int = field(default=3, metadata={"help": "rtn / rtn-lowrank: bits per quantized weight (2-8; default "
+                                                        "4 for rtn, 3 for rtn-lowrank)"})
+        group_size: int = field(default=64, metadata={
+            "help": "rtn / rtn-lowrank: input channels sharing one bf16 scale (must divide every target's input "
+                    "width; default 32 for rtn, 64 for rtn-lowrank)"})
+        damp: float = field(default=1e-6, metadata={"help": "whiten: damping added to the Gram matrix (default 1e-6)"})
+
+    @property
+    def quant(self) -> tuple[int, int]:
+        return self.options.bits, self.options.group_size
+
+    def scale(self, stats):
+        return GramScale(stats.gram, self.options.damp)
+
+
+def quant_ranks(shapes: dict[str, tuple[int, int]], keep: float | None, bits: int, group: int,
+                factor_bytes: int) -> dict[str, int]:
+    """Correction ranks that fill ``keep`` x each matrix's bf16 bytes after its quantized weights (0 for
+    ``keep=None``, i.e. RTN alone); one-line error when the quantized weights alone exceed the budget."""
+    from ..decompose.quantize import rtn_bytes
+
+    out = {}
+    for n, (o, i) in shapes.items():
+        check(i % group == 0, f"--group-size {group} does not divide the input width {i} of {n}")
+        if keep is None:
+            out[n] = 0
+            continue
+        left = keep * 2 * o * i - rtn_bytes((o, i), bits, group)
+        check(left >= 0, f"--keep {keep:g} of the bf16 bytes is below what int{bits} in groups of {group} stores "
+                         f"alone ({rtn_bytes((o, i), bits, group) / (2 * o * i):.3f} for {n}): raise --keep or lower --bits")
+        out[n] = min(int(left // ((o + i) * factor_bytes)), min(o, i))
+    return out

@@ -55,6 +55,10 @@ def check_config(c: RunConfig):
           "--global-score fisher back-propagates through the whole model at once, which --offload cannot bound: "
           "use --global-score energy or --rank-policy uniform")
     check(c.ranks is None, "--ranks does not apply to --task lm yet: give --keep or --rank")
+    if getattr(method, "quant", None):
+        check(c.rank is None and c.rank_policy == "uniform",
+              f"--method {c.method} takes a byte budget (--keep, the share of the targets' bf16 bytes) with "
+              "--rank-policy uniform")
     return method
 
 
@@ -112,6 +116,14 @@ def tensor_bytes(model: nn.Module) -> int:
     return n
 
 
+def target_bytes(module: nn.Module) -> int:
+    """Stored bytes of one target's weight (its bias excluded): a quantized layer's packed codes, scales and
+    factors, else its weight tensors."""
+    if hasattr(module, "weight_bytes"):
+        return module.weight_bytes()
+    return sum(t.numel() * t.element_size() for k, t in module.state_dict().items() if not k.endswith("bias"))
+
+
 def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     """Compress a causal LM one-shot (see the module docstring); returns an :class:`factorlm.api.Report`."""
     from accelerate.utils import set_seed
@@ -127,6 +139,7 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     from .evaluate import eval_window
     from .load import (SMOLLM2, language_model_prefix, load_causal_lm, load_tokenizer, model_context, precheck,
                        resolve_causal_model)
+    from .methods import quant_ranks
     from .plan import plan_ranks, spectra as scaled_spectra
 
     c = config.validate()
@@ -210,14 +223,19 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     if c.rank is None and c.rank_policy == "global":
         log(f"  scaled spectra of every target (dense model) for the global rank plan ({c.global_score})")
         spectra = scaled_spectra(model, targets, method, batches, log, c.global_score, offload_to=offload_to)
-    ranks = plan_ranks(c, shapes, spectra)
+    quant = getattr(method, "quant", None)
+    if quant:  # quantization (+ correction): the ranks follow from the byte budget
+        elem = next(model.parameters()).element_size()
+        ranks = quant_ranks(shapes, c.keep if method.calibrated else None, *quant, elem)
+    else:
+        ranks = plan_ranks(c, shapes, spectra)
     del spectra
     if c.heal_steps and c.offload != "none":
         fits, need, budget = heal_fits(model, shapes, ranks, device)
         check(fits, f"--heal-steps needs the compressed model on the GPUs: {need / 2**30:.1f} GiB of weights, "
                     f"{budget / 2**30:.1f} GiB allowed for them ({GPU_SHARE['train']:.0%} of the free memory, the rest "
                     "for gradients, optimizer state and activations): use more GPUs or --heal-steps 0")
-    past = [n for n, k in ranks.items() if k > break_even_rank(*shapes[n])]
+    past = [] if quant else [n for n, k in ranks.items() if k > break_even_rank(*shapes[n])]
     if past:
         log(f"WARNING: {len(past)} matrices are past their break-even rank (the factors outweigh the dense "
             f"matrix), e.g. {past[0]}")
@@ -228,7 +246,7 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     t0 = time.perf_counter()
     dense_layers = {} if c.heal_steps and c.heal_loss == "distill" else None
     info = factorize(model, targets, ranks, method, batches, mode=mode, log=log, keep_dense=dense_layers,
-                     offload_to=offload_to)
+                     offload_to=offload_to, quant=quant)
     info["factorize_seconds"] = round(time.perf_counter() - t0, 1)
     del batches
     with dispatched(model, device, c.offload, train=bool(c.heal_steps)):
@@ -252,6 +270,12 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     acc["svd_llm_ratio"] = round(1 - acc["target_ratio"], 4)
     acc["bytes_before"], acc["bytes_before_is"] = bytes_before, bytes_what
     acc["bytes_after"] = tensor_bytes(model)  # the saved tensors in the model's dtype (file sizes: bytes_on_disk)
+    if quant:
+        acc["quantized"] = {"bits": quant[0], "group_size": quant[1], "format": "quant_lowrank: bit-packed codes, "
+                            "bf16 scales, factors"}
+        acc["svd_llm_ratio"] = None
+    acc["target_bytes_after"] = sum(target_bytes(get_module(model, n)) for n in targets)
+    acc["target_bytes_vs_bf16"] = round(acc["target_bytes_after"] / (2 * groups_before["targets"]), 4)
     acc["dtype"] = dtype_name
     flops = {"dense": dense_flops, "final": final_flops, "unit": "per token",
              "context": c.seq_len}
