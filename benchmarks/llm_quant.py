@@ -145,6 +145,66 @@ def write_table(res: dict) -> None:
     lines.append("\ncommand: `python benchmarks/llm_quant.py` (one thread)")
     (HERE / "results" / "llm_quant.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    frontier_png(res, HERE / "results" / "llm_frontier.png")
+
+
+def lowrank_points() -> list[tuple[str, float, float]]:
+    """Pure low rank (bf16 factors) from ``results/llm.json``: (label, bytes vs bf16 = kept weights, ratio)."""
+    f = HERE / "results" / "llm.json"
+    if not f.is_file():
+        return []
+    r = json.loads(f.read_text())
+    total = r["setup"]["target_weights"]
+    out = []
+    for k, v in r["rows"].items():
+        if v.get("method") == "whiten" and not v.get("heal") and v.get("seq") == "layer" and \
+                v.get("policy") in ("uniform", "global-fisher"):
+            out.append((f"whiten {v['policy']}", v["target_weights"] / total, v["ratio"]))
+    return out
+
+
+def frontier_png(res: dict, dst: Path) -> None:
+    """Perplexity (x dense, log) against the targets' stored bytes (share of bf16): RTN alone, RTN + whitened
+    correction, pure low rank; the best point at or below each byte level circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"RTN alone": [], "RTN + whitened correction": [], "RTN + plain-SVD correction": []}
+    for k, r in res["rows"].items():
+        g = "RTN alone" if not r["correction"] else ("RTN + whitened correction" if r["whitened"] else
+                                                       "RTN + plain-SVD correction")
+        groups[g].append((k, r["bytes_vs_bf16"], r["ratio"]))
+    groups["low rank (whiten, bf16 factors)"] = lowrank_points()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    marks = {"RTN alone": "s", "RTN + whitened correction": "o", "RTN + plain-SVD correction": "x",
+             "low rank (whiten, bf16 factors)": "^"}
+    pts = []
+    for g, rows in groups.items():
+        rows = [r for r in rows if r[2] < 1e3]
+        if not rows:
+            continue
+        ax.scatter([r[1] for r in rows], [r[2] for r in rows], marker=marks[g], label=g, s=40)
+        for k, x, y in rows:
+            ax.annotate(k.replace("+corr", "+").replace("-white", ""), (x, y), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        pts += rows
+    best = []
+    for k, x, y in sorted(pts, key=lambda t: t[1]):
+        if not best or y < best[-1][2]:
+            best.append((k, x, y))
+    ax.plot([b[1] for b in best], [b[2] for b in best], "k--", lw=0.8, label="best at or below each size")
+    ax.scatter([b[1] for b in best], [b[2] for b in best], s=160, facecolors="none", edgecolors="k")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bytes of the 210 target matrices / their bf16 bytes")
+    ax.set_ylabel("perplexity / dense (hamlet, 16,384 tokens, windows of 256)")
+    ax.set_title(f"SmolLM2-135M at equal bytes (dense perplexity {res['dense']:.1f})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=130)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
