@@ -337,8 +337,8 @@ def test_cli_compress_info_evaluate(tmp_path, lm_files, capsys):
     src = _save_tiny(tiny_llama, tmp_path / "src")
     cal, ev = lm_files
     out = tmp_path / "out"
-    assert main(["compress", "--task", "lm", "--model", str(src), "--calibration", str(cal), "--eval-text", str(ev),
-                 "--seq-len", "32", "--calibration-samples", "8", "--keep", "0.6", "--rank-policy", "global",
+    assert main(["compress", "--task", "lm", "--model", str(src), "--method", "whiten", "--calibration", str(cal),
+                 "--eval-text", str(ev), "--seq-len", "32", "--calibration-samples", "8", "--keep", "0.6", "--rank-policy", "global",
                  "--rank-multiple", "2", "--no-latency", "--output", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "whiten on a causal LM" in text and "SVD-LLM ratio" in text and "x dense" in text
@@ -367,7 +367,7 @@ def test_smollm2_whiten_beats_svd(tmp_path):
 
     cal.write_text("\n".join(read_documents("convention")[:6]))
     common = dict(task="lm", model="smollm2", keep=0.9, calibration=str(cal), calibration_samples=16, seq_len=128,
-                  eval_max_tokens=2048, eval_seq_len=128, latency=False, progress=False)
+                  eval_max_tokens=2048, eval_seq_len=128, latency=False, progress=False, generation_prompts=1)
     w = compress(RunConfig(method="whiten", output=str(tmp_path / "w"), **common), quiet=True)
     dense = w.scores["dense"]["perplexity"]
     assert 20 < dense < 120

@@ -399,7 +399,11 @@ def test_load_refuses_encoders(tmp_path, minilm_path):
 
 
 def test_load_unreachable_hub_id(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the hub client reads the variable once, at import: without this it would try the network (~20 s of retries)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FactorLMError) as e:
         load_causal_lm("factorlm-test/no-such-model-xyz")
     assert "cannot load factorlm-test/no-such-model-xyz" in one_line(e)

@@ -138,7 +138,7 @@ def test_rtn_lowrank_stores_the_bytes_it_reports_within_the_budget_and_reloads_e
     from factorlm.layers import QuantLowRankLinear
     from factorlm.models.surgery import get_module
 
-    opts = {"bits": 3, "group_size": 16}
+    opts = {"bits": 3, "group_size": 16, "factor_bits": 16}
     rep = compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.8, method_options=opts), quiet=True)
     acc, ranks = rep.accounting, rep.info["ranks"]
     mods = {n: get_module(rep.model, n) for n in ranks}
@@ -152,7 +152,8 @@ def test_rtn_lowrank_stores_the_bytes_it_reports_within_the_budget_and_reloads_e
     loaded = models.load(tmp_path / "out")
     torch.testing.assert_close(loaded(ids).logits, rep.model(ids).logits, atol=0, rtol=0)
     # quantization alone at the same bits: no correction, fewer bytes
-    alone = compress(_lm_cfg(tmp_path, method="rtn", method_options=opts, name="rtn"), quiet=True, save=False)
+    alone = compress(_lm_cfg(tmp_path, method="rtn", method_options={"bits": 3, "group_size": 16}, name="rtn"),
+                     quiet=True, save=False)
     assert set(alone.info["ranks"].values()) == {0}
     assert alone.accounting["target_bytes_after"] < expect
 
@@ -165,3 +166,48 @@ def test_rtn_lowrank_refuses_a_budget_below_the_codes(tmp_path):
                  quiet=True, save=False)
     with pytest.raises(FactorLMError, match="takes a byte budget"):
         compress(_lm_cfg(tmp_path, method="rtn-lowrank", rank_policy="global"), quiet=True, save=False)
+
+
+def test_int8_factors_store_half_the_bytes_and_round_trip(tmp_path):
+    """``factor_bits=8``: the correction's factors as int8 codes (groups of 32) + bf16 scales; the layer's
+    bytes are exact, its dense weight is Q(W) + deq(A) deq(B), and it reloads bit-identically."""
+    from factorlm.layers import QuantLowRankLinear, structure_from_spec
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 96, generator=g)
+    m8 = QuantLowRankLinear.from_weight(W, 3, 32, 8, factor_bits=8)
+    m16 = QuantLowRankLinear.from_weight(W, 3, 32, 8)
+    assert m8.A is None and m8.A_codes.dtype == torch.int8
+    assert m8.weight_bytes() == rtn_bytes((64, 96), 3, 32) + 8 * (64 + 96) + 2 * 8 * (64 + 96) // 32
+    A16, B16 = m16.factors()
+    A8, B8 = m8.factors()
+    assert (A8 - A16).abs().max() <= A16.abs().max() / 127 and (B8 - B16).abs().max() <= B16.abs().max() / 127
+    n = structure_from_spec(m8.spec())
+    n.load_state_dict(m8.state_dict())
+    x = torch.randn(3, 96, generator=g)
+    torch.testing.assert_close(n(x), m8(x), atol=0, rtol=0)
+    torch.testing.assert_close(m8(x), x @ m8.to_dense().T, atol=1e-5, rtol=1e-5)
+
+
+def test_rtn_lowrank_picks_bits_and_groups_from_the_budget():
+    from factorlm.lm.methods import get_lm_method
+
+    shapes = {"a": (64, 576), "b": (64, 1536)}
+    for keep, bits, group in ((0.6, 8, 192), (0.3, 4, 192), (0.264, 4, 192), (0.25, 3, 32)):
+        m = get_lm_method("rtn-lowrank", {})
+        m.resolve(keep, shapes)
+        assert (m.options.bits, m.options.group_size) == (bits, group), keep
+    m = get_lm_method("rtn-lowrank", {"bits": 4})
+    m.resolve(0.3, {"a": (64, 4096), "b": (64, 14336)})  # Llama widths: 192 does not divide 4096
+    assert m.options.group_size == 128
+    m = get_lm_method("rtn-lowrank", {"bits": 4, "group_size": 64})
+    m.resolve(0.3, shapes)
+    assert m.quant == (4, 64, 8)
+
+
+def test_task_lm_defaults_to_rtn_lowrank_on_the_cli():
+    import argparse
+
+    from factorlm.cli import _config_from_args
+
+    assert _config_from_args(argparse.Namespace(task="lm")).method == "rtn-lowrank"

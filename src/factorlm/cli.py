@@ -86,6 +86,8 @@ def _lm_eval_flags(g) -> None:
     g.add_argument("--eval-seq-len", type=int, help="tokens per perplexity window (default: 2048 or the model's "
                    "context if shorter)")
     g.add_argument("--eval-stride", type=int, help="perplexity window stride (default --eval-seq-len: non-overlapping)")
+    g.add_argument("--generation-prompts", type=int, help="greedy continuations (48 tokens) of this many fixed prompts, "
+                   "dense and compressed, scored for loops (default 4; 0 = none)")
     g.add_argument("--bos", choices=["auto", "yes", "no"], help="a BOS token before every calibration and perplexity "
                    "window: auto (default) where the tokenizer puts one before every text (Llama-style)")
     g.add_argument("--eval-max-tokens", type=int, help="score only the first N tokens of the evaluation text")
@@ -154,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="factorize (+ prune / re-train) a model for a task")
     _common(p)
     c = p.add_argument_group("compression")
-    c.add_argument("--method", help="lpaf (default) | svd | fwsvd | prune | rankdyna; with --task lm: whiten (default) | "
-                   "asvd | svd (see `factorlm methods`)")
+    c.add_argument("--method", help="lpaf (default) | svd | fwsvd | prune | rankdyna; with --task lm: rtn-lowrank (default: "
+                   "quantization + a low-rank correction in one byte budget) | rtn | whiten | asvd | svd (see `factorlm methods`)")
     c.add_argument("--keep", type=float, help="fraction of the target layers' parameters kept, in (0, 1] (default 0.25)")
     c.add_argument("--rank", type=int, help="explicit uniform rank instead of --keep")
     c.add_argument("--ranks", metavar="FILE", help="per-matrix ranks instead of --keep: JSON {module: rank}, or a "
@@ -177,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-slow", action="store_const", const=True,
                    help="keep dense the target matrices that the speed check finds no faster factorized (at the "
                         "latency batch and --dtype), within the same --keep budget")
-    lm = p.add_argument_group("--task lm: one-shot compression of a causal LM (methods whiten | asvd | svd)")
+    lm = p.add_argument_group("--task lm: one-shot compression of a causal LM (methods rtn-lowrank | rtn | whiten | asvd | svd)")
     lm.add_argument("--calibration", help="calibration text: a corpus (convention, hamlet, debates) or a .txt/.jsonl/.json "
                     "file (default convention)")
     lm.add_argument("--calibration-samples", type=int, help="random calibration windows of --seq-len tokens (default 128)")
@@ -271,7 +273,7 @@ def _config_from_args(args: argparse.Namespace, **forced: Any):
     values["method_options"] = mopts
     values.update(forced)
     if values.get("task") == "lm" and "method" not in values:
-        values["method"] = "whiten"  # --task lm: the one-shot default
+        values["method"] = "rtn-lowrank"  # --task lm: the best measured recipe at equal bytes (BENCHMARKS.md)
     return RunConfig(**values)
 
 

@@ -87,6 +87,7 @@ class RunConfig:
     eval_seq_len: int | None = None  # perplexity window (default: min(2048, the model's context))
     eval_stride: int | None = None  # perplexity window stride (default eval_seq_len: non-overlapping)
     bos: str = "auto"  # a BOS token before every window: auto (where the tokenizer adds one) | yes | no
+    generation_prompts: int = 4  # greedy continuations scored for loops (dense and compressed); 0 = none
     eval_max_tokens: int | None = None  # cap on the evaluation tokens (default: all)
     rank_multiple: int = 1  # round ranks down to multiples of this (8: fast kernels)
     global_score: str = "fisher"  # --rank-policy global: fisher (loss-weighted spectra) | energy (relative)
@@ -148,6 +149,7 @@ class RunConfig:
               f"--heal-optimizer must be auto, adamw, adamw-sr or adamw8bit, got {self.heal_optimizer!r}")
         check(self.heal_update in ("joint", "sequential"), f"--heal-update must be joint or sequential, got {self.heal_update!r}")
         check(self.rank_price in ("triplet", "weight"), f"--rank-price must be triplet or weight, got {self.rank_price!r}")
+        check(self.generation_prompts >= 0, f"--generation-prompts must be >= 0, got {self.generation_prompts}")
         check(self.bos in ("auto", "yes", "no"), f"--bos must be auto, yes or no, got {self.bos!r}")
         check(self.eval_seq_len is None or self.eval_seq_len > 1, f"--eval-seq-len must be > 1, got {self.eval_seq_len}")
         check(self.offload in ("none", "cpu"), f"--offload must be none or cpu, got {self.offload!r}")

@@ -5,9 +5,14 @@ bit-packed (``qweight``: ``ceil(out * in * bits / 8)`` uint8) with one bf16 scal
 ``group_size`` input channels (``scales``: (out, in / group_size)); ``A`` (out, k), ``B`` (k, in) the
 correction (:func:`factorlm.decompose.quantize.error_correction`; ``k = 0``: quantization alone).  Only
 ``A``, ``B`` and the bias are parameters (they can heal); the codes and scales are buffers.
+``factor_bits=8``: the factors are stored as int8 RTN codes too (``B`` in groups of 32 input channels,
+``A`` in groups of 32 output channels; bf16 scales), half the bytes of bf16 factors, so twice the rank
+fits a budget; they are then buffers (frozen: healing does not reach them).
 
-No integer kernels: ``forward`` unpacks and dequantizes ``W`` on every call (correct, not fast; export
-``--format dense`` for a runtime, or serve with a quantization library).  ``weight_params`` counts the
+No integer kernels: the first ``forward`` unpacks and dequantizes ``Q(W)`` and keeps it (a dense copy in
+the layer's dtype, not saved; dropped by :meth:`clear_cache`, by ``.to()`` and by ``load_state_dict``), so
+generation costs a dense model's time and memory (export ``--format dense`` for a runtime, or serve with a
+quantization library).  ``weight_params`` counts the
 codes as weights (out * in) plus the factors; :meth:`weight_bytes` is what the layer stores.
 """
 
@@ -25,8 +30,10 @@ from .base import FactorizedLinear, register_structure
 
 @register_structure("quant_lowrank")
 class QuantLowRankLinear(FactorizedLinear):
+    FACTOR_GROUP = 32
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, rank: int = 0,
-                 bias: bool = True, *, dtype=None, device=None):
+                 bias: bool = True, *, factor_bits: int | None = None, dtype=None, device=None):
         super().__init__(in_features, out_features, bias, dtype=dtype, device=device)
         check(2 <= int(bits) <= 8, f"bits must be in [2, 8], got {bits}")
         check(int(group_size) > 0 and in_features % int(group_size) == 0,
@@ -38,7 +45,19 @@ class QuantLowRankLinear(FactorizedLinear):
         self.register_buffer("scales", torch.ones(out_features, in_features // self.group_size, dtype=torch.bfloat16,
                                                   device=device))
         self._dtype = dtype or torch.get_default_dtype()
-        if self.rank:
+        check(factor_bits in (None, 8), f"factor_bits must be None (the model's dtype) or 8, got {factor_bits}")
+        self.factor_bits = factor_bits
+        if self.rank and factor_bits:
+            g = self.FACTOR_GROUP
+            check(in_features % g == 0 and out_features % g == 0,
+                  f"int8 factors need widths divisible by {g}, got {out_features}x{in_features}")
+            self.register_parameter("A", None)
+            self.register_parameter("B", None)
+            self.register_buffer("A_codes", torch.zeros(self.rank, out_features, dtype=torch.int8, device=device))
+            self.register_buffer("A_scales", torch.ones(self.rank, out_features // g, dtype=torch.bfloat16, device=device))
+            self.register_buffer("B_codes", torch.zeros(self.rank, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("B_scales", torch.ones(self.rank, in_features // g, dtype=torch.bfloat16, device=device))
+        elif self.rank:
             self.A = nn.Parameter(torch.zeros(out_features, self.rank, dtype=dtype, device=device))
             self.B = nn.Parameter(torch.zeros(self.rank, in_features, dtype=dtype, device=device))
         else:
@@ -47,19 +66,48 @@ class QuantLowRankLinear(FactorizedLinear):
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return self.A.dtype if self.A is not None else (self.bias.dtype if self.bias is not None else self._dtype)
+        return self._dtype
+
+    _STORED = ("qweight", "scales", "A_codes", "A_scales", "B_codes", "B_scales")
 
     def _apply(self, fn, recurse=True):  # .to(dtype) casts the factors, never the codes or the bf16 scales
-        codes, scales = self.qweight, self.scales
+        kept = {k: self._buffers[k] for k in self._STORED if self._buffers.get(k) is not None}
+        self.clear_cache()
         out = super()._apply(fn, recurse)
-        probe = fn(torch.zeros((), dtype=self._dtype, device=codes.device))
+        probe = fn(torch.zeros((), dtype=self._dtype, device=self.qweight.device))
         self._dtype = probe.dtype
-        self.qweight = codes.to(probe.device)
-        self.scales = scales.to(probe.device)
+        for k, t in kept.items():
+            self._buffers[k] = t.to(probe.device)
         return out
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` in the layer's dtype (dequantized when stored as int8)."""
+        if not self.factor_bits:
+            return self.A, self.B
+        g = self.FACTOR_GROUP
+
+        def deq(codes, scales):
+            return (codes.float().reshape(codes.shape[0], -1, g) * scales.float()[:, :, None]).reshape(codes.shape)
+
+        return deq(self.A_codes, self.A_scales).T.to(self._dtype), deq(self.B_codes, self.B_scales).to(self._dtype)
+
+    def clear_cache(self) -> None:
+        self.__dict__["_cached"] = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.clear_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def quantized(self) -> torch.Tensor:
-        """``Q(W)`` (out, in) in the layer's dtype."""
+        """``Q(W)`` (out, in) in the layer's dtype (cached after the first call)."""
+        cached = self.__dict__.get("_cached")
+        if cached is not None and cached.dtype == self._dtype and cached.device == self.qweight.device:
+            return cached
+        W = self._dequantize()
+        self.__dict__["_cached"] = W
+        return W
+
+    def _dequantize(self) -> torch.Tensor:
         from ..decompose.quantize import unpack_bits
 
         n = self.out_features * self.in_features
@@ -70,12 +118,16 @@ class QuantLowRankLinear(FactorizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.quantized().to(x.dtype), self.bias)
         if self.rank:
-            y = y + F.linear(F.linear(x, self.B), self.A)
+            A, B = self.factors()
+            y = y + F.linear(F.linear(x, B.to(x.dtype)), A.to(x.dtype))
         return y
 
     def to_dense(self) -> torch.Tensor:
         W = self.quantized()
-        return W + self.A @ self.B if self.rank else W
+        if not self.rank:
+            return W
+        A, B = self.factors()
+        return W + A @ B
 
     def weight_params(self) -> int:
         return self.out_features * self.in_features + self.rank * (self.in_features + self.out_features)
@@ -85,38 +137,51 @@ class QuantLowRankLinear(FactorizedLinear):
 
     def weight_bytes(self) -> int:
         """Stored bytes of the weight: packed codes, scales, factors (the bias excluded)."""
-        n = self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * self.scales.element_size()
+        parts = [self.qweight, self.scales]
         if self.rank:
-            n += (self.A.numel() + self.B.numel()) * self.A.element_size()
-        return n
+            parts += [self.A_codes, self.A_scales, self.B_codes, self.B_scales] if self.factor_bits else [self.A, self.B]
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def extra_spec(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group_size": self.group_size, "rank": self.rank}
+        spec = {"bits": self.bits, "group_size": self.group_size, "rank": self.rank}
+        if self.factor_bits:
+            spec["factor_bits"] = self.factor_bits
+        return spec
 
     @classmethod
     def from_spec(cls, spec, *, dtype=None, device=None):
         out_f, in_f = spec["shape"]
         return cls(in_f, out_f, spec["bits"], spec["group_size"], spec.get("rank", 0), bias=spec.get("bias", True),
-                   dtype=dtype, device=device)
+                   factor_bits=spec.get("factor_bits"), dtype=dtype, device=device)
 
     @classmethod
     @torch.no_grad()
     def from_weight(cls, W: torch.Tensor, bits: int, group_size: int, rank: int = 0, scale=None,
-                    bias: torch.Tensor | None = None) -> "QuantLowRankLinear":
+                    bias: torch.Tensor | None = None, factor_bits: int | None = None) -> "QuantLowRankLinear":
         """Quantize ``W`` (out, in) and fit the rank-``rank`` correction of its error under ``scale``
-        (a :mod:`factorlm.decompose.whiten` input scaling; None = plain Frobenius)."""
+        (a :mod:`factorlm.decompose.whiten` input scaling; None = plain Frobenius); ``factor_bits=8``:
+        the fitted factors are then stored as int8 codes (RTN of the fit, not refitted)."""
         from ..decompose.quantize import error_correction, pack_bits, rtn
 
         out_f, in_f = W.shape
-        m = cls(in_f, out_f, bits, group_size, rank, bias=bias is not None, dtype=W.dtype, device=W.device)
+        m = cls(in_f, out_f, bits, group_size, rank, bias=bias is not None, factor_bits=factor_bits if rank else None,
+                dtype=W.dtype, device=W.device)
         codes, scales, _ = rtn(W, bits, group_size)
         m.qweight.copy_(pack_bits(codes, bits).to(W.device))
         m.scales.copy_(scales)
+        m.clear_cache()
         if rank:
             # the error of what the layer will compute: the stored codes times the stored bf16 scales
             A, B = error_correction(W, m.quantized().to(W.dtype), rank, scale)
-            m.A.copy_(A)
-            m.B.copy_(B)
+            if m.factor_bits:
+                g = cls.FACTOR_GROUP
+                for name, F_ in (("A", A.T.contiguous()), ("B", B)):
+                    codes, scales, _ = rtn(F_, 8, g)
+                    getattr(m, f"{name}_codes").copy_(codes)
+                    getattr(m, f"{name}_scales").copy_(scales)
+            else:
+                m.A.copy_(A)
+                m.B.copy_(B)
         if bias is not None:
             m.bias.copy_(bias)
         return m

@@ -22,13 +22,13 @@ from .calibrate import stream
 
 def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], method, batches, *,
               mode: str, log=None, keep_dense: dict[str, nn.Module] | None = None,
-              offload_to=None, quant: tuple[int, int] | None = None) -> dict[str, Any]:
+              offload_to=None, quant: tuple[int, int, int | None] | None = None) -> dict[str, Any]:
     """Replace every target by its rank-``ranks[name]`` :class:`LowRankLinear` (in place); returns
     per-target facts (rank, share of the scaled spectrum's energy discarded), the stream's work and
     the seconds per block.  ``keep_dense``: a dict that receives the replaced dense modules (moved to
     the CPU), for a distillation teacher; None drops them.  ``offload_to``: the execution device of a
     model kept on the CPU (blocks visit it one at a time; an uncalibrated method's matrices do too).
-    ``quant = (bits, group_size)``: every target becomes a :class:`QuantLowRankLinear` (RTN codes + a
+    ``quant = (bits, group_size, factor_bits)``: every target becomes a :class:`QuantLowRankLinear` (RTN codes + a
     rank-``ranks[name]`` correction of their error under the method's scaling) instead."""
     from ..decompose.whiten import factors_from_basis, scaled_factors
 
@@ -46,11 +46,13 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
             k = ranks[n]
             bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
             if quant:
-                new = QuantLowRankLinear.from_weight(W, quant[0], quant[1], k, scale, bias).to(home)
+                new = QuantLowRankLinear.from_weight(W, quant[0], quant[1], k, scale, bias,
+                                                     factor_bits=quant[2]).to(home)
                 set_module(model, n, new)
                 if keep_dense is not None:
                     keep_dense[n] = m.cpu().requires_grad_(False)
-                facts[n] = {"rank": k, "shape": list(W.shape), "bits": quant[0], "group_size": quant[1]}
+                facts[n] = {"rank": k, "shape": list(W.shape), "bits": quant[0], "group_size": quant[1],
+                            "factor_bits": quant[2] or "model dtype"}
                 continue
             U, sigma = scaled_factors(W, scale)
             A, B = factors_from_basis(W, U, k)

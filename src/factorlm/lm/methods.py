@@ -147,39 +147,64 @@ class RTN(LMMethod):
     Options = QuantOptions
 
     @property
-    def quant(self) -> tuple[int, int]:
-        return self.options.bits, self.options.group_size
+    def quant(self) -> tuple[int, int, None]:
+        return self.options.bits, self.options.group_size, None
 
 
 @register_lm_method("rtn-lowrank")
 class RTNLowRank(LMMethod):
     """RTN plus a whitened low-rank correction of its error (EoRA-style,
-    :mod:`factorlm.decompose.quantize`; factorlm's recipe): ``--keep`` is the share of the targets' bf16
-    bytes the layer may store; what the quantized weights leave buys the same share of correction rank in
-    every matrix, fitted to the calibration inputs (``--sequential`` as for ``whiten``)."""
+    :mod:`factorlm.decompose.quantize`; factorlm's recipe, the default of ``--task lm``): ``--keep`` is the
+    share of the targets' bf16 bytes the layers may store; what the quantized weights leave buys the same
+    share of correction rank in every matrix, fitted to the calibration inputs (``--sequential`` as for
+    ``whiten``).  ``--bits`` / ``--group-size`` not given: chosen from ``--keep`` by :meth:`resolve`, the
+    best points of the SmolLM2-135M frontier (BENCHMARKS.md, "Decoder LLMs at equal bytes")."""
 
     summary = "RTN + a rank-k correction of its error in the calibration inputs' space (EoRA-style), in one byte budget"
     stats = ("gram",)
+    #: (smallest keep, bits, preferred groups) of the measured frontier: int8 from 0.52 of the bf16 bytes
+    #: (1.00x dense), int4 in large groups from 0.26 (1.23x at 0.264, 1.19x at 0.274), int3 in groups of 32
+    #: below (1.68x at 0.248)
+    AUTO = ((0.52, 8, (192, 128, 64, 32)), (0.26, 4, (192, 128, 64, 32)), (0.0, 3, (32, 64, 16)))
 
     @dataclass
-    class Options(CalibrationOptions, QuantOptions):
-        bits: int = field(default=3, metadata={"help": "rtn / rtn-lowrank: bits per quantized weight (2-8; default "
-                                                        "4 for rtn, 3 for rtn-lowrank)"})
-        group_size: int = field(default=64, metadata={
+    class Options(CalibrationOptions):
+        bits: int | None = field(default=None, metadata={
+            "help": "rtn / rtn-lowrank: bits per quantized weight (2-8; rtn: default 4; rtn-lowrank: default "
+                    "chosen from --keep: 8 from 0.52, 4 from 0.26, else 3)"})
+        group_size: int | None = field(default=None, metadata={
             "help": "rtn / rtn-lowrank: input channels sharing one bf16 scale (must divide every target's input "
-                    "width; default 32 for rtn, 64 for rtn-lowrank)"})
+                    "width; rtn: default 32; rtn-lowrank: 32 for 3 bits, else the largest of 192 / 128 / 64 / 32 that "
+                    "divides every input width)"})
         damp: float = field(default=1e-6, metadata={"help": "whiten: damping added to the Gram matrix (default 1e-6)"})
+        factor_bits: int = field(default=8, metadata={
+            "choices": (8, 16),
+            "help": "rtn-lowrank: the correction factors stored as int8 codes in groups of 32 (8, default: half the "
+                    "bytes, twice the rank; frozen) or in the model's dtype (16: trainable by --heal-steps)"})
+
+    def resolve(self, keep: float, shapes: dict[str, tuple[int, int]]) -> None:
+        """Fill in ``bits`` / ``group_size`` left to the default (see :attr:`AUTO`)."""
+        o = self.options
+        if o.bits is None:
+            o.bits = next(b for lo, b, _ in self.AUTO if keep >= lo)
+        if o.group_size is None:
+            prefs = next((g for _, b, g in self.AUTO if b == o.bits), (128, 64, 32))
+            widths = {i for _, i in shapes.values()}
+            o.group_size = next((g for g in prefs if all(w % g == 0 for w in widths)), None)
+            check(o.group_size is not None, f"no group size of {prefs} divides every input width "
+                                            f"({sorted(widths)}): give --group-size")
 
     @property
-    def quant(self) -> tuple[int, int]:
-        return self.options.bits, self.options.group_size
+    def quant(self) -> tuple[int, int, int | None]:
+        check(self.options.bits is not None and self.options.group_size is not None, "rtn-lowrank: unresolved bits")
+        return self.options.bits, self.options.group_size, (8 if self.options.factor_bits == 8 else None)
 
     def scale(self, stats):
         return GramScale(stats.gram, self.options.damp)
 
 
 def quant_ranks(shapes: dict[str, tuple[int, int]], keep: float | None, bits: int, group: int,
-                factor_bytes: int) -> dict[str, int]:
+                factor_bits: int | None, elem_bytes: int) -> dict[str, int]:
     """Correction ranks that fill ``keep`` x each matrix's bf16 bytes after its quantized weights (0 for
     ``keep=None``, i.e. RTN alone); one-line error when the quantized weights alone exceed the budget."""
     from ..decompose.quantize import rtn_bytes
@@ -193,5 +218,7 @@ def quant_ranks(shapes: dict[str, tuple[int, int]], keep: float | None, bits: in
         left = keep * 2 * o * i - rtn_bytes((o, i), bits, group)
         check(left >= 0, f"--keep {keep:g} of the bf16 bytes is below what int{bits} in groups of {group} stores "
                          f"alone ({rtn_bytes((o, i), bits, group) / (2 * o * i):.3f} for {n}): raise --keep or lower --bits")
-        out[n] = min(int(left // ((o + i) * factor_bytes)), min(o, i))
+        # one rank: o + i factor weights, int8 with a bf16 scale per 32, or in the model's dtype
+        per_rank = (o + i) + 2 * (o + i) // 32 if factor_bits == 8 else (o + i) * elem_bytes
+        out[n] = min(int(left // per_rank), min(o, i))
     return out

@@ -33,7 +33,7 @@ from ..config import RunConfig
 from ..errors import FactorLMError, check
 from ..models.surgery import find_targets, get_module, linear_shape
 from .evaluate import Log, check_eval_tokens, flops_per_token, greedy_sample, param_groups, ppl
-from .generation import continuations, loop_warning
+from .generation import PROMPTS, continuations, loop_warning
 from .placement import GPU_SHARE, dispatched, heal_fits, offloaded, resolve_device
 
 TASK = "lm"
@@ -55,7 +55,11 @@ def check_config(c: RunConfig):
           "--global-score fisher back-propagates through the whole model at once, which --offload cannot bound: "
           "use --global-score energy or --rank-policy uniform")
     check(c.ranks is None, "--ranks does not apply to --task lm yet: give --keep or --rank")
-    if getattr(method, "quant", None):
+    if hasattr(type(method), "quant"):
+        check(not (c.heal_steps and c.heal_params == "factors" and (c.method == "rtn" or
+                                                                     getattr(method.options, "factor_bits", 16) == 8)),
+              f"--heal-steps trains the correction factors, which --method {c.method} stores as integer codes: "
+              "use --method rtn-lowrank --factor-bits 16 (or --heal-params all)")
         check(c.rank is None and c.rank_policy == "uniform",
               f"--method {c.method} takes a byte budget (--keep, the share of the targets' bf16 bytes) with "
               "--rank-policy uniform")
@@ -211,7 +215,8 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
                 f"blocks visit {device} one at a time for calibration")
         scores["dense"] = ppl(model, eval_ids, c, log, "dense", bos)
         samples["dense"] = greedy_sample(model, tokenizer)
-        generation = {"dense": continuations(model, tokenizer)}
+        prompts = PROMPTS[: c.generation_prompts]
+        generation = {"dense": continuations(model, tokenizer, prompts)} if prompts else {}
         timed = c.latency and not offloaded(dmap)  # offloaded weights would time the transfers
         dense_speed = evaluate.speed(model, c, "dense") if timed else None
         dense_flops = flops_per_token(model, c.seq_len)
@@ -223,10 +228,13 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     if c.rank is None and c.rank_policy == "global":
         log(f"  scaled spectra of every target (dense model) for the global rank plan ({c.global_score})")
         spectra = scaled_spectra(model, targets, method, batches, log, c.global_score, offload_to=offload_to)
+    if hasattr(method, "resolve"):
+        method.resolve(c.keep, shapes)
+        c.method_options = {**c.method_options, "bits": method.options.bits, "group_size": method.options.group_size}
     quant = getattr(method, "quant", None)
     if quant:  # quantization (+ correction): the ranks follow from the byte budget
         elem = next(model.parameters()).element_size()
-        ranks = quant_ranks(shapes, c.keep if method.calibrated else None, *quant, elem)
+        ranks = quant_ranks(shapes, c.keep if method.calibrated else None, *quant, elem_bytes=elem)
     else:
         ranks = plan_ranks(c, shapes, spectra)
     del spectra
@@ -259,7 +267,8 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
             scores["healed"] = ppl(model, eval_ids, c, log, "healed", bos)
         scores["final"] = dict(scores["healed" if c.heal_steps else "oneshot"])
         samples["final"] = greedy_sample(model, tokenizer)
-        generation["final"] = continuations(model, tokenizer)
+        if prompts:
+            generation["final"] = continuations(model, tokenizer, prompts)
         final_flops = flops_per_token(model, c.seq_len)
 
     groups_after = param_groups(model, targets)
@@ -271,8 +280,8 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     acc["bytes_before"], acc["bytes_before_is"] = bytes_before, bytes_what
     acc["bytes_after"] = tensor_bytes(model)  # the saved tensors in the model's dtype (file sizes: bytes_on_disk)
     if quant:
-        acc["quantized"] = {"bits": quant[0], "group_size": quant[1], "format": "quant_lowrank: bit-packed codes, "
-                            "bf16 scales, factors"}
+        acc["quantized"] = {"bits": quant[0], "group_size": quant[1], "factor_bits": quant[2] or dtype_name,
+                            "format": "quant_lowrank: bit-packed codes, bf16 scales, factors"}
         acc["svd_llm_ratio"] = None
     acc["target_bytes_after"] = sum(target_bytes(get_module(model, n)) for n in targets)
     acc["target_bytes_vs_bf16"] = round(acc["target_bytes_after"] / (2 * groups_before["targets"]), 4)
@@ -283,7 +292,7 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     warnings = []
     if not math.isfinite(scores["final"]["perplexity"]) or ratio > 100:
         warnings.append(f"the compressed model's perplexity is {ratio:.3g}x the dense model's: it has lost the language")
-    looping = loop_warning(generation["dense"], generation["final"])
+    looping = loop_warning(generation["dense"], generation["final"]) if generation else None
     if looping:
         warnings.append(looping)
     for w in warnings:
