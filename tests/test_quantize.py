@@ -164,6 +164,8 @@ def test_rtn_lowrank_refuses_a_budget_below_the_codes(tmp_path):
     with pytest.raises(FactorLMError, match="below what int3 in groups of 16 stores alone"):
         compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.1, method_options={"bits": 3, "group_size": 16}),
                  quiet=True, save=False)
+    with pytest.raises(FactorLMError, match=r"--bits must be in \[2, 8\], got 9"):
+        compress(_lm_cfg(tmp_path, method="rtn-lowrank", method_options={"bits": 9}), quiet=True, save=False)
     with pytest.raises(FactorLMError, match="takes a byte budget"):
         compress(_lm_cfg(tmp_path, method="rtn-lowrank", rank_policy="global"), quiet=True, save=False)
 

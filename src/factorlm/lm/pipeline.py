@@ -56,6 +56,10 @@ def check_config(c: RunConfig):
           "use --global-score energy or --rank-policy uniform")
     check(c.ranks is None, "--ranks does not apply to --task lm yet: give --keep or --rank")
     if hasattr(type(method), "quant"):
+        bits = getattr(method.options, "bits", None)
+        check(bits is None or 2 <= bits <= 8, f"--bits must be in [2, 8], got {bits}")
+        group = getattr(method.options, "group_size", None)
+        check(group is None or group > 0, f"--group-size must be > 0, got {group}")
         check(not (c.heal_steps and c.heal_params == "factors" and (c.method == "rtn" or
                                                                      getattr(method.options, "factor_bits", 16) == 8)),
               f"--heal-steps trains the correction factors, which --method {c.method} stores as integer codes: "
