@@ -35,8 +35,10 @@ baselines' two epochs instead of one, to test whether the halved re-training bud
 Grid order: seed-major, then task, keep and variant, so a partial grid holds complete seeds.
 Resumable: each cell writes ``benchmarks/results/runs_protocol/<id>.json`` and is skipped when it
 exists; two processes share the grid (``--threads 1`` each): a run is claimed by an exclusive
-``<id>.claim`` file first.  Tables report mean +- sample std over seeds; a difference smaller than
-the larger of the two stds is marked "within noise".  Writes ``results/protocol.{md,json,png}``
+``<id>.claim`` file first.  Tables report mean +- sample std over seeds; a comparison gives the
+per-seed (paired) differences, the two-sided paired t-test's p over seeds and, for runs that kept
+their dev predictions (from issue 30 on), a paired bootstrap p over dev examples (``paired.py``);
+"significant" only for p < 0.05.  Writes ``results/protocol.{md,json,png}``
 (``--ablations``: ``protocol_ablations.*``; ``--kd``: ``protocol_kd.*``; ``--quick``: ``protocol_quick.*``).
 A run writes its own grid to ``<table>_latest.*`` and adds its cells of the methods ``<table>.md``
 already shows to that table, which never shrinks; ``--table-only`` rewrites ``<table>.*`` with
@@ -115,6 +117,13 @@ VARIANTS = {
     # issue 30: the baselines with LPAF_KD_ft2's three epochs after the teacher (budget split vs extra compute)
     "SVD_Ft_KD_3ep": "svd:epochs=3,finetune_distill=1",
     "FWSVD_Ft_KD_3ep": "fwsvd:epochs=3,finetune_distill=1",
+    # issue 30: SVD-LLM whitening on the encoder's own activations (uniform ranks), distilled as the KD rows
+    "Whiten_KD": "whiten:epochs=2,finetune_distill=1",
+    # issue 30: factorlm's recipe (two-sided K-FAC whitening + one global plan by estimated loss per stored
+    # weight, within keep + distillation weight 1, its default)
+    "KFAC_global": "kfac-global:epochs=2",
+    "KFAC_global_triplet": "kfac-global:epochs=2,rank_price=triplet",
+    "Whiten_KD_global": "whiten:epochs=2,finetune_distill=1,rank_policy=global",
     "LPAF_no_prune": "lpaf:distill=0,prune=false",
     "LPAF_plain_svd": f"{LPAF},decomposition=svd",
     "LPAF_vanilla_ft": f"{LPAF},mixed_rank=false",
@@ -122,6 +131,9 @@ VARIANTS = {
 DEFAULT = ["SVD_Ft", "FWSVD_Ft", "LPAF", "RankDyna"]
 KD = ["SVD_Ft_KD", "FWSVD_Ft_KD", "LPAF_KD"]
 KD_ABLATIONS = ["LPAF_KD_plain_svd", "LPAF_KD_vanilla_ft", "LPAF_KD_no_ft"]  # at keep 0.25, re-using LPAF_KD's pruning
+# the recipe's comparisons: every seed method at equal steps and distillation, then its ablations
+RECIPE_COMPARED = ["SVD_Ft_KD", "FWSVD_Ft_KD", "LPAF_KD", "RankDyna", "RankDyna_weights", "Whiten_KD",
+                   "Whiten_KD_global", "KFAC_global_triplet"]
 ABLATIONS = ["LPAF_no_prune", "LPAF_plain_svd", "LPAF_vanilla_ft"]
 ABLATION_GRID = ["SVD_Ft", "FWSVD_Ft", "LPAF", *ABLATIONS]  # SVD_Ft, FWSVD_Ft, LPAF: the main grid's runs
 COMPARED = ["SVD_Ft", "FWSVD_Ft", *ABLATIONS]  # LPAF is compared with each of these present in a table
@@ -143,6 +155,10 @@ LABELS = {
     "LPAF_KD_ft2": "LPAF + KD, mixed-rank for 2 epochs (diagnostic: one epoch more than the equal budget)",
     "SVD_Ft_KD_3ep": "SVD_Ft + KD (3 epochs, LPAF_KD_ft2's budget; Intel Xeon, its own re-trained teacher: not paired with the rows above)",
     "FWSVD_Ft_KD_3ep": "FWSVD_Ft + KD (3 epochs, LPAF_KD_ft2's budget; Intel Xeon, its own re-trained teacher: not paired with the rows above)",
+    "Whiten_KD": "Whiten + KD (SVD-LLM whitening on the task's activations, uniform ranks; 2 epochs)",
+    "KFAC_global": "kfac-global (factorlm recipe: K-FAC whitening, global loss-aware ranks within keep, KD; 2 epochs)",
+    "KFAC_global_triplet": "kfac-global, ranks priced per triplet (ablation)",
+    "Whiten_KD_global": "Whiten + KD, --rank-policy global (whitened spectra, energy-normalised; ablation)",
     "LPAF_no_prune": "LPAF w/o pruning (step 1; 1 epoch)",
     "LPAF_plain_svd": "LPAF, vanilla SVD instead of sparsity-aware",
     "LPAF_vanilla_ft": "LPAF, vanilla fine-tuning instead of mixed-rank",
@@ -161,8 +177,10 @@ def resolve(name: str, task: str, quick: bool) -> str:
 
 
 def prefix(args) -> str:
-    """Run ids and pruned-model caches of a smoke (--quick / --max-steps) never mix with real ones."""
-    return ("quick__" if args.quick else "") + (f"ms{args.max_steps}__" if args.max_steps else "")
+    """Run ids and pruned-model caches of a smoke (--quick / --max-steps) never mix with real ones; a
+    ``--tag`` (a teacher generation: teachers re-trained on another machine differ) keeps its own grid."""
+    return ((f"{args.tag}__" if getattr(args, "tag", None) else "") + ("quick__" if args.quick else "")
+            + (f"ms{args.max_steps}__" if args.max_steps else ""))
 
 
 def run_id(task: str, name: str, keep: float, seed: int, args) -> str:
@@ -230,6 +248,8 @@ def run_one(task: str, name: str, keep: float, seed: int, args, may_prune: bool 
         "train_steps": report.total_train_steps, "wall_s": round(time.time() - t0, 1), "warnings": report.warnings,
         "health": report.health, "baseline": report.baseline, "teacher": report.teacher, "config": config.to_dict(),
         "machine": machine(args.threads, config.mixed_precision),
+        # the final model's dev predictions per example: paired bootstraps over the dev set
+        "dev_predictions": getattr(report, "predictions", None),
         # RankDyna's allocation (matrix -> kept rank; the matrices stored dense past break-even)
         **({"ranks": report.info["ranks"], "dense_modules": report.info.get("dense", [])}
            if "ranks" in report.info else {}),
@@ -261,23 +281,34 @@ def _teachers(rs: list[dict]) -> dict[int, float]:
 
 
 def _compare(a: list[dict], b: list[dict]) -> str:
-    """Difference of means (x100) of runs ``a`` minus runs ``b`` over the seeds both have, judged against
-    the larger of the two stds (the protocol's rule), with the per-seed (paired) differences beside it."""
-    sa, sb = {r["seed"]: 100 * r["score"] for r in a}, {r["seed"]: 100 * r["score"] for r in b}
+    """Difference of means (x100) of runs ``a`` minus runs ``b`` over the seeds both have, with the
+    per-seed (paired) differences, a paired t-test over seeds and, where the runs kept their dev
+    predictions, a paired bootstrap over the dev examples; "significant" only for p < 0.05
+    (:mod:`paired`).  The seeds pair the runs (same teacher, data split and, for LPAF's ablations,
+    pruned model)."""
+    from paired import fmt_p, paired_bootstrap, paired_t, verdict
+
+    sa, sb = {r["seed"]: r for r in a}, {r["seed"]: r for r in b}
     common = sorted(sa.keys() & sb.keys())
     if not common:
         return "no common seed"
-    xa, xb = [sa[s] for s in common], [sb[s] for s in common]
+    xa, xb = [100 * sa[s]["score"] for s in common], [100 * sb[s]["score"] for s in common]
     diff = statistics.mean(xa) - statistics.mean(xb)
     if len(common) < 2:
-        return f"{diff:+.1f} (one seed, noise unknown)"
-    noise = max(statistics.stdev(xa), statistics.stdev(xb))
-    verdict = "within noise" if abs(diff) < noise else "beyond noise"
-    # the seeds pair the runs (same teacher, data split and, for LPAF's ablations, pruned model): the
-    # per-seed differences show what the spread across seeds hides
+        return f"{diff:+.1f} (one seed: untested)"
     d = [x - y for x, y in zip(xa, xb)]
-    paired = f"per seed {' / '.join(f'{x:+.1f}' for x in d)}, paired std {statistics.stdev(d):.1f}"
-    return f"{diff:+.1f} ({verdict}: larger std {noise:.1f}; {len(common)} seeds; {paired})"
+    ta, tb = [sa[s].get("dense_score") for s in common], [sb[s].get("dense_score") for s in common]
+    if all(t is not None for t in ta + tb) and ta != tb:  # teachers re-trained elsewhere: the seeds do not pair
+        from scipy import stats
+
+        p = float(stats.ttest_ind(xa, xb, equal_var=False).pvalue)
+        return (f"{diff:+.1f} ({verdict(p)}, NOT paired: different teachers (re-trained on another machine); "
+                f"Welch t p = {fmt_p(p)}; {len(common)} seeds)")
+    _, p = paired_t(xa, xb)
+    boot = paired_bootstrap(a[0]["task"], a[0]["main_metric"], [sa[s] for s in common], [sb[s] for s in common])
+    tests = f"paired t p = {fmt_p(p)}" + (f", dev bootstrap p = {fmt_p(boot)}" if boot is not None else "")
+    return (f"{diff:+.1f} ({verdict(p)} over seeds: {tests}; {len(common)} seeds, per seed "
+            f"{' / '.join(f'{x:+.1f}' for x in d)})")
 
 
 def _flagged(r: dict, phase: str = "final") -> bool:
@@ -362,7 +393,8 @@ def table(runs: list[dict], order: list[str]) -> str:
                        "class, diverged or scored no better than the majority class (see the warnings in the JSON).")
         out.append("\nWall time includes the teacher's training in the first run of a (task, seed) and the pruning in "
                    "the first LPAF run of a (task, keep, seed); later runs load them from the cache.\n")
-        for lead, compared in (("LPAF", COMPARED), ("LPAF_KD", [*KD[:-1], *KD_ABLATIONS]), ("LPAF_KD_ft2", KD)):
+        for lead, compared in (("LPAF", COMPARED), ("LPAF_KD", [*KD[:-1], *KD_ABLATIONS]),
+                               ("LPAF_KD_ft2", [*KD, "SVD_Ft_KD_3ep", "FWSVD_Ft_KD_3ep"]), ("KFAC_global", RECIPE_COMPARED)):
             lpaf = [r for r in rs if r["name"] == lead]
             others = [v for v in compared if any(r["name"] == v for r in rs)]
             for k in keeps:
@@ -469,7 +501,20 @@ def main() -> None:
                    help="override the protocol's 'auto' (e.g. 'no' to finish a seed begun on a CPU without native bf16 "
                         "with the same precision; each row records the precision it ran in)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (two benchmarks side by side with 1)")
+    p.add_argument("--tag", default=None, help="a grid of its own (run ids, caches and tables carry the tag): e.g. one "
+                   "teacher generation, since teachers re-trained on another machine differ and would not pair")
+    p.add_argument("--rerender", nargs="+", metavar="STEM", help="re-write results/<STEM>.{md,png} from the runs "
+                   "<STEM>.json lists (after a change of the table code; runs nothing)")
+    p.add_argument("--name", default=None, help="the table's file stem (default: protocol, protocol_kd, ...)")
     args = p.parse_args()
+    if args.rerender:
+        for stem in args.rerender:
+            runs = json.loads((RESULTS / f"{stem}.json").read_text())
+            cells = [(r["task"], r["name"], r["keep"], r["seed"]) for r in runs]
+            rank = {v: i for i, v in enumerate(VARIANTS)}
+            order = sorted(dict.fromkeys(c[1] for c in cells), key=lambda v: rank.get(v, len(rank)))
+            _write_runs(stem, runs, order)
+        return
     if args.threads:
         import torch
 
@@ -486,6 +531,10 @@ def main() -> None:
         name += "_quick"
     if args.max_steps:  # a smoke test's run ids carry ms<N>__: its tables never touch the real ones
         name += f"_smoke_ms{args.max_steps}"
+    if args.tag:
+        name += f"_{args.tag}"
+    if args.name:
+        name = args.name
     if not args.table_only and any("data_dir" in TASKS[t] for t in args.tasks) and not GLUE.is_dir():
         sys.exit(f"GLUE data not found under {GLUE} (set FACTORLM_DATA_DIR)")
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -551,6 +600,10 @@ def write_table(stem: str, cells: list[tuple], order: list[str], args, echo: boo
     runs.sort(key=lambda r: (tasks.index(r["task"]), -r["keep"], r["seed"]))
     if not runs:
         sys.exit("no finished runs")
+    _write_runs(stem, runs, order, echo)
+
+
+def _write_runs(stem: str, runs: list[dict], order: list[str], echo: bool = False) -> None:
     md = table(runs, order)
     if echo:
         print(md)

@@ -437,6 +437,7 @@ def compress(config: RunConfig, *, quiet: bool = False, save: bool = True) -> Re
                     baseline=session.baseline, warnings=list(session.warnings), health=session.health,
                     teacher=session.teacher, latency=latency)
     report.model = model  # the compressed model itself (an attribute, not a serialized field)
+    report.predictions = session.predictions.get("final")  # dev predictions per example (not serialized either)
     if save and session.accelerator.is_main_process:
         meta = {
             "task": session.task.name, "method": method.name, "structure": c.structure,

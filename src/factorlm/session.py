@@ -29,6 +29,7 @@ class Session:
         self.config = config.validate()
         self.quiet = quiet
         self.phases: dict[str, dict[str, Any]] = {}  # phase name -> eval metrics (+ steps)
+        self.predictions: dict[str, dict[str, dict[str, list]]] = {}  # phase -> split -> dev preds / labels
         self.total_train_steps = 0
         self._tokenizer = None
         self.teacher: dict[str, Any] | None = None  # set by api.ensure_teacher
@@ -245,6 +246,10 @@ class Session:
         stats: dict[str, dict[str, float]] = {}
         metrics = evaluate(model, self.eval_loaders, self.task, accelerator=None, stats=stats,
                            null_threshold=self.null_threshold(model))
+        per_example = {split: (st.pop("_preds", None), st.pop("_labels", None)) for split, st in stats.items()}
+        if phase:  # the dev predictions per example (a paired bootstrap over the dev set needs them)
+            self.predictions[phase] = {s: {"preds": p.tolist(), "labels": y.tolist()}
+                                       for s, (p, y) in per_example.items() if p is not None}
         if phase:
             self.record(phase, metrics, **extra)
             if check:

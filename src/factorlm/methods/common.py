@@ -47,8 +47,10 @@ def structure_fixed(session) -> dict:
 
 
 def plan_for(session, model: nn.Module, targets: list[str], weights: dict[str, torch.Tensor] | None = None,
-             *, speed_check: bool | None = None):
+             *, speed_check: bool | None = None, spectra: tuple | None = None, global_plan: bool | None = None):
     """Uniform plan (largest shared knob within --keep, or --rank), a global non-uniform rank plan, or
+    ``spectra = (singular values by name, normalize, per_param)``: the method's own spectra for the
+    global plan (``global_plan=True`` asks for it whatever ``--rank-policy`` says); or
     the per-matrix ranks of a ``--ranks`` file (whose past-break-even matrices, left out of the plan
     and kept dense, are listed in ``session.plan_dense``); then the per-matrix speed check (:func:`speed_check_plan`), which with ``--skip-slow`` keeps dense
     the matrices that would not run faster factorized, within the same budget.
@@ -68,23 +70,28 @@ def plan_for(session, model: nn.Module, targets: list[str], weights: dict[str, t
             ranks = session.explicit_ranks = read_ranks(c.ranks)
         shapes = target_shapes(model, targets)
         plan, session.plan_dense = explicit_plan(shapes, ranks)
-    elif c.rank_policy == "global" and c.rank is None:
+    elif (c.rank_policy == "global" if global_plan is None else global_plan) and c.rank is None:
         from ..errors import check
         from ..ranks.allocator import global_rank_plan
 
-        check(c.structure == "lowrank", "--rank-policy global needs --structure lowrank")
-        spectra = {}
-        for n in targets:
-            W = model.get_submodule(n).weight.detach().float()
-            if weights is not None:
-                W = W * weights[n].to(W)[None, :]
-            spectra[n] = torch.linalg.svdvals(W)
+        check(c.structure == "lowrank", "a global rank plan (--rank-policy global, kfac-global) needs --structure lowrank")
+        normalize, per_param = "energy", False
+        if spectra is not None:
+            spectra, normalize, per_param = spectra
+        else:
+            spectra = {}
+            for n in targets:
+                W = model.get_submodule(n).weight.detach().float()
+                if weights is not None:
+                    W = W * weights[n].to(W)[None, :]
+                spectra[n] = torch.linalg.svdvals(W)
         shapes = target_shapes(model, targets)
-        ranks = global_rank_plan(spectra, shapes, c.keep)
+        ranks = global_rank_plan(spectra, shapes, c.keep, normalize, per_param=per_param)
         plan = {n: {"rank": int(r)} for n, r in ranks.items()}
 
         def replan(rest, keep):  # --skip-slow: the same allocator over the matrices left, on what is left
-            return {n: {"rank": int(r)} for n, r in global_rank_plan({n: spectra[n] for n in rest}, rest, keep).items()}
+            sub = {n: spectra[n] for n in rest}
+            return {n: {"rank": int(r)} for n, r in global_rank_plan(sub, rest, keep, normalize, per_param=per_param).items()}
     else:
         plan = budget_plan(model, targets, keep=c.keep, rank=c.rank, structure=cls, **fixed)
         shapes = target_shapes(model, targets)

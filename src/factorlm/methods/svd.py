@@ -39,6 +39,14 @@ class SVDMethod(Method):
         fixed per-target callables, or a :class:`~factorlm.staged.DecomposeFactory` (made per stage)."""
         return None
 
+    #: the method's plan is always the global one (unless --rank or --ranks fixes the ranks)
+    always_global = False
+
+    def global_spectra(self, session, model, targets):
+        """``(spectra, normalize, per_param)`` for the global rank plan, or None: the plan then uses the
+        (``spectra_weights``-weighted) singular values of the weights."""
+        return None
+
     def spectra_weights(self, session, model, targets):
         """Importance used by --rank-policy global (None = plain singular values); only asked for then."""
         return None
@@ -47,9 +55,10 @@ class SVDMethod(Method):
         c = session.config
         targets = targets_for(session, model)
         decompose = self.decomposers(session, model, targets)
-        global_plan = c.rank_policy == "global" and c.rank is None
-        weights = self.spectra_weights(session, model, targets) if global_plan else None
-        plan = plan_for(session, model, targets, weights=weights)
+        global_plan = (c.rank_policy == "global" or self.always_global) and c.rank is None and c.ranks is None
+        spectra = self.global_spectra(session, model, targets) if global_plan else None
+        weights = self.spectra_weights(session, model, targets) if global_plan and spectra is None else None
+        plan = plan_for(session, model, targets, weights=weights, spectra=spectra, global_plan=global_plan)
         # the dense teacher, copied before factorization (only when the fine-tune distils from it)
         kd = teacher_distillation(model, self.options.finetune_distill if self.options.finetune else 0.0)
         accounting = run_factorize(session, model, plan, c.structure, decompose)
@@ -151,6 +160,14 @@ class FWSVDMethod(SVDMethod):
     def decomposers(self, session, model, targets):
         self._teacher_fisher = None
         return DecomposeFactory(lambda m, names: self._decomposers_now(session, m, names))
+
+    #: the method's plan is always the global one (unless --rank or --ranks fixes the ranks)
+    always_global = False
+
+    def global_spectra(self, session, model, targets):
+        """``(spectra, normalize, per_param)`` for the global rank plan, or None: the plan then uses the
+        (``spectra_weights``-weighted) singular values of the weights."""
+        return None
 
     def spectra_weights(self, session, model, targets):
         from ..decompose import fisher_importance

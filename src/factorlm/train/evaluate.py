@@ -178,6 +178,7 @@ def _evaluate_splits(model: nn.Module, eval_loaders: Mapping[str, Any], task, ac
         per_split[split] = task.compute_metrics(preds, labels)
         if stats is not None:
             stats[split] = prediction_stats(preds, labels, is_regression)
+            stats[split]["_preds"], stats[split]["_labels"] = preds, labels  # per example (paired bootstraps)
     return _merge(per_split, splits)
 
 
