@@ -122,7 +122,7 @@ VARIANTS = {
     # issue 30: factorlm's recipe (two-sided K-FAC whitening + one global plan by estimated loss per stored
     # weight, within keep + distillation weight 1, its default)
     "KFAC_global": "kfac-global:epochs=2",
-    "KFAC_global_triplet": "kfac-global:epochs=2,rank_price=triplet",
+    "KFAC_global_triplet": "kfac-global:epochs=2,rank_price=triplet",  # rank_price: a RunConfig field
     "Whiten_KD_global": "whiten:epochs=2,finetune_distill=1,rank_policy=global",
     "LPAF_no_prune": "lpaf:distill=0,prune=false",
     "LPAF_plain_svd": f"{LPAF},decomposition=svd",

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--include", nargs="+", help="regex: only layers whose name matches")
     c.add_argument("--exclude", nargs="+", help="regex: skip layers whose name matches (head/pooler always skipped)")
     c.add_argument("--rank-policy", choices=["uniform", "global"], help="one rank for all matrices, or global allocation")
+    c.add_argument("--rank-price", choices=["triplet", "weight"], help="a global rank plan keeps the singular triplets "
+                   "with the best score (triplet: the default of --task lm) or the best score per stored weight (weight: "
+                   "kfac-global's default; a triplet of a 576x1536 matrix costs 2112 weights, of a 576x192 one 768)")
     c.add_argument("--schedule", choices=["oneshot", "staged"], help="factorize all layers at once or stage by stage")
     c.add_argument("--stages", type=int, help="staged: number of stages (groups of consecutive layers; default one per layer)")
     c.add_argument("--stage-order", choices=["bottom_up", "top_down"], help="staged: which end first (default bottom_up)")
@@ -187,9 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--global-score", choices=["fisher", "energy"], help="--rank-policy global: fisher = each "
                     "matrix's scaled spectrum weighted by the loss gradient on its outputs (default); energy = each "
                     "matrix's relative error")
-    lm.add_argument("--rank-price", choices=["triplet", "weight"], help="--rank-policy global: keep the singular "
-                    "triplets with the best score (triplet, default) or the best score per stored weight (weight: a "
-                    "triplet of a 576x1536 matrix costs 2112 weights, of a 576x192 one 768)")
     lm.add_argument("--rank-multiple", type=int, help="round every rank down to a multiple of this (8: fast kernels)")
     lm.add_argument("--heal-steps", type=int, help="optimizer steps of language-model fine-tuning of the factors on "
                     "the calibration windows after the one-shot factorization (default 0)")

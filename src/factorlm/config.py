@@ -91,7 +91,7 @@ class RunConfig:
     eval_max_tokens: int | None = None  # cap on the evaluation tokens (default: all)
     rank_multiple: int = 1  # round ranks down to multiples of this (8: fast kernels)
     global_score: str = "fisher"  # --rank-policy global: fisher (loss-weighted spectra) | energy (relative)
-    rank_price: str = "triplet"  # --rank-policy global: rank by score per triplet | per weight (score / (out + in))
+    rank_price: str | None = None  # global plan: score per triplet | per weight (score / (out + in)); None = the method's (lm: triplet)
     heal_steps: int = 0  # optimizer steps of language-model fine-tuning after the one-shot factorization
     heal_params: str = "factors"  # factors | all: what healing trains
     heal_loss: str = "lm"  # lm (next-token loss) | distill (KL to the dense model's next-token distribution)
@@ -148,7 +148,7 @@ class RunConfig:
         check(self.heal_optimizer in ("auto", "adamw", "adamw-sr", "adamw8bit"),
               f"--heal-optimizer must be auto, adamw, adamw-sr or adamw8bit, got {self.heal_optimizer!r}")
         check(self.heal_update in ("joint", "sequential"), f"--heal-update must be joint or sequential, got {self.heal_update!r}")
-        check(self.rank_price in ("triplet", "weight"), f"--rank-price must be triplet or weight, got {self.rank_price!r}")
+        check(self.rank_price in (None, "triplet", "weight"), f"--rank-price must be triplet or weight, got {self.rank_price!r}")
         check(self.generation_prompts >= 0, f"--generation-prompts must be >= 0, got {self.generation_prompts}")
         check(self.bos in ("auto", "yes", "no"), f"--bos must be auto, yes or no, got {self.bos!r}")
         check(self.eval_seq_len is None or self.eval_seq_len > 1, f"--eval-seq-len must be > 1, got {self.eval_seq_len}")

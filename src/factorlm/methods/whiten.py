@@ -107,14 +107,10 @@ class KfacGlobalMethod(WhitenMethod):
             "0 = off, the default", "1 = this recipe's default")})
         damp_out: float = field(default=0.01, metadata={
             "help": "output-gradient-Gram damping, relative to its mean diagonal (> 0: that Gram is often singular)"})
-        rank_price: str = field(default="weight", metadata={
-            "help": "global plan's triplet value: per stored weight (knapsack ratio, default) or per triplet",
-            "choices": ("weight", "triplet")})
 
         def __post_init__(self):
             super().__post_init__()
             check(self.damp_out > 0, f"--damp-out must be > 0, got {self.damp_out}")
-            check(self.rank_price in ("weight", "triplet"), f"--rank-price must be weight or triplet, got {self.rank_price!r}")
 
     output_grads = True
     always_global = True
@@ -133,4 +129,4 @@ class KfacGlobalMethod(WhitenMethod):
         ins, outs = self._cached = self._stats(session, model, targets, "teacher, for the global rank plan")
         spectra = {n: kfac_spectrum(model.get_submodule(n).weight.detach(), ins[n].gram, outs[n].gram,
                                     o.damp, o.damp_out) for n in targets}
-        return spectra, "none", o.rank_price == "weight"
+        return spectra, "none", (session.config.rank_price or "weight") == "weight"  # --rank-price; per weight by default
