@@ -111,6 +111,9 @@ VARIANTS = {
     "LPAF_KD": "lpaf:finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_KD_plain_svd": "lpaf:finetune_distill=1,decomposition=svd,pruned_model={task}-k{keep}-s{seed}-full-kd",
     "LPAF_KD_vanilla_ft": "lpaf:finetune_distill=1,mixed_rank=false,pruned_model={task}-k{keep}-s{seed}-full-kd",
+    # issue 30: Omega = sqrt(normalised score), and pruning to density 0.10 before factorizing at keep 0.25
+    "LPAF_KD_omega_sqrt": "lpaf:finetune_distill=1,omega=scores_sqrt,pruned_model={task}-k{keep}-s{seed}-full-kd",
+    "LPAF_KD_density0.1": "lpaf:finetune_distill=1,density=0.1",
     "LPAF_KD_no_ft": "lpaf:finetune=false,finetune_distill=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
     # diagnostic, unequal compute: LPAF_KD's pruned model re-trained for the baselines' two epochs (three in all)
     "LPAF_KD_ft2": "lpaf:finetune_distill=1,epochs=2,prune_epochs=1,pruned_model={task}-k{keep}-s{seed}-full-kd",
@@ -130,7 +133,7 @@ VARIANTS = {
 }
 DEFAULT = ["SVD_Ft", "FWSVD_Ft", "LPAF", "RankDyna"]
 KD = ["SVD_Ft_KD", "FWSVD_Ft_KD", "LPAF_KD"]
-KD_ABLATIONS = ["LPAF_KD_plain_svd", "LPAF_KD_vanilla_ft", "LPAF_KD_no_ft"]  # at keep 0.25, re-using LPAF_KD's pruning
+KD_ABLATIONS = ["LPAF_KD_plain_svd", "LPAF_KD_vanilla_ft", "LPAF_KD_no_ft", "LPAF_KD_omega_sqrt", "LPAF_KD_density0.1"]  # at keep 0.25, re-using LPAF_KD's pruning
 # the recipe's comparisons: every seed method at equal steps and distillation, then its ablations
 RECIPE_COMPARED = ["SVD_Ft_KD", "FWSVD_Ft_KD", "LPAF_KD", "RankDyna", "RankDyna_weights", "Whiten_KD",
                    "Whiten_KD_global", "KFAC_global_triplet"]
@@ -152,6 +155,8 @@ LABELS = {
     "LPAF_KD_vanilla_ft": "LPAF + KD, vanilla fine-tuning instead of mixed-rank (ablation)",
     "LPAF_KD_no_ft": "LPAF + KD w/o step 3 (the factorized pruned model; ablation)",
     "LPAF_KD_plain_svd": "LPAF + KD, vanilla SVD instead of sparsity-aware (ablation)",
+    "LPAF_KD_omega_sqrt": "LPAF + KD, Omega = sqrt(normalised score) (not the paper's)",
+    "LPAF_KD_density0.1": "LPAF + KD, pruned to density 0.10, factorized at keep (the paper pairs densities with ranks)",
     "LPAF_KD_ft2": "LPAF + KD, mixed-rank for 2 epochs (diagnostic: one epoch more than the equal budget)",
     "SVD_Ft_KD_3ep": "SVD_Ft + KD (3 epochs, LPAF_KD_ft2's budget; Intel Xeon, its own re-trained teacher: not paired with the rows above)",
     "FWSVD_Ft_KD_3ep": "FWSVD_Ft + KD (3 epochs, LPAF_KD_ft2's budget; Intel Xeon, its own re-trained teacher: not paired with the rows above)",

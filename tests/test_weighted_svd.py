@@ -386,3 +386,14 @@ def test_em_plateau_rule_stops_where_it_says_and_zero_restores_the_cap():
         A, B, V = weighted_svd_em_step(W, w, A, B, "subspace", V)
         ref.append(float((Omega * (W - A @ B)).pow(2).sum()))
     assert max(abs(a - b) / b for a, b in zip(ref, full[:11])) < 1e-9
+
+
+def test_omega_scores_sqrt_is_the_root_of_the_normalised_scores():
+    from factorlm.decompose.weighted_svd import make_omega, normalized_scores
+
+    g = gen(9)
+    W = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    s = torch.rand(6, 5, generator=g, dtype=torch.float64) ** 3
+    om = make_omega("scores_sqrt", W, scores=s)
+    assert torch.equal(om, normalized_scores(s).sqrt())
+    assert float(om.max()) == 1.0 and torch.allclose(om ** 2, s / s.max())

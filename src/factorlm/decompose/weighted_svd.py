@@ -123,7 +123,7 @@ from .svd import compute_dtype_for, split_factors, svd, truncated_svd
 #: values of ``sparsity_aware_svd(decomposition=...)`` (LPAF's ``--decomposition``)
 DECOMPOSITIONS = ("em", "row", "svd")
 #: values of ``sparsity_aware_svd(omega=...)`` (LPAF's ``--omega``)
-OMEGAS = ("scores", "scores_quantile", "mask")
+OMEGAS = ("scores", "scores_sqrt", "scores_quantile", "mask")
 #: values of ``sparsity_aware_svd(solver=...)`` / ``weighted_low_rank(solver=...)``
 SOLVERS = ("auto", "als", "em", "em_subspace")
 #: older spellings (``weighted_svd_em``'s own ``solver`` values)
@@ -566,6 +566,9 @@ def make_omega(
     """``Omega`` on ``W``'s device for ``omega`` in :data:`OMEGAS`:
 
     ``"scores"`` -> :func:`normalized_scores` of every entry (``mask`` unused);
+    ``"scores_sqrt"`` -> its square root (not the paper's: the objective squares ``Omega``, so with
+    first-order scores, already ~ ``(w g)^2``, the EM weights ``Omega^2`` span twice the decades of the
+    scores; the root makes each entry's weight its normalised score itself);
     ``"scores_quantile"`` -> :func:`score_quantile_omega` (kept set = ``mask``, or ``W != 0``);
     ``"mask"`` -> :func:`mask_to_omega` of ``mask`` (or of ``W != 0``: a finalized pruned matrix).
     """
@@ -573,12 +576,14 @@ def make_omega(
     if mask is not None:
         check(mask.shape == W.shape, f"mask must have W's shape {tuple(W.shape)}, got {tuple(mask.shape)}")
         mask = mask.to(W.device)
-    if omega in ("scores", "scores_quantile"):
+    if omega in ("scores", "scores_sqrt", "scores_quantile"):
         check(scores is not None, f"omega={omega!r} needs scores")
         check(scores.shape == W.shape, f"scores must have W's shape {tuple(W.shape)}, got {tuple(scores.shape)}")
         scores = scores.to(W.device)
         if omega == "scores":
             return normalized_scores(scores)
+        if omega == "scores_sqrt":
+            return normalized_scores(scores).sqrt()
         return score_quantile_omega(scores, mask if mask is not None else (W != 0), eps)
     return mask_to_omega(mask if mask is not None else (W != 0))
 

@@ -29,7 +29,9 @@
   published first-order criterion; needs long schedules), UP_zero (the paper's ablation),
   factorlm's earlier variant.
 * ``--omega mask`` is the paper's "w/ M" ablation; ``--omega scores_quantile`` (scores replaced by
-  their quantiles among kept entries) and ``--decomposition row`` (Omega collapsed to one weight
+  their quantiles among kept entries), ``--omega scores_sqrt`` (the root of the normalised scores: the
+  objective squares Omega, and PLATON's score is already ~ (w g)^2, so "w/ S" weights entries by a
+  fourth power; issue 30) and ``--decomposition row`` (Omega collapsed to one weight
   per input column, closed form) are factorlm's faster approximations; ``--decomposition svd`` is
   the w/o-sparsity-aware ablation.
 * ``--solver`` (step 2's solver, not named in the paper): the default is EM from the SVD for every
@@ -75,7 +77,7 @@ from .common import FINETUNE_DISTILL_HELP, plan_for, targets_for, teacher_distil
 from .prune import PRUNING_FILE, PruneOptions, load_pruned, pruning_file_writer, run_pruning
 
 DECOMPOSITIONS = ("em", "row", "svd")
-OMEGAS = ("scores", "mask", "scores_quantile")
+OMEGAS = ("scores", "mask", "scores_quantile", "scores_sqrt")
 
 
 @register_method("lpaf")
@@ -94,7 +96,9 @@ class LPAFMethod(Method):
             "svd = plain truncated SVD (ablation)")})
         omega: str = field(default="scores", metadata={"choices": OMEGAS, "help": (
             "step 2 weights: scores = normalised raw pruning scores (the paper's w/ S), mask = binary keep-mask "
-            "(w/ M), scores_quantile = scores' quantiles among kept entries, pruned entries 1e-3 (factorlm's earlier choice)")})
+            "(w/ M), scores_quantile = scores' quantiles among kept entries, pruned entries 1e-3 (factorlm's earlier choice), "
+            "scores_sqrt = the square root of the normalised scores (not the paper's: the objective squares Omega, and "
+            "first-order scores are already ~ (w g)^2)")})
         solver: str = field(default="auto", metadata={"choices": SOLVERS, "help": (
             "step 2 with --decomposition em: auto (the default) = em_subspace, Srebro-Jaakkola EM from the SVD with "
             "one block-power M-step, up to 1000 steps (--em-plateau stops it earlier); em = EM with exact SVD M-steps; als = alternating least squares, "
