@@ -127,6 +127,10 @@ VARIANTS = {
     "KFAC_global": "kfac-global:epochs=2",
     "KFAC_global_triplet": "kfac-global:epochs=2,rank_price=triplet",  # rank_price: a RunConfig field
     "Whiten_KD_global": "whiten:epochs=2,finetune_distill=1,rank_policy=global",
+    # issue 30, the factorization study's claims: staged factorization (one stage per layer, 1 epoch over
+    # the stages + the final 1-epoch fine-tune = SVD_Ft_KD's 2 epochs) and Monarch (4 blocks) at equal steps
+    "SVD_Ft_KD_staged": "svd:epochs=1,schedule=staged,finetune_distill=1",
+    "Monarch_Ft_KD": "svd:epochs=2,structure=monarch,finetune_distill=1",
     "LPAF_no_prune": "lpaf:distill=0,prune=false",
     "LPAF_plain_svd": f"{LPAF},decomposition=svd",
     "LPAF_vanilla_ft": f"{LPAF},mixed_rank=false",
@@ -164,6 +168,8 @@ LABELS = {
     "KFAC_global": "kfac-global (factorlm recipe: K-FAC whitening, global loss-aware ranks within keep, KD; 2 epochs)",
     "KFAC_global_triplet": "kfac-global, ranks priced per triplet (ablation)",
     "Whiten_KD_global": "Whiten + KD, --rank-policy global (whitened spectra, energy-normalised; ablation)",
+    "SVD_Ft_KD_staged": "SVD_Ft + KD, staged (a stage per layer over 1 epoch, then 1 epoch; KD in the last)",
+    "Monarch_Ft_KD": "Monarch (P L P^T R, 4 blocks) + fine-tuning + KD (2 epochs)",
     "LPAF_no_prune": "LPAF w/o pruning (step 1; 1 epoch)",
     "LPAF_plain_svd": "LPAF, vanilla SVD instead of sparsity-aware",
     "LPAF_vanilla_ft": "LPAF, vanilla fine-tuning instead of mixed-rank",
@@ -392,7 +398,20 @@ def table(runs: list[dict], order: list[str]) -> str:
             wall = f"{statistics.mean(walls):.0f}" if walls else ""
             lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(steps)))} | "
                          f"{'/'.join(map(str, sorted(total)))} | {wall} |")
-        out += lines
+        sparse = []  # LPAF's step-1 model as a row of its own, its storage counted honestly
+        for lead in ("LPAF_KD", "LPAF"):
+            cells = []
+            for k in keeps:
+                ps = [r for r in rs if r["name"] == lead and r["keep"] == k
+                      and (r.get("phases") or {}).get("pruned", {}).get(metric) is not None]
+                cell = _ms([100 * r["phases"]["pruned"][metric] for r in ps]) if ps else ""
+                if ps and second:
+                    cell += f" (acc {_ms([100 * r['phases']['pruned'][second] for r in ps])})"
+                cells.append(cell + (f" [stores {k + 1 / 16:.3f}]" if ps else ""))
+            if any(cells):
+                sparse.append(f"| pruned (sparse) model of {lead}'s step 1: bf16 values + a 1-bit mask, so it stores "
+                              f"density + 1/16 of the dense bf16 bytes | " + " | ".join(cells) + " | | | |")
+        out += lines + sparse
         if flagged:
             out.append("\n† at least one model of the cell (the teacher's row: one seed's teacher) collapsed to one "
                        "class, diverged or scored no better than the majority class (see the warnings in the JSON).")
