@@ -25,8 +25,8 @@ def paired_t(a: list[float], b: list[float]) -> tuple[float, float]:
     if len(a) < 2:
         return math.nan, math.nan
     d = [x - y for x, y in zip(a, b)]
-    if statistics.pstdev(d) == 0:
-        return (math.inf if d[0] > 0 else -math.inf if d[0] < 0 else math.nan), (0.0 if d[0] else 1.0)
+    if statistics.pstdev(d) == 0:  # no spread: the t statistic is undefined, not infinitely significant
+        return math.nan, math.nan
     r = stats.ttest_rel(a, b)
     return float(r.statistic), float(r.pvalue)
 
@@ -46,9 +46,14 @@ def paired_bootstrap(task: str, metric: str, a: list[dict], b: list[dict], n: in
     over dev examples (``n`` resamples, the same indices for every run of a resample); ``a``/``b``:
     runs of the same seeds in the same order.  None when a run has no per-example predictions."""
     pa, pb = [r.get("dev_predictions") for r in a], [r.get("dev_predictions") for r in b]
-    if not a or any(p is None for p in pa + pb):
+    if not a or any(not p for p in pa + pb):  # None, or {} (QA: no per-example classes recorded)
         return None
     split = next(iter(pa[0]))
+    if len(pa[0]) > 1:  # several dev splits: the main metric is split-prefixed ("matched_accuracy")
+        from factorlm.train.evaluate import split_prefix
+
+        split = next((sp for sp in pa[0] if metric.startswith(split_prefix(sp) + "_")), split)
+        metric = metric[len(split_prefix(split)) + 1:] if metric.startswith(split_prefix(split) + "_") else metric
     f = _metric(task, metric)
     ys = [np.asarray(p[split]["labels"]) for p in pa]
     xa = [np.asarray(p[split]["preds"]) for p in pa]

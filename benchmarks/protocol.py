@@ -121,7 +121,9 @@ VARIANTS = {
     "SVD_Ft_KD_3ep": "svd:epochs=3,finetune_distill=1",
     "FWSVD_Ft_KD_3ep": "fwsvd:epochs=3,finetune_distill=1",
     # issue 30: SVD-LLM whitening on the encoder's own activations (uniform ranks), distilled as the KD rows
-    "Whiten_KD": "whiten:epochs=2,finetune_distill=1",
+    "Whiten_KD": "whiten:epochs=2,finetune_distill=1",  # SVD-LLM's per-matrix ratio ranks (its default from issue 30 on)
+    # the same with one shared rank for all matrices (SVD_Ft's plan; what whiten did before its ratio default)
+    "Whiten_KD_shared": "whiten:epochs=2,finetune_distill=1,ratio_ranks=false",
     # issue 30: factorlm's recipe (two-sided K-FAC whitening + one global plan by estimated loss per stored
     # weight, within keep + distillation weight 1, its default)
     "KFAC_global": "kfac-global:epochs=2",
@@ -139,7 +141,7 @@ DEFAULT = ["SVD_Ft", "FWSVD_Ft", "LPAF", "RankDyna"]
 KD = ["SVD_Ft_KD", "FWSVD_Ft_KD", "LPAF_KD"]
 KD_ABLATIONS = ["LPAF_KD_plain_svd", "LPAF_KD_vanilla_ft", "LPAF_KD_no_ft", "LPAF_KD_omega_sqrt", "LPAF_KD_density0.1"]  # at keep 0.25, re-using LPAF_KD's pruning
 # the recipe's comparisons: every seed method at equal steps and distillation, then its ablations
-RECIPE_COMPARED = ["SVD_Ft_KD", "FWSVD_Ft_KD", "LPAF_KD", "RankDyna", "RankDyna_weights", "Whiten_KD",
+RECIPE_COMPARED = ["SVD_Ft_KD", "FWSVD_Ft_KD", "LPAF_KD", "RankDyna", "RankDyna_weights", "Whiten_KD", "Whiten_KD_shared",
                    "Whiten_KD_global", "KFAC_global_triplet"]
 ABLATIONS = ["LPAF_no_prune", "LPAF_plain_svd", "LPAF_vanilla_ft"]
 ABLATION_GRID = ["SVD_Ft", "FWSVD_Ft", "LPAF", *ABLATIONS]  # SVD_Ft, FWSVD_Ft, LPAF: the main grid's runs
@@ -165,6 +167,7 @@ LABELS = {
     "SVD_Ft_KD_3ep": "SVD_Ft + KD (3 epochs, LPAF_KD_ft2's budget; Intel Xeon, its own re-trained teacher: not paired with the rows above)",
     "FWSVD_Ft_KD_3ep": "FWSVD_Ft + KD (3 epochs, LPAF_KD_ft2's budget; Intel Xeon, its own re-trained teacher: not paired with the rows above)",
     "Whiten_KD": "Whiten + KD (SVD-LLM whitening on the task's activations, uniform ranks; 2 epochs)",
+    "Whiten_KD_shared": "Whiten + KD, one shared rank for all matrices (SVD_Ft's plan, not SVD-LLM's ratio)",
     "KFAC_global": "kfac-global (factorlm recipe: K-FAC whitening, global loss-aware ranks within keep, KD; 2 epochs)",
     "KFAC_global_triplet": "kfac-global, ranks priced per triplet (ablation)",
     "Whiten_KD_global": "Whiten + KD, --rank-policy global (whitened spectra, energy-normalised; ablation)",

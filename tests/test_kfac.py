@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_bert
 from factorlm.decompose.kfac import kfac_loss_estimate, kfac_spectrum, kfac_svd
 from factorlm.decompose.whiten import whiten_svd
+from factorlm.config import RunConfig
 from factorlm.errors import FactorLMError
 from factorlm.methods import get_method
 from factorlm.models import find_targets
@@ -91,6 +92,7 @@ def test_layer_grams_match_brute_force_and_skip_padding():
     ins, outs = layer_grams(model, batches, names, output_grads=True)
     ref_in = {n: torch.zeros_like(ins[n].gram) for n in names}
     ref_out = {n: torch.zeros_like(outs[n].gram) for n in names}
+    count = {n: 0 for n in names}
     m = copy.deepcopy(model).eval()
     for p in m.parameters():
         p.requires_grad_(False)
@@ -113,9 +115,10 @@ def test_layer_grams_match_brute_force_and_skip_padding():
             for n in names:
                 xin, o = seen[n]
                 ref_in[n] += (xin[0].double().T @ xin[0].double())
+                count[n] += xin.shape[1]
                 ref_out[n] += (o.grad[0].double().T @ o.grad[0].double())
-    for n in names:
-        torch.testing.assert_close(ins[n].gram, ref_in[n], rtol=1e-4, atol=1e-6)
+    for n in names:  # the input Gram is a per-token mean, the output-gradient Gram a sum
+        torch.testing.assert_close(ins[n].gram, ref_in[n] / count[n], rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(outs[n].gram, ref_out[n], rtol=1e-3, atol=1e-9)
         assert ins[n].tokens == sum(int(b["attention_mask"].sum()) for b in batches)
     assert all(p.grad is None for p in model.parameters())
@@ -147,8 +150,54 @@ def test_encoder_methods_fit_their_objective_and_respect_keep(method):
         torch.testing.assert_close(AB, (A2 @ B2).double(), rtol=1e-3, atol=1e-5)
     total = sum(teacher.get_submodule(n).weight.numel() for n in targets)
     assert stored <= 0.5 * total  # keep 0.5, counted exactly
-    ranks = {model.get_submodule(n).rank for n in targets}
-    assert (len(ranks) > 1) == (method == "kfac-global")  # global plan: non-uniform; SVD-LLM: uniform
+    ranks = {n: model.get_submodule(n).rank for n in targets}
+    if method == "whiten":  # SVD-LLM: the same ratio for every matrix
+        from factorlm.ranks.budget import ratio_plan
+        from factorlm.models.surgery import target_shapes
+
+        assert ranks == ratio_plan(target_shapes(teacher, targets), 0.5)
+    else:
+        assert len(set(ranks.values())) > 1
     assert get_method("kfac-global").options.finetune_distill == 1.0
     with pytest.raises(FactorLMError, match="--damp-out"):
         get_method("kfac-global", {"damp_out": 0})
+
+
+def test_kfac_loss_estimate_with_input_damping_equals_the_spectrum_tail():
+    W = torch.from_numpy(np.random.default_rng(11).standard_normal((9, 14)))
+    Gi, Go = _gram(14, 60, 12), _gram(9, 80, 13)
+    for k in (1, 4):
+        A, B = kfac_svd(W, k, Gi, Go, damp_in=0.1, damp_out=0.05)
+        s = kfac_spectrum(W, Gi, Go, damp_in=0.1, damp_out=0.05)
+        assert kfac_loss_estimate(W, A @ B, Gi, Go, damp_in=0.1, damp_out=0.05) == pytest.approx(float((s[k:] ** 2).sum()), rel=1e-9)
+
+
+def test_whiten_staged_recomputes_statistics_per_stage_and_refuses_block_structures(monkeypatch):
+    from factorlm.train import layer_stats
+
+    calls = []
+    real = layer_stats.layer_grams
+
+    def counting(model, loader, names, **kw):
+        calls.append(list(names))
+        return real(model, loader, names, **kw)
+
+    monkeypatch.setattr(layer_stats, "layer_grams", counting)
+    model = tiny_bert()
+    targets = find_targets(model)
+    s = FakeSession(schedule="staged", stages=2)
+    get_method("kfac-global", {"calib_batches": 2, "finetune": False}).run(s, model)
+    # the global plan's statistics (all targets, on the teacher) serve stage 1; stage 2 is measured anew
+    assert calls == [targets, targets[6:]]
+    with pytest.raises(FactorLMError, match="--structure lowrank"):
+        get_method("whiten").validate(RunConfig(structure="monarch"))
+
+
+def test_kfac_global_rank_price_triplet_changes_the_plan():
+    ranks = {}
+    for price in ("weight", "triplet"):
+        model = tiny_bert()
+        s = FakeSession(rank_price=price)
+        get_method("kfac-global", {"calib_batches": 2, "finetune": False}).run(s, model)
+        ranks[price] = {n: model.get_submodule(n).rank for n in find_targets(tiny_bert())}
+    assert ranks["weight"] != ranks["triplet"]

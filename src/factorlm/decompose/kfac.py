@@ -1,18 +1,22 @@
 """Two-sided (K-FAC) whitened low-rank fit of one linear layer: the loss-aware version of SVD-LLM.
 
-*Objective*: a linear layer ``y = x W^T`` inside a model with loss ``L``; calibration inputs ``X``
-(tokens, in) with Gram ``G_in = X^T X`` and output gradients ``g = dL/dy`` (tokens, out) with Gram
-``G_out = g^T g``.  Under K-FAC's Kronecker approximation of the Fisher (Martens & Grosse, ICML
-2015), the second-order estimate of the loss increase caused by replacing ``W`` with ``W'`` is
+*Objective*: a linear layer ``y = x W^T`` inside a model with loss ``L``; calibration tokens with
+inputs ``x_t`` and output gradients ``g_t = dL/dy_t``; the input Gram *per token*
+``G_in = (1/n) sum_t x_t x_t^T`` and the output-gradient Gram ``G_out = sum_t g_t g_t^T`` (a sum: the
+gradients of the examples' own losses).  Under K-FAC's Kronecker approximation of the Fisher (Martens
+& Grosse, ICML 2015: the inputs and output gradients taken independent), the second-order estimate of
+the loss increase summed over the calibration examples, caused by replacing ``W`` with ``W'``, is
 
-    dL ~ 1/2 * ||L (W - W') R||_F^2,      L L^T = G_out,  R R^T = G_in,
+    dL ~ 1/2 * sum_t (g_t^T (W - W') x_t)^2  ~  1/2 * ||L (W - W') R||_F^2,   L L^T = G_out,  R R^T = G_in,
 
 so the best rank-k replacement is an Eckart-Young truncation in that norm: with ``M = L W R =
 U Sigma V^T``, ``W' = L^{-1} U_k U_k^T L W`` (then ``L W' R = U_k Sigma_k V_k^T``), and the
-estimated loss increase of rank k is ``sum_{i>k} sigma_i^2``: the triplets' ``sigma_i^2`` are in
-*loss units*, so they compare across matrices without any per-matrix normalisation (which is what a
-global rank allocation needs).  With ``G_out = I`` this is SVD-LLM's output-error fit
-(:func:`factorlm.decompose.whiten.whiten_svd`).
+estimated loss increase of rank k is ``1/2 sum_{i>k} sigma_i^2``: the triplets' ``sigma_i^2`` are
+(twice) *loss units*, so they compare across matrices without any per-matrix normalisation (which is
+what a global rank allocation needs) -- including matrices that see different numbers of tokens,
+since ``G_in`` is a per-token mean.  With ``G_out = I`` this is SVD-LLM's output-error fit
+(:func:`factorlm.decompose.whiten.whiten_svd`; the input Gram's scale does not change ``W'``).
+The Fisher here is the *empirical* one (the true labels' gradients), not K-FAC's with sampled labels.
 
 *Origin*: the two-sided whitening is KFAC-SVD's (LEMS, "error-propagation-aware" SVD compression,
 github.com/lems-svd/lems; also the "Fisher-aware" factor of Hsu et al.'s FWSVD taken to both
@@ -39,7 +43,7 @@ def output_root(gram_out: torch.Tensor, damp: float) -> tuple[torch.Tensor, torc
     G = _checked_gram(gram_out, damp)
     lam, Q = torch.linalg.eigh(G)
     lam = lam.clamp_min(0.0) + damp * float(G.diagonal().mean())
-    check(bool((lam > 0).all()), "output-gradient Gram is singular: use damp_out > 0")
+    check(bool((lam > 1e-12 * max(float(lam.max()), 1e-300)).all()), "output-gradient Gram is singular: use damp_out > 0")
     r = lam.sqrt()
     return (Q * r) @ Q.T, (Q / r) @ Q.T
 
@@ -48,8 +52,8 @@ def kfac_spectrum(W: torch.Tensor, gram_in: torch.Tensor, gram_out: torch.Tensor
                   damp_in: float = 0.0, damp_out: float = 0.01) -> torch.Tensor:
     """Singular values of ``L W R`` (descending, float64, CPU): ``sum_{i>k} s_i^2`` estimates (x2) the
     loss increase of rank k."""
-    L, _ = output_root(gram_out, damp_out)
-    return scaled_spectrum(L @ W.detach().to(torch.float64), GramScale(gram_in, damp_in))
+    L, _ = output_root(gram_out.to(W.device), damp_out)
+    return scaled_spectrum(L @ W.detach().to(torch.float64), GramScale(gram_in.to(W.device), damp_in))
 
 
 def kfac_svd(W: torch.Tensor, rank: int, gram_in: torch.Tensor, gram_out: torch.Tensor,
@@ -76,8 +80,8 @@ def kfac_loss_estimate(W: torch.Tensor, W2: torch.Tensor, gram_in: torch.Tensor,
                        damp_in: float = 0.0, damp_out: float = 0.01) -> float:
     """``||L (W - W2) R||_F^2`` in float64 (the objective :func:`kfac_svd` minimises)."""
     D = W.detach().to(torch.float64) - W2.detach().to(torch.float64)
-    Gi = _checked_gram(gram_in, damp_in)
-    Gi = Gi + damp_in * float(Gi.diagonal().mean()) * torch.eye(Gi.shape[0], dtype=Gi.dtype)
-    L, _ = output_root(gram_out, damp_out)
+    Gi = _checked_gram(gram_in.to(D.device), damp_in)
+    Gi = Gi + damp_in * float(Gi.diagonal().mean()) * torch.eye(Gi.shape[0], dtype=Gi.dtype, device=Gi.device)
+    L, _ = output_root(gram_out.to(D.device), damp_out)
     LD = L @ D
     return max(float(((LD @ Gi) * LD).sum()), 0.0)

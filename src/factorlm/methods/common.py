@@ -47,10 +47,13 @@ def structure_fixed(session) -> dict:
 
 
 def plan_for(session, model: nn.Module, targets: list[str], weights: dict[str, torch.Tensor] | None = None,
-             *, speed_check: bool | None = None, spectra: tuple | None = None, global_plan: bool | None = None):
+             *, speed_check: bool | None = None, spectra: tuple | None = None, global_plan: bool | None = None,
+             uniform_ratio: bool = False):
     """Uniform plan (largest shared knob within --keep, or --rank), a global non-uniform rank plan, or
     ``spectra = (singular values by name, normalize, per_param)``: the method's own spectra for the
-    global plan (``global_plan=True`` asks for it whatever ``--rank-policy`` says); or
+    global plan (``global_plan=True`` asks for it whatever ``--rank-policy`` says); ``uniform_ratio``: the
+    uniform plan gives each matrix the same compression ratio (rank ``keep m n / (m + n)``, SVD-LLM's)
+    instead of one shared rank; or
     the per-matrix ranks of a ``--ranks`` file (whose past-break-even matrices, left out of the plan
     and kept dense, are listed in ``session.plan_dense``); then the per-matrix speed check (:func:`speed_check_plan`), which with ``--skip-slow`` keeps dense
     the matrices that would not run faster factorized, within the same budget.
@@ -75,7 +78,7 @@ def plan_for(session, model: nn.Module, targets: list[str], weights: dict[str, t
         from ..ranks.allocator import global_rank_plan
 
         check(c.structure == "lowrank", "a global rank plan (--rank-policy global, kfac-global) needs --structure lowrank")
-        normalize, per_param = "energy", False
+        normalize, per_param = "energy", c.rank_price == "weight"
         if spectra is not None:
             spectra, normalize, per_param = spectra
         else:
@@ -92,6 +95,13 @@ def plan_for(session, model: nn.Module, targets: list[str], weights: dict[str, t
         def replan(rest, keep):  # --skip-slow: the same allocator over the matrices left, on what is left
             sub = {n: spectra[n] for n in rest}
             return {n: {"rank": int(r)} for n, r in global_rank_plan(sub, rest, keep, normalize, per_param=per_param).items()}
+    elif uniform_ratio and c.rank is None:
+        from ..errors import check
+        from ..ranks.budget import ratio_plan
+
+        check(c.structure == "lowrank", "a per-matrix ratio plan needs --structure lowrank")
+        shapes = target_shapes(model, targets)
+        plan = {n: {"rank": int(r)} for n, r in ratio_plan(shapes, c.keep, 1).items()}
     else:
         plan = budget_plan(model, targets, keep=c.keep, rank=c.rank, structure=cls, **fixed)
         shapes = target_shapes(model, targets)

@@ -42,6 +42,10 @@ class SVDMethod(Method):
     #: the method's plan is always the global one (unless --rank or --ranks fixes the ranks)
     always_global = False
 
+    def uniform_ratio(self) -> bool:
+        """Uniform plan: the same compression ratio per matrix (True) or one shared rank (False, SVD_Ft's)."""
+        return False
+
     def global_spectra(self, session, model, targets):
         """``(spectra, normalize, per_param)`` for the global rank plan, or None: the plan then uses the
         (``spectra_weights``-weighted) singular values of the weights."""
@@ -58,7 +62,8 @@ class SVDMethod(Method):
         global_plan = (c.rank_policy == "global" or self.always_global) and c.rank is None and c.ranks is None
         spectra = self.global_spectra(session, model, targets) if global_plan else None
         weights = self.spectra_weights(session, model, targets) if global_plan and spectra is None else None
-        plan = plan_for(session, model, targets, weights=weights, spectra=spectra, global_plan=global_plan)
+        plan = plan_for(session, model, targets, weights=weights, spectra=spectra, global_plan=global_plan,
+                        uniform_ratio=self.uniform_ratio())
         # the dense teacher, copied before factorization (only when the fine-tune distils from it)
         kd = teacher_distillation(model, self.options.finetune_distill if self.options.finetune else 0.0)
         accounting = run_factorize(session, model, plan, c.structure, decompose)
@@ -163,6 +168,10 @@ class FWSVDMethod(SVDMethod):
 
     #: the method's plan is always the global one (unless --rank or --ranks fixes the ranks)
     always_global = False
+
+    def uniform_ratio(self) -> bool:
+        """Uniform plan: the same compression ratio per matrix (True) or one shared rank (False, SVD_Ft's)."""
+        return False
 
     def global_spectra(self, session, model, targets):
         """``(spectra, normalize, per_param)`` for the global rank plan, or None: the plan then uses the

@@ -5,7 +5,10 @@ factorlm's loss-aware recipe (``kfac-global``), each followed by fine-tuning.
 Decomposition for Large Language Model Compression", ICLR 2025, https://arxiv.org/abs/2403.07378.
 *As published*: each target's rank-k factors minimise its output error on calibration inputs
 (``||(W - W') X^T||_F``, the whitened truncation of :func:`factorlm.decompose.whiten.whiten_svd`), the
-same ratio for every matrix (uniform ranks within ``--keep``), then the parameter update (training).
+same compression ratio for every matrix (rank ``floor(keep * m * n / (m + n))`` per ``m x n`` matrix,
+``--ratio-ranks true``), then the parameter update (training).  ``--ratio-ranks false`` gives every
+matrix one shared rank instead (the encoder baselines' plan, SVD_Ft's: FFN matrices then keep a
+smaller share than attention ones).
 *Differs here*: the paper is for decoder LLMs with 256 x 2048 tokens of WikiText-2; here the calibration
 inputs are the task's own training batches (``--calib-batches``, padding excluded) through the
 fine-tuned encoder, and the update is the task fine-tune (SVD_Ft's, optionally distilled) instead of
@@ -47,6 +50,9 @@ class WhitenMethod(SVDMethod):
             "help": "training batches whose activations (padding excluded) make each layer's Gram"})
         damp: float = field(default=1e-6, metadata={
             "help": "input-Gram damping, relative to its mean diagonal (0 = the published objective)"})
+        ratio_ranks: bool = field(default=True, metadata={
+            "help": "uniform plan: the same ratio per matrix, rank keep*m*n/(m+n) (SVD-LLM's, default) or false: "
+                    "one shared rank for all matrices (SVD_Ft's plan)"})
 
         def __post_init__(self):
             super().__post_init__()
@@ -54,6 +60,13 @@ class WhitenMethod(SVDMethod):
             check(self.damp >= 0, f"--damp must be >= 0, got {self.damp}")
 
     output_grads = False  # the output-gradient Gram (kfac-global)
+
+    def validate(self, config, num_processes: int = 1) -> None:
+        check(config.structure == "lowrank", f"--method {self.name} fits low-rank factors: use --structure lowrank, "
+              f"not {config.structure!r}")
+
+    def uniform_ratio(self) -> bool:
+        return bool(self.options.ratio_ranks)
 
     def _stats(self, session, model, names, what: str):
         from ..train.layer_stats import layer_grams
@@ -79,7 +92,7 @@ class WhitenMethod(SVDMethod):
         return self._fits(ins, outs, names)
 
     def decomposers(self, session, model, targets):
-        self._cached = getattr(self, "_cached", None)
+        self._cached = None  # (set by global_spectra, which run() calls after this)
         return DecomposeFactory(lambda m, names: self._decomposers_now(session, m, names))
 
     def global_spectra(self, session, model, targets):
@@ -88,7 +101,7 @@ class WhitenMethod(SVDMethod):
 
         ins, outs = self._cached = self._stats(session, model, targets, "teacher, for the global rank plan")
         return {n: scaled_spectrum(model.get_submodule(n).weight.detach(), GramScale(ins[n].gram, self.options.damp))
-                for n in targets}, "energy", False
+                for n in targets}, "energy", session.config.rank_price == "weight"
 
 
 def _fit(fn, W, rank, **kw):
@@ -113,7 +126,7 @@ class KfacGlobalMethod(WhitenMethod):
             check(self.damp_out > 0, f"--damp-out must be > 0, got {self.damp_out}")
 
     output_grads = True
-    always_global = True
+    always_global = True  # the recipe's plan (--rank fixes one shared rank instead)
 
     def _fits(self, ins, outs, names):
         from ..decompose.kfac import kfac_svd

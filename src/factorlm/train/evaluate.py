@@ -149,7 +149,8 @@ def evaluate(model: nn.Module, eval_loaders: Mapping[str, Any], task, accelerato
     One split: ``task.compute_metrics`` as-is (e.g. ``{"accuracy": 0.9}``).  Several splits: each
     metric prefixed with the split name minus ``dev_`` (``matched_accuracy``, ``mismatched_accuracy``).
     Values are python floats.  No loaders -> ``{}``.  ``stats``, when given, receives
-    :func:`prediction_stats` per split.  QA tasks: the SQuAD scores (:mod:`.evaluate_qa`);
+    :func:`prediction_stats` per split (classification / regression: plus the per-example ``_preds`` and
+    ``_labels`` arrays, which :meth:`factorlm.session.Session.evaluate` pops).  QA tasks: the SQuAD scores (:mod:`.evaluate_qa`);
     ``null_threshold`` is SQuAD 2.0's (None: each split chooses its own, for model selection).
 
     The global CPU RNG is forked for the call (each DataLoader iterator draws a base seed from it),

@@ -6,7 +6,10 @@ Tokens are the positions with ``attention_mask == 1`` (padding never enters a Gr
 gradients are those of the *sum* of the examples' losses (the model's mean loss times the batch
 size), so each token's ``g = dL_n/dy`` is its own example's gradient, as in the per-example Fisher of
 :mod:`factorlm.train.fisher` (examples do not interact in an encoder).  Dropout is off; weights,
-``requires_grad`` flags and train/eval mode are left as they were.
+``requires_grad`` flags and train/eval mode are left as they were.  The output gradients flow from
+``inputs_embeds = embeddings(input_ids)`` (a leaf, so no parameter needs a gradient); on the first batch
+the logits through ``inputs_embeds`` are checked against those through ``input_ids`` (a model whose
+embedding layer scales, or whose positions depend on ``input_ids``, is refused with one line).
 """
 
 from __future__ import annotations
@@ -58,7 +61,11 @@ def layer_grams(
 
     was_training = model.training
     flags = {p: p.requires_grad for p in model.parameters()}
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+
+    def attach() -> list:
+        return [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+
+    handles = attach()
     model.eval()
     if output_grads:  # gradients must reach every layer's output, not any weight's .grad
         for p in model.parameters():
@@ -78,17 +85,40 @@ def layer_grams(
                 emb = model.get_input_embeddings()
                 x = emb(batch["input_ids"]).detach().requires_grad_(True)  # a leaf the graph starts from
                 kw = {k: v for k, v in model_inputs(batch, labels=True).items() if k != "input_ids"}
-                loss = model(inputs_embeds=x, **kw).loss
-                check(loss is not None, "the model returned no loss (output gradients need batches with labels)")
-                n_ex = int(batch["labels"].shape[0])
-                (loss * n_ex).backward()
+                out = model(inputs_embeds=x, **kw)
+                check(out.loss is not None, "the model returned no loss (output gradients need batches with labels)")
+                if i == 0:
+                    _check_embeds_path(model, handles, attach, batch, out)
+                (out.loss * int(x.shape[0])).backward()  # the sum of the examples' losses
     finally:
         for h in handles:
             h.remove()
         for p, f in flags.items():
             p.requires_grad_(f)
-        model.zero_grad(set_to_none=True)
         model.train(was_training)
     for n, s in ins.items():
         check(s.tokens > 0, f"no calibration tokens reached {n}")
+    for n, s in (outs or {}).items():
+        check(s.tokens > 0, f"no loss gradient reached the output of {n} (is it used by the loss?)")
+    for s in ins.values():  # the input Gram per token: matrices that see different token counts compare
+        s.gram /= s.tokens
     return ins, outs
+
+
+def _check_embeds_path(model: nn.Module, handles: list, attach, batch: dict, out) -> None:
+    """``model(input_ids=...)`` and ``model(inputs_embeds=embeddings(input_ids))`` must agree."""
+    from .evaluate import output_heads
+
+    for h in handles:  # the reference forward must not enter the statistics
+        h.remove()
+    try:
+        with torch.no_grad():
+            ref = output_heads(model(**model_inputs(batch)))
+        got = output_heads(out)
+        for k, v in ref.items():
+            g = got[k].detach()
+            check(torch.allclose(g.float(), v.float(), rtol=1e-3, atol=1e-4 * max(1.0, float(v.abs().max()))),
+                  "this model's outputs through inputs_embeds differ from those through input_ids (a scaled "
+                  "embedding or positions computed from input_ids): output-gradient statistics are not supported")
+    finally:
+        handles[:] = attach()
