@@ -166,18 +166,6 @@ class FWSVDMethod(SVDMethod):
         self._teacher_fisher = None
         return DecomposeFactory(lambda m, names: self._decomposers_now(session, m, names))
 
-    #: the method's plan is always the global one (unless --rank or --ranks fixes the ranks)
-    always_global = False
-
-    def uniform_ratio(self) -> bool:
-        """Uniform plan: the same compression ratio per matrix (True) or one shared rank (False, SVD_Ft's)."""
-        return False
-
-    def global_spectra(self, session, model, targets):
-        """``(spectra, normalize, per_param)`` for the global rank plan, or None: the plan then uses the
-        (``spectra_weights``-weighted) singular values of the weights."""
-        return None
-
     def spectra_weights(self, session, model, targets):
         from ..decompose import fisher_importance
 
