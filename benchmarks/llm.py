@@ -57,6 +57,9 @@ def rows_for(keeps, heal_steps):
             dict(method="whiten", keep=k, policy="global", seq="layer"),  # energy-normalized scores
             dict(method="whiten", keep=k, policy="global-fisher", seq="layer"),  # loss-weighted (the default)
             dict(method="whiten", keep=k, policy="global-fisher-weight", seq="layer"),  # per stored weight (issue 31)
+            # the anchored fit (issue 31 item 1a, decompose/anchor.py): each layer reproduces the dense outputs
+            dict(method="whiten", keep=k, policy="uniform", seq="anchored"),
+            dict(method="whiten", keep=k, policy="global-fisher", seq="anchored"),
         ]
     if heal_steps:
         k = 0.8 if 0.8 in keeps else keeps[0]

@@ -28,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from factorlm.data.text import calibration_blocks, read_documents, token_stream  # noqa: E402
-from factorlm.decompose.quantize import error_correction, rtn, rtn_bytes  # noqa: E402
+from factorlm.decompose.gptq import gptq  # noqa: E402
+from factorlm.decompose.quantize import error_correction, quantize_groups, rtn, rtn_bytes  # noqa: E402
 from factorlm.lm.calibrate import stream, token_batches  # noqa: E402
 from factorlm.lm.load import load_causal_lm  # noqa: E402
 from factorlm.lm.methods import get_lm_method  # noqa: E402
@@ -36,7 +37,7 @@ from factorlm.lm.perplexity import perplexity  # noqa: E402
 from factorlm.models.surgery import find_targets, get_module  # noqa: E402
 
 OUT = HERE / "results" / "llm_quant.json"
-ROWS = [  # (bits, group, correction share of the bf16 weights, correction factor bits, whitened)
+ROWS = [  # (bits, group, correction share of the bf16 weights, correction factor bits, whitened[, quantizer, zero point])
     (8, 64, 0, 16, True), (4, 32, 0, 16, True), (4, 64, 0, 16, True), (4, 192, 0, 16, True),
     (3, 32, 0, 16, True), (3, 64, 0, 16, True), (3, 192, 0, 16, True), (2, 64, 0, 16, True),
     (3, 192, 0.05, 16, True), (3, 192, 0.05, 16, False), (3, 192, 0.05, 8, True), (3, 64, 0.05, 8, True),
@@ -44,10 +45,17 @@ ROWS = [  # (bits, group, correction share of the bf16 weights, correction facto
     (3, 32, 0.03, 8, True), (3, 64, 0.045, 8, True), (4, 192, 0.01, 8, True),
     (4, 64, 0.02, 8, True), (3, 32, 0.02, 8, True),
 ]
+# issue 31 item 2c: the calibrated quantizer (GPTQ on RTN's grid, decompose/gptq.py) and the zero-point grid,
+# alone and under the same corrections (GPTQ + whitened correction = EoRA as published)
+_SETTINGS = (("gptq", True), ("rtn", True), ("gptq", False))
+for _q, _zp in _SETTINGS:
+    ROWS += [(b, g, 0, 16, True, _q, _zp) for b, g in ((4, 32), (4, 64), (4, 192), (3, 32), (3, 64), (3, 192), (2, 64))]
+    ROWS += [(b, g, c, 8, True, _q, _zp) for b, g, c in ((4, 192, 0.01), (4, 192, 0.02), (4, 64, 0.02), (3, 32, 0.03),
+                                                      (3, 64, 0.045), (3, 192, 0.05), (2, 64, 0.05), (2, 64, 0.1))]
 
 
-def key(bits, group, corr, cbits, white):
-    k = f"int{bits}-g{group}"
+def key(bits, group, corr, cbits, white, quantizer="rtn", zero_point=False):
+    k = f"int{bits}-g{group}" + ("-zp" if zero_point else "") + ("-gptq" if quantizer == "gptq" else "")
     if corr:
         k += f"+corr{corr:g}-{'c8' if cbits == 8 else 'bf16'}-{'white' if white else 'plain'}"
     return k
@@ -89,7 +97,7 @@ def run(res: dict) -> None:
     if not todo:
         return
     scales = {}
-    if any(r[2] for r in todo):
+    if any(r[2] or (len(r) > 5 and r[5] == "gptq") for r in todo):
         method = get_lm_method("whiten", {})
         t0 = time.perf_counter()
 
@@ -100,15 +108,19 @@ def run(res: dict) -> None:
 
         stream(model, targets, token_batches(cal, 8), method.make_stats, on_group, mode="none")
         print(f"calibration {time.perf_counter() - t0:.0f}s", flush=True)
-    for bits, group, corr, cbits, white in todo:
-        k = key(bits, group, corr, cbits, white)
+    for row in todo:
+        bits, group, corr, cbits, white, quantizer, zp = (*row, "rtn", False)[:7]
+        k = key(*row)
         t0 = time.perf_counter()
         nbytes, ranks = 0, []
         for n in targets:
             W = dense_w[n]
             out, inp = W.shape
-            _, _, W_hat = rtn(W, bits, group)
-            nbytes += rtn_bytes((out, inp), bits, group)
+            if quantizer == "gptq":  # every Gram from the dense model, as the corrections here
+                W_hat = gptq(W, scales[n].gram, bits, group, zero_point=zp)[3]
+            else:
+                W_hat = quantize_groups(W, bits, group, zp)[3]
+            nbytes += rtn_bytes((out, inp), bits, group, zp)
             if corr:
                 per_rank = (out + inp) * (2 if cbits == 16 else (1 + 2 / 32))  # bytes of one rank
                 r = int(corr * 2 * out * inp / per_rank)
@@ -125,7 +137,7 @@ def run(res: dict) -> None:
         p = ppl()
         for n in targets:
             get_module(model, n).weight.data.copy_(dense_w[n])
-        res["rows"][k] = {"bits": bits, "group": group, "correction": corr, "factor_bits": cbits if corr else None,
+        res["rows"][k] = {"bits": bits, "group": group, "quantizer": quantizer, "zero_point": zp, "correction": corr, "factor_bits": cbits if corr else None,
                           "whitened": white if corr else None, "bytes": nbytes, "bytes_vs_bf16": nbytes / (2 * numel),
                           "perplexity": p, "ratio": p / res["dense"], "ranks": [min(ranks), max(ranks)] if ranks else None,
                           "fit_s": round(fit_s, 1)}
@@ -171,15 +183,19 @@ def frontier_png(res: dict, dst: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {"RTN alone": [], "RTN + whitened correction": [], "RTN + plain-SVD correction": []}
+    groups = {"RTN alone": [], "RTN + whitened correction": [], "RTN + plain-SVD correction": [],
+              "GPTQ alone": [], "GPTQ + whitened correction (EoRA)": []}
     for k, r in res["rows"].items():
-        g = "RTN alone" if not r["correction"] else ("RTN + whitened correction" if r["whitened"] else
-                                                       "RTN + plain-SVD correction")
+        if r.get("quantizer") == "gptq":
+            g = "GPTQ alone" if not r["correction"] else "GPTQ + whitened correction (EoRA)"
+        else:
+            g = "RTN alone" if not r["correction"] else ("RTN + whitened correction" if r["whitened"] else
+                                                           "RTN + plain-SVD correction")
         groups[g].append((k, r["bytes_vs_bf16"], r["ratio"]))
     groups["low rank (whiten, bf16 factors)"] = lowrank_points()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     marks = {"RTN alone": "s", "RTN + whitened correction": "o", "RTN + plain-SVD correction": "x",
-             "low rank (whiten, bf16 factors)": "^"}
+             "GPTQ alone": "D", "GPTQ + whitened correction (EoRA)": "P", "low rank (whiten, bf16 factors)": "^"}
     pts = []
     for g, rows in groups.items():
         rows = [r for r in rows if r[2] < 1e3]

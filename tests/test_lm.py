@@ -298,6 +298,26 @@ def test_heal_trains_only_the_factors(tmp_path, lm_files):
     assert healed.info["heal"]["loss"] == "distill" and healed.info["heal"]["steps"] == 3
 
 
+def test_heal_defaults_to_distillation_and_measures_its_curve(tmp_path, lm_files):
+    """The default healing loss is distillation; ``--heal-curve 1 3`` measures the held-out perplexity after
+    steps 1 and 3 of the run (sequential update: counted over both phases), and the last point is the final
+    model's own perplexity (the same weights, the same evaluation)."""
+    from factorlm.api import compress
+    from factorlm.errors import FactorLMError
+
+    src = _save_tiny(tiny_llama, tmp_path / "src")
+    cfg = _config(src, *lm_files, tmp_path / "o", heal_steps=3, heal_samples=8, learning_rate=1e-3, batch_size=4,
+                  heal_curve=[1, 3], heal_update="sequential")
+    rep = compress(cfg, quiet=True, save=False)
+    curve = rep.info["heal"]["curve"]
+    assert rep.info["heal"]["loss"] == "distill"
+    assert [p["step"] for p in curve] == [1, 3] and curve[0]["seconds"] <= curve[1]["seconds"]
+    assert curve[1]["perplexity"] == rep.scores["healed"]["perplexity"]
+    assert curve[0]["perplexity"] != curve[1]["perplexity"]
+    with pytest.raises(FactorLMError, match="--heal-curve steps must be in"):
+        _config(src, *lm_files, tmp_path / "p", heal_steps=3, heal_curve=[5]).validate()
+
+
 @pytest.mark.parametrize("args,expect", [
     (["--calibration", "/nonexistent/cal.txt"], "cal.txt"),
     (["--keep", "1.5"], "--keep"),

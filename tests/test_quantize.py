@@ -204,7 +204,8 @@ def test_rtn_lowrank_picks_bits_and_groups_from_the_budget():
     assert m.options.group_size == 128
     m = get_lm_method("rtn-lowrank", {"bits": 4, "group_size": 64})
     m.resolve(0.3, shapes)
-    assert m.quant == (4, 64, 8)
+    q = m.quant
+    assert (q.bits, q.group_size, q.factor_bits, q.zero_point, q.gptq) == (4, 64, 8, False, False)
 
 
 def test_task_lm_defaults_to_rtn_lowrank_on_the_cli():

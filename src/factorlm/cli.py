@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     c = p.add_argument_group("compression")
     c.add_argument("--method", help="lpaf (default) | svd | fwsvd | prune | rankdyna; with --task lm: rtn-lowrank (default: "
-                   "quantization + a low-rank correction in one byte budget) | rtn | whiten | asvd | svd (see `factorlm methods`)")
+                   "quantization + a low-rank correction in one byte budget) | gptq-lowrank (EoRA) | rtn | gptq | whiten | asvd | svd "
+                   "(see `factorlm methods`)")
     c.add_argument("--keep", type=float, help="fraction of the target layers' parameters kept, in (0, 1] (default 0.25)")
     c.add_argument("--rank", type=int, help="explicit uniform rank instead of --keep")
     c.add_argument("--ranks", metavar="FILE", help="per-matrix ranks instead of --keep: JSON {module: rank}, or a "
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-slow", action="store_const", const=True,
                    help="keep dense the target matrices that the speed check finds no faster factorized (at the "
                         "latency batch and --dtype), within the same --keep budget")
-    lm = p.add_argument_group("--task lm: one-shot compression of a causal LM (methods rtn-lowrank | rtn | whiten | asvd | svd)")
+    lm = p.add_argument_group("--task lm: one-shot compression of a causal LM (methods rtn-lowrank | gptq-lowrank | rtn | gptq | whiten | asvd | svd)")
     lm.add_argument("--calibration", help="calibration text: a corpus (convention, hamlet, debates) or a .txt/.jsonl/.json "
                     "file (default convention)")
     lm.add_argument("--calibration-samples", type=int, help="random calibration windows of --seq-len tokens (default 128)")
@@ -195,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--heal-steps", type=int, help="optimizer steps of language-model fine-tuning of the factors on "
                     "the calibration windows after the one-shot factorization (default 0)")
     lm.add_argument("--heal-params", choices=["factors", "all"], help="what healing trains (default factors)")
-    lm.add_argument("--heal-loss", choices=["lm", "distill"], help="healing objective: lm = next-token loss on the "
-                    "calibration text (default); distill = KL to the dense model's next-token distribution")
+    lm.add_argument("--heal-loss", choices=["lm", "distill"], help="healing objective: distill = KL to the dense "
+                    "model's next-token distribution (default: measured better, BENCHMARKS.md); lm = next-token loss on "
+                    "the calibration text")
     lm.add_argument("--heal-samples", type=int, help="calibration-text windows healing draws from (default 1024, "
                     "or as many as the text holds)")
     lm.add_argument("--heal-optimizer", choices=["auto", "adamw", "adamw-sr", "adamw8bit"], help="auto (default): "
@@ -208,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "optimizer state for one factor at a time)")
     lm.add_argument("--heal-checkpointing", action="store_true", default=None, help="gradient checkpointing during "
                     "healing (transformers'): activations of one block at a time, one more forward per step")
+    lm.add_argument("--heal-curve", nargs="+", type=int, metavar="STEP", help="also measure the held-out perplexity "
+                    "at these optimizer steps of the healing run (e.g. 50 100 200: what each minute buys; the points "
+                    "share the full run's learning-rate schedule)")
     lm.add_argument("--device", help="execution device: auto (a GPU when one is visible, default), cpu, cuda, cuda:N")
     lm.add_argument("--offload", choices=["none", "cpu"], help="cpu: keep the model on the CPU; its decoder blocks "
                     "visit the device one at a time for calibration and factorization, and evaluation / healing "

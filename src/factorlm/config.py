@@ -94,11 +94,12 @@ class RunConfig:
     rank_price: str | None = None  # global plan: score per triplet | per weight (score / (out + in)); None = the method's (lm: triplet)
     heal_steps: int = 0  # optimizer steps of language-model fine-tuning after the one-shot factorization
     heal_params: str = "factors"  # factors | all: what healing trains
-    heal_loss: str = "lm"  # lm (next-token loss) | distill (KL to the dense model's next-token distribution)
+    heal_loss: str = "distill"  # distill (KL to the dense model's next-token distribution) | lm (next-token loss)
     heal_samples: int = 1024  # calibration-text windows healing draws from (its own seeded draw)
     heal_optimizer: str = "auto"  # auto (adamw-sr for bf16 weights, else adamw) | adamw | adamw-sr | adamw8bit
     heal_update: str = "joint"  # joint (both factors) | sequential (SVD-LLM: A, then B; state for one at a time)
     heal_checkpointing: bool = False  # transformers' gradient checkpointing during healing
+    heal_curve: list[int] | None = None  # held-out perplexity also at these optimizer steps of the healing run
     device: str = "auto"  # --task lm execution device: auto (a GPU when visible) | cpu | cuda | cuda:N
     offload: str = "none"  # --task lm: none (the model on the device) | cpu (blocks visit the device one at a time)
     # -- measured latency in the report (dense source vs compressed, same process) -------------
@@ -161,6 +162,9 @@ class RunConfig:
         check(self.global_score in ("fisher", "energy"), f"--global-score must be fisher or energy, got {self.global_score!r}")
         check(self.rank_multiple >= 1, f"--rank-multiple must be >= 1, got {self.rank_multiple}")
         check(self.heal_steps >= 0, f"--heal-steps must be >= 0, got {self.heal_steps}")
+        if self.heal_curve:
+            bad = [s for s in self.heal_curve if not 0 < s <= self.heal_steps]
+            check(not bad, f"--heal-curve steps must be in [1, --heal-steps={self.heal_steps}], got {bad[:1]}")
         check(self.heal_loss in ("lm", "distill"), f"--heal-loss must be lm or distill, got {self.heal_loss!r}")
         check(self.heal_samples > 0, f"--heal-samples must be > 0, got {self.heal_samples}")
         check(self.heal_params in ("factors", "all"), f"--heal-params must be factors or all, got {self.heal_params!r}")

@@ -5,6 +5,9 @@
 ``[-2^(b-1), 2^(b-1) - 1]`` and one bf16 scale per group, through torchao's affine quantization
 primitives (``choose_qparams_affine`` / ``quantize_affine`` / ``dequantize_affine``, symmetric mapping:
 ``scale = max|w| / ((q_max - q_min) / 2)``).  Stored bytes: ``bits / 8`` per weight plus 2 per group.
+Optionally (``zero_point=True``) asymmetric: an integer zero point per group (torchao's asymmetric mapping,
+its range widened to include 0), one more byte per group.  The calibrated quantizer on the same grid is
+:mod:`factorlm.decompose.gptq`.
 
 *Correction* (EoRA: S.-Y. Liu et al., "EoRA: Fine-tuning-free Compensation for Compressed LLM with
 Eigenspace Low-Rank Approximation", 2024, https://arxiv.org/abs/2410.21271, code
@@ -28,9 +31,25 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def rtn(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(codes int8 (out, in), scales bf16 (out, in / group_size), W_hat)``: the group-wise symmetric RTN of
-    ``W`` and its dequantized value ``codes * scale`` in ``W``'s dtype (computed in float32)."""
+def qparams(x: torch.Tensor, bits: int, zero_point: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` (each (rows, 1), float32; the scale rounded to bf16 as stored) of one group of
+    columns ``x`` (rows, g), by torchao's ``choose_qparams_affine``: symmetric (``scale = max|x| /
+    ((q_max - q_min) / 2)``, zero 0) or, ``zero_point=True``, asymmetric with an integer zero point (the
+    range widened to include 0, so 0 stays exact)."""
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
+
+    lo, hi = qrange(bits)
+    mapping = MappingType.ASYMMETRIC if zero_point else MappingType.SYMMETRIC
+    scale, zero = choose_qparams_affine(x.float(), mapping, (1, x.shape[1]), torch.int8, quant_min=lo, quant_max=hi,
+                                        scale_dtype=torch.bfloat16)
+    return scale.to(torch.bfloat16).float().reshape(-1, 1), zero.float().reshape(-1, 1)
+
+
+def quantize_groups(W: torch.Tensor, bits: int, group_size: int, zero_point: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(codes int8 (out, in), scales bf16 (out, in / g), zeros int8 (out, in / g) or None, W_hat)``: the
+    group-wise RTN of ``W`` (symmetric, or with an integer zero point per group) and its dequantized value
+    ``(codes - zero) * scale`` in ``W``'s dtype (computed in float32), through torchao's affine primitives."""
     from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine, dequantize_affine,
                                                        quantize_affine)
 
@@ -41,18 +60,29 @@ def rtn(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torc
     lo, hi = qrange(bits)
     block = (1, group_size)
     x = W.detach().float()
-    scale, zero = choose_qparams_affine(x, MappingType.SYMMETRIC, block, torch.int8, quant_min=lo, quant_max=hi,
+    mapping = MappingType.ASYMMETRIC if zero_point else MappingType.SYMMETRIC
+    scale, zero = choose_qparams_affine(x, mapping, block, torch.int8, quant_min=lo, quant_max=hi,
                                         scale_dtype=torch.bfloat16)
-    scale = scale.to(torch.bfloat16)
+    scale = scale.to(torch.bfloat16).reshape(out, inp // group_size)  # torchao squeezes a single group away
+    zero = zero.reshape(out, inp // group_size)
     codes = quantize_affine(x, block, scale.float(), zero, torch.int8, lo, hi)
     W_hat = dequantize_affine(codes, block, scale.float(), zero, torch.int8, lo, hi, output_dtype=torch.float32)
-    return codes, scale, W_hat.to(W.dtype)
+    zeros = zero.to(torch.int8) if zero_point else None
+    return codes, scale, zeros, W_hat.to(W.dtype)
 
 
-def rtn_bytes(shape: tuple[int, int], bits: int, group_size: int) -> int:
-    """Stored bytes of :func:`rtn`'s output: packed codes plus one bf16 scale per group."""
+def rtn(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes int8 (out, in), scales bf16 (out, in / group_size), W_hat)``: the group-wise symmetric RTN of
+    ``W`` and its dequantized value ``codes * scale`` in ``W``'s dtype (computed in float32)."""
+    codes, scale, _, W_hat = quantize_groups(W, bits, group_size)
+    return codes, scale, W_hat
+
+
+def rtn_bytes(shape: tuple[int, int], bits: int, group_size: int, zero_point: bool = False) -> int:
+    """Stored bytes of :func:`quantize_groups`'s output: packed codes plus one bf16 scale per group (and one
+    int8 zero point per group with ``zero_point``)."""
     out, inp = shape
-    return (out * inp * bits + 7) // 8 + 2 * out * (inp // group_size)
+    return (out * inp * bits + 7) // 8 + (3 if zero_point else 2) * out * (inp // group_size)
 
 
 def error_correction(W: torch.Tensor, W_hat: torch.Tensor, rank: int, scale=None) -> tuple[torch.Tensor, torch.Tensor]:

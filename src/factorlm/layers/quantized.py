@@ -7,7 +7,9 @@ correction (:func:`factorlm.decompose.quantize.error_correction`; ``k = 0``: qua
 ``A``, ``B`` and the bias are parameters (they can heal); the codes and scales are buffers.
 ``factor_bits=8``: the factors are stored as int8 RTN codes too (``B`` in groups of 32 input channels,
 ``A`` in groups of 32 output channels; bf16 scales), half the bytes of bf16 factors, so twice the rank
-fits a budget; they are then buffers (frozen: healing does not reach them).
+fits a budget; they are then buffers (frozen: healing does not reach them).  ``zero_point=True``: one int8
+zero point per group too (``zeros``), ``W ~ (codes - zero) * scale``.  The codes come from RTN or, given the
+layer's input Gram, from GPTQ (:mod:`factorlm.decompose.gptq`, same grid and format).
 
 No integer kernels: the first ``forward`` unpacks and dequantizes ``Q(W)`` and keeps it (a dense copy in
 the layer's dtype, not saved; dropped by :meth:`clear_cache`, by ``.to()`` and by ``load_state_dict``), so
@@ -33,7 +35,8 @@ class QuantLowRankLinear(FactorizedLinear):
     FACTOR_GROUP = 32
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, rank: int = 0,
-                 bias: bool = True, *, factor_bits: int | None = None, dtype=None, device=None):
+                 bias: bool = True, *, factor_bits: int | None = None, zero_point: bool = False, dtype=None,
+                 device=None):
         super().__init__(in_features, out_features, bias, dtype=dtype, device=device)
         check(2 <= int(bits) <= 8, f"bits must be in [2, 8], got {bits}")
         check(int(group_size) > 0 and in_features % int(group_size) == 0,
@@ -44,6 +47,10 @@ class QuantLowRankLinear(FactorizedLinear):
         self.register_buffer("qweight", torch.zeros((n * self.bits + 7) // 8, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.ones(out_features, in_features // self.group_size, dtype=torch.bfloat16,
                                                   device=device))
+        self.zero_point = bool(zero_point)
+        if self.zero_point:
+            self.register_buffer("zeros", torch.zeros(out_features, in_features // self.group_size, dtype=torch.int8,
+                                                      device=device))
         self._dtype = dtype or torch.get_default_dtype()
         check(factor_bits in (None, 8), f"factor_bits must be None (the model's dtype) or 8, got {factor_bits}")
         self.factor_bits = factor_bits
@@ -68,7 +75,7 @@ class QuantLowRankLinear(FactorizedLinear):
     def weight_dtype(self) -> torch.dtype:
         return self._dtype
 
-    _STORED = ("qweight", "scales", "A_codes", "A_scales", "B_codes", "B_scales")
+    _STORED = ("qweight", "scales", "zeros", "A_codes", "A_scales", "B_codes", "B_scales")
 
     def _apply(self, fn, recurse=True):  # .to(dtype) casts the factors, never the codes or the bf16 scales
         kept = {k: self._buffers[k] for k in self._STORED if self._buffers.get(k) is not None}
@@ -112,6 +119,8 @@ class QuantLowRankLinear(FactorizedLinear):
 
         n = self.out_features * self.in_features
         codes = unpack_bits(self.qweight, self.bits, n).reshape(self.out_features, -1, self.group_size)
+        if self.zero_point:
+            codes = codes.float() - self.zeros.float()[:, :, None]
         W = codes.float() * self.scales.float()[:, :, None]
         return W.reshape(self.out_features, self.in_features).to(self.weight_dtype)
 
@@ -137,7 +146,7 @@ class QuantLowRankLinear(FactorizedLinear):
 
     def weight_bytes(self) -> int:
         """Stored bytes of the weight: packed codes, scales, factors (the bias excluded)."""
-        parts = [self.qweight, self.scales]
+        parts = [self.qweight, self.scales] + ([self.zeros] if self.zero_point else [])
         if self.rank:
             parts += [self.A_codes, self.A_scales, self.B_codes, self.B_scales] if self.factor_bits else [self.A, self.B]
         return sum(t.numel() * t.element_size() for t in parts)
@@ -146,29 +155,40 @@ class QuantLowRankLinear(FactorizedLinear):
         spec = {"bits": self.bits, "group_size": self.group_size, "rank": self.rank}
         if self.factor_bits:
             spec["factor_bits"] = self.factor_bits
+        if self.zero_point:
+            spec["zero_point"] = True
         return spec
 
     @classmethod
     def from_spec(cls, spec, *, dtype=None, device=None):
         out_f, in_f = spec["shape"]
         return cls(in_f, out_f, spec["bits"], spec["group_size"], spec.get("rank", 0), bias=spec.get("bias", True),
-                   factor_bits=spec.get("factor_bits"), dtype=dtype, device=device)
+                   factor_bits=spec.get("factor_bits"), zero_point=spec.get("zero_point", False), dtype=dtype,
+                   device=device)
 
     @classmethod
     @torch.no_grad()
     def from_weight(cls, W: torch.Tensor, bits: int, group_size: int, rank: int = 0, scale=None,
-                    bias: torch.Tensor | None = None, factor_bits: int | None = None) -> "QuantLowRankLinear":
+                    bias: torch.Tensor | None = None, factor_bits: int | None = None, zero_point: bool = False,
+                    gram: torch.Tensor | None = None, percdamp: float = 0.01) -> "QuantLowRankLinear":
         """Quantize ``W`` (out, in) and fit the rank-``rank`` correction of its error under ``scale``
         (a :mod:`factorlm.decompose.whiten` input scaling; None = plain Frobenius); ``factor_bits=8``:
-        the fitted factors are then stored as int8 codes (RTN of the fit, not refitted)."""
-        from ..decompose.quantize import error_correction, pack_bits, rtn
+        the fitted factors are then stored as int8 codes (RTN of the fit, not refitted).  ``gram``: the
+        layer's input Gram, then the codes are GPTQ's (damping ``percdamp``) instead of RTN's."""
+        from ..decompose.gptq import gptq
+        from ..decompose.quantize import error_correction, pack_bits, quantize_groups, rtn
 
         out_f, in_f = W.shape
         m = cls(in_f, out_f, bits, group_size, rank, bias=bias is not None, factor_bits=factor_bits if rank else None,
-                dtype=W.dtype, device=W.device)
-        codes, scales, _ = rtn(W, bits, group_size)
+                zero_point=zero_point, dtype=W.dtype, device=W.device)
+        if gram is not None:
+            codes, scales, zeros, _ = gptq(W, gram, bits, group_size, zero_point=zero_point, percdamp=percdamp)
+        else:
+            codes, scales, zeros, _ = quantize_groups(W, bits, group_size, zero_point)
         m.qweight.copy_(pack_bits(codes, bits).to(W.device))
         m.scales.copy_(scales)
+        if zero_point:
+            m.zeros.copy_(zeros)
         m.clear_cache()
         if rank:
             # the error of what the layer will compute: the stored codes times the stored bf16 scales

@@ -25,7 +25,13 @@ Orders (``mode``):
     a block's groups all see its input from the compressed earlier blocks, but the block's own
     dense sub-layers;
 ``"none"``
-    every statistic comes from the dense model (one pass; SVD-LLM's released profiling path).
+    every statistic comes from the dense model (one pass; SVD-LLM's released profiling path);
+``"anchored"``
+    as ``"layer"``, and every group also sees the *dense* model's inputs of the same tokens (a copy of the
+    block, taken before it is compressed, runs on the dense hidden states beside it): the statistics are
+    :class:`~factorlm.decompose.anchor.PairedStats` (shifted Gram + cross-Gram), for the anchored fit
+    (:mod:`factorlm.decompose.anchor`: the compressed layer reproduces the dense outputs).  Twice the
+    forwards of ``"layer"``, a second set of hidden states and one block's copy.
 
 Memory beyond the model: one block's statistics plus the calibration hidden states
 (``n x seq x hidden``) and the blocks' arguments (shared tensors are held once).  The model stays
@@ -34,6 +40,7 @@ where it is, or (``offload_to``) on the CPU with one block at a time on the exec
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -43,7 +50,7 @@ from torch import nn
 
 from ..errors import FactorLMError, check
 
-MODES = ("layer", "block", "none")
+MODES = ("layer", "block", "none", "anchored")
 
 
 class _Stop(Exception):
@@ -219,18 +226,27 @@ def _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_nam
     per_block = capture_block_calls(model, blocks, batches)
     check(all(len(c) == len(batches) for c in per_block), "not every decoder block was reached for every batch")
     calls = per_block[0]
+    dense_calls = calls if mode == "anchored" else None  # the dense model's hidden states, beside
     prog = Progress(tokens=sum(int(c.hidden.shape[0] * c.hidden.shape[1]) for c in calls))
 
     for i, block in enumerate(blocks):
         if i:  # this block's own arguments, with the hidden states the previous (compressed) block produced
             calls = [own.with_hidden(c.hidden) for own, c in zip(per_block[i], calls)]
+            if dense_calls is not None:
+                dense_calls = [own.with_hidden(c.hidden) for own, c in zip(per_block[i], dense_calls)]
+        dense_block = copy.deepcopy(block) if dense_calls is not None else None
         prefix = f"{blocks_name}.{i}."
         local = [t[len(prefix):] for t in by_block.get(i, [])]
         if local:
             groups = probe_groups(block, local, calls[0])
             prog.forwards += 1
             prog.group_names.extend([[prefix + n for n in g] for g in groups])
-            if mode == "layer":
+            if mode == "anchored":
+                for g in groups:
+                    stats = _collect_paired(block, dense_block, g, calls, dense_calls, make_stats)
+                    prog.forwards += 2 * len(calls)
+                    on_group(i, [prefix + n for n in g], stats)
+            elif mode == "layer":
                 for g in groups:
                     stats = _collect(block, [g], calls, make_stats, stop=True)[0]
                     prog.forwards += len(calls)
@@ -252,6 +268,10 @@ def _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_nam
         if i + 1 < len(blocks):  # the next block's inputs, from this (compressed) block
             calls = [c.with_hidden(c(block)) for c in calls]
             prog.forwards += len(calls)
+            if dense_calls is not None:
+                dense_calls = [c.with_hidden(c(dense_block)) for c in dense_calls]
+                prog.forwards += len(calls)
+        del dense_block
         prog.blocks += 1
         if log and (i + 1) % max(1, len(blocks) // 5) == 0:
             log(f"  calibrated {i + 1}/{len(blocks)} blocks")
@@ -289,6 +309,38 @@ def _collect(block: nn.Module, groups: list[list[str]], calls: Sequence[BlockCal
             h.remove()
     if keep_outputs:
         return stats, outputs
+    return stats
+
+
+def _collect_paired(block, dense_block, group, calls, dense_calls, make_stats):
+    """:class:`PairedStats` of one group: per batch, its first member's input in the dense block on the dense
+    hidden states and in the (partly compressed) block on the shifted ones, the same tokens."""
+    from ..decompose.anchor import PairedStats
+
+    seen = {}
+
+    def catch(key):
+        def hook(module, args):
+            seen[key] = args[0]
+            raise _Stop
+        return hook
+
+    first = block.get_submodule(group[0])
+    stats = PairedStats(make_stats(first))
+    handles = [first.register_forward_pre_hook(catch("shifted")),
+               dense_block.get_submodule(group[0]).register_forward_pre_hook(catch("dense"))]
+    try:
+        for c, d in zip(calls, dense_calls):
+            for call, mod, key in ((d, dense_block, "dense"), (c, block, "shifted")):
+                try:
+                    call(mod)
+                except _Stop:
+                    pass
+                check(key in seen, f"calibration: {group[0]} was not reached")
+            stats.update_pair(seen.pop("shifted"), seen.pop("dense"))
+    finally:
+        for h in handles:
+            h.remove()
     return stats
 
 

@@ -22,21 +22,22 @@ from .calibrate import stream
 
 def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], method, batches, *,
               mode: str, log=None, keep_dense: dict[str, nn.Module] | None = None,
-              offload_to=None, quant: tuple[int, int, int | None] | None = None) -> dict[str, Any]:
+              offload_to=None, quant=None) -> dict[str, Any]:
     """Replace every target by its rank-``ranks[name]`` :class:`LowRankLinear` (in place); returns
     per-target facts (rank, share of the scaled spectrum's energy discarded), the stream's work and
     the seconds per block.  ``keep_dense``: a dict that receives the replaced dense modules (moved to
     the CPU), for a distillation teacher; None drops them.  ``offload_to``: the execution device of a
     model kept on the CPU (blocks visit it one at a time; an uncalibrated method's matrices do too).
-    ``quant = (bits, group_size, factor_bits)``: every target becomes a :class:`QuantLowRankLinear` (RTN codes + a
-    rank-``ranks[name]`` correction of their error under the method's scaling) instead."""
+    ``quant`` (a :class:`factorlm.lm.methods.QuantSpec`): every target becomes a :class:`QuantLowRankLinear`
+    (RTN or GPTQ codes + a rank-``ranks[name]`` correction of their error under the method's scaling) instead."""
     from ..decompose.whiten import factors_from_basis, scaled_factors
+    from ..decompose.anchor import anchored_target
 
     facts: dict[str, dict[str, Any]] = {}
     block_seconds: list[float] = []
     clock = {"t": time.perf_counter(), "block": None}
 
-    def replace(names, scale, block=None):
+    def replace(names, scale, stats=None):
         for n in names:
             m = get_module(model, n)
             W = linear_weight(m).detach()
@@ -45,14 +46,18 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
                 W = W.to(offload_to)
             k = ranks[n]
             bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
+            if getattr(stats, "cross", None) is not None:  # --sequential anchored: reproduce the dense outputs
+                W = anchored_target(W, stats.gram, stats.cross, getattr(method.options, "damp", 1e-6))
             if quant:
-                new = QuantLowRankLinear.from_weight(W, quant[0], quant[1], k, scale, bias,
-                                                     factor_bits=quant[2]).to(home)
+                gram = stats.gram if quant.gptq else None
+                new = QuantLowRankLinear.from_weight(W, quant.bits, quant.group_size, k, scale, bias,
+                                                     factor_bits=quant.factor_bits, zero_point=quant.zero_point,
+                                                     gram=gram, percdamp=quant.percdamp).to(home)
                 set_module(model, n, new)
                 if keep_dense is not None:
                     keep_dense[n] = m.cpu().requires_grad_(False)
-                facts[n] = {"rank": k, "shape": list(W.shape), "bits": quant[0], "group_size": quant[1],
-                            "factor_bits": quant[2] or "model dtype"}
+                facts[n] = {"rank": k, "shape": list(W.shape), **quant.describe(),
+                            "factor_bits": quant.factor_bits or "model dtype"}
                 continue
             U, sigma = scaled_factors(W, scale)
             A, B = factors_from_basis(W, U, k)
@@ -72,7 +77,7 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
             if log:
                 log(f"  block {clock['block']}: {block_seconds[-1]:.1f}s")
         clock["block"] = i
-        replace(names, method.scale(stats))
+        replace(names, method.scale(stats), stats)
 
     work: dict[str, Any] = {}
     if not method.calibrated:

@@ -34,6 +34,7 @@ from torch import nn
 from ..config import RunConfig
 from ..errors import check
 from ..models.surgery import get_module, linear_weight, set_module
+from ..train.callbacks import Callback
 
 TASK, METRIC = "lm", "perplexity"
 
@@ -133,12 +134,34 @@ def _phases(c: RunConfig) -> list[tuple[str, int, tuple[str, ...]]]:
     return [("heal-A", first, ("A",)), ("heal-B", c.heal_steps - first, ("B",))]
 
 
+class _Curve(Callback):
+    """``measure()`` (held-out perplexity) after the optimizer steps in ``at``, counted over every phase of
+    the run (``offset`` = the steps of the phases before); the points share the run's schedule, and
+    ``seconds`` is the healing wall time so far (the measurements before it included)."""
+
+    def __init__(self, at, measure):
+        self.at, self.measure, self.offset, self.points = set(at), measure, 0, []
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, trainer) -> None:
+        step = self.offset + trainer.state.step
+        if step in self.at and not any(p["step"] == step for p in self.points):
+            was = trainer.model.training
+            trainer.model.eval()
+            seconds = round(time.perf_counter() - self.t0, 1)
+            with torch.no_grad():
+                self.points.append({"step": step, "seconds": seconds, **self.measure()})
+            trainer.model.train(was)
+
+
 def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict[str, nn.Module] | None = None,
-         device: torch.device | None = None) -> dict[str, Any]:
+         device: torch.device | None = None, measure=None) -> dict[str, Any]:
     """``--heal-steps`` optimizer steps on calibration-text windows; only the factors train unless
     ``--heal-params all``.  ``dense``: the replaced dense target modules (the teacher of
     ``--heal-loss distill``, see :class:`DenseTeacher`).  The last weights are kept (no selection).
     ``device``: where it trains (``--device``; default accelerate's choice, the first GPU when there is one).
+    ``measure``: a no-argument function returning ``{"perplexity": ...}`` on held-out text, called at the
+    steps of ``--heal-curve`` (the result's ``curve``).
 
     Memory (``--heal-update sequential``, ``--heal-optimizer adamw8bit``, ``--heal-checkpointing``): the
     gradients and optimizer state of one factor of every layer at a time, 8-bit moments, and the
@@ -172,6 +195,9 @@ def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict
                         if k not in factor_names and not any(k.startswith(n + ".") for n in dense)}
         teacher = DenseTeacher(model, dense, snapshot)
         callbacks.append(DistillationCallback(teacher, alpha=1.0, temperature=1.0, scale_task_loss=True))
+    curve = _Curve(c.heal_curve, measure) if c.heal_curve and measure is not None else None
+    if curve is not None:
+        callbacks.append(curve)
     checkpointing = c.heal_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
     if c.heal_checkpointing:
         check(checkpointing, f"--heal-checkpointing: {type(model).__name__} does not support gradient checkpointing")
@@ -210,6 +236,8 @@ def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict
             finally:
                 trainer.close()
             phases.append({"name": name, "steps": steps, "trainable_params": trainable})
+            if curve is not None:
+                curve.offset += steps
             if stopped:
                 break
     finally:
@@ -222,4 +250,5 @@ def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict
             "params": c.heal_params, "learning_rate": c.learning_rate, "optimizer": optimizer,
             "update": c.heal_update, "gradient_checkpointing": bool(checkpointing), "phases": phases,
             "teacher": "dense target layers streamed from the CPU" if c.heal_loss == "distill" else None,
-            "seconds": round(time.perf_counter() - t0, 1), **({"stopped": stopped} if stopped else {})}
+            "seconds": round(time.perf_counter() - t0, 1), **({"stopped": stopped} if stopped else {}),
+            **({"curve": curve.points} if curve is not None else {})}

@@ -1,5 +1,6 @@
 """One-shot compression of causal language models (``--task lm``): ``svd``, ``asvd``, ``whiten`` (low rank),
-``rtn`` (quantization alone) and ``rtn-lowrank`` (quantization + a low-rank correction, one byte budget).
+``rtn`` / ``gptq`` (quantization alone) and ``rtn-lowrank`` / ``gptq-lowrank`` (quantization + a low-rank
+correction of its error, one byte budget; ``gptq-lowrank`` is EoRA's published setting).
 
 Every target ``W`` (out, in) becomes ``A B`` with ``A B = U_k U_k^T W``, where ``U_k`` are the top-k
 left singular vectors of ``W S`` for a method-specific input scaling ``S``
@@ -44,7 +45,7 @@ from ..methods.base import build_options
 
 #: --task lm method name -> class
 LM_METHODS: Registry[type["LMMethod"]] = Registry("--task lm method")
-SEQUENTIAL = ("layer", "block", "none")
+SEQUENTIAL = ("layer", "block", "none", "anchored")
 
 
 @dataclass
@@ -52,7 +53,9 @@ class CalibrationOptions:
     sequential: str = field(default="layer", metadata={
         "choices": SEQUENTIAL,
         "help": "calibration order: layer = every group of layers sees the compressed layers before it (default); "
-                "block = per block; none = one pass over the dense model (SVD-LLM's profile)"})
+                "block = per block; none = one pass over the dense model (SVD-LLM's profile); anchored = as layer, "
+                "each layer fitted to reproduce the dense model's outputs from the compressed model's inputs "
+                "(decompose/anchor.py; twice the forwards)"})
 
 
 class LMMethod:
@@ -66,6 +69,8 @@ class LMMethod:
         self.options = build_options(self.Options, options or {}, self.name)
         seq = getattr(self.options, "sequential", "layer")
         check(seq in SEQUENTIAL, f"--sequential must be one of {', '.join(SEQUENTIAL)}, got {seq!r}")
+        check(seq != "anchored" or "gram" in self.stats, f"--sequential anchored needs the input Gram, which "
+                                                          f"--method {self.name} does not use: try whiten")
 
     @property
     def calibrated(self) -> bool:
@@ -130,25 +135,76 @@ class Whiten(LMMethod):
 
 
 # -- quantization, and quantization with a low-rank correction (issue 31) -------------------------------
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a quantizing method stores each target: ``bits``-bit codes in groups of ``group_size`` input
+    channels (bf16 scales; ``zero_point``: an int8 zero point per group too), chosen by RTN or by GPTQ
+    (``gptq``, damping ``percdamp``), plus a correction whose factors are int8 (``factor_bits=8``) or in the
+    model's dtype (None)."""
+
+    bits: int
+    group_size: int
+    factor_bits: int | None = None
+    zero_point: bool = False
+    gptq: bool = False
+    percdamp: float = 0.01
+
+    def describe(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "zero_point": self.zero_point,
+                "quantizer": "gptq" if self.gptq else "rtn"}
+
+
+ZERO_POINT = field(default=False, metadata={
+    "help": "rtn / gptq (+ -lowrank): an int8 zero point per group (asymmetric grid, torchao's asymmetric mapping; "
+            "one more byte per group; default false: symmetric)"})
+GPTQ_DAMP = field(default=0.01, metadata={
+    "help": "gptq / gptq-lowrank: damping added to the Gram's diagonal, relative to its mean (GPTQ's percdamp; "
+            "default 0.01, as published)"})
+
+
 @dataclass
 class QuantOptions:
     bits: int = field(default=4, metadata={"help": "rtn / rtn-lowrank: bits per quantized weight (2-8; default 4)"})
     group_size: int = field(default=32, metadata={
         "help": "rtn / rtn-lowrank: input channels sharing one bf16 scale (must divide every target's input width; "
                 "default 32)"})
+    zero_point: bool = ZERO_POINT
 
 
 @register_lm_method("rtn")
 class RTN(LMMethod):
-    """Round-to-nearest weight quantization alone (:func:`factorlm.decompose.quantize.rtn`): the baseline a
-    user already has; ``--keep`` does not apply (the bytes follow from ``--bits`` / ``--group-size``)."""
+    """Round-to-nearest weight quantization alone (:func:`factorlm.decompose.quantize.quantize_groups`): the
+    baseline a user already has; ``--keep`` does not apply (the bytes follow from ``--bits`` /
+    ``--group-size``)."""
 
     summary = "round-to-nearest quantization, symmetric, one bf16 scale per group (torchao's primitives)"
     Options = QuantOptions
+    #: whether ``--keep`` buys a low-rank correction of the quantization error
+    corrects: ClassVar[bool] = False
 
     @property
-    def quant(self) -> tuple[int, int, None]:
-        return self.options.bits, self.options.group_size, None
+    def quant(self) -> QuantSpec:
+        return QuantSpec(self.options.bits, self.options.group_size, None, bool(self.options.zero_point))
+
+
+@register_lm_method("gptq")
+class GPTQ(RTN):
+    """GPTQ alone (Frantar et al., ICLR 2023; :mod:`factorlm.decompose.gptq`): the calibrated quantizer, on
+    RTN's grid, from each layer's input Gram (``--sequential`` as for ``whiten``; ``none`` = every Gram from
+    the dense model); ``--keep`` does not apply."""
+
+    summary = "GPTQ (Frantar et al. 2023): calibrated quantization with error feedback, on RTN's grid"
+    stats = ("gram",)
+
+    @dataclass
+    class Options(CalibrationOptions, QuantOptions):
+        gptq_damp: float = GPTQ_DAMP
+
+    @property
+    def quant(self) -> QuantSpec:
+        check(self.options.gptq_damp >= 0, f"--gptq-damp must be >= 0, got {self.options.gptq_damp}")
+        return QuantSpec(self.options.bits, self.options.group_size, None, bool(self.options.zero_point), True,
+                         self.options.gptq_damp)
 
 
 @register_lm_method("rtn-lowrank")
@@ -162,6 +218,7 @@ class RTNLowRank(LMMethod):
 
     summary = "RTN + a rank-k correction of its error in the calibration inputs' space (EoRA-style), in one byte budget"
     stats = ("gram",)
+    corrects: ClassVar[bool] = True
     #: (smallest keep, bits, preferred groups) of the measured frontier: int8 from 0.52 of the bf16 bytes
     #: (1.00x dense), int4 in large groups from 0.26 (1.23x at 0.264, 1.19x at 0.274), int3 in groups of 32
     #: below (1.68x at 0.248)
@@ -181,6 +238,7 @@ class RTNLowRank(LMMethod):
             "choices": (8, 16),
             "help": "rtn-lowrank: the correction factors stored as int8 codes in groups of 32 (8, default: half the "
                     "bytes, twice the rank; frozen) or in the model's dtype (16: trainable by --heal-steps)"})
+        zero_point: bool = ZERO_POINT
 
     def resolve(self, keep: float, shapes: dict[str, tuple[int, int]]) -> None:
         """Fill in ``bits`` / ``group_size`` left to the default (see :attr:`AUTO`)."""
@@ -195,29 +253,51 @@ class RTNLowRank(LMMethod):
                                             f"({sorted(widths)}): give --group-size")
 
     @property
-    def quant(self) -> tuple[int, int, int | None]:
+    def quant(self) -> QuantSpec:
         check(self.options.bits is not None and self.options.group_size is not None, "rtn-lowrank: unresolved bits")
-        return self.options.bits, self.options.group_size, (8 if self.options.factor_bits == 8 else None)
+        return QuantSpec(self.options.bits, self.options.group_size, 8 if self.options.factor_bits == 8 else None,
+                         bool(self.options.zero_point))
 
     def scale(self, stats):
         return GramScale(stats.gram, self.options.damp)
 
 
-def quant_ranks(shapes: dict[str, tuple[int, int]], keep: float | None, bits: int, group: int,
-                factor_bits: int | None, elem_bytes: int) -> dict[str, int]:
+@register_lm_method("gptq-lowrank")
+class GPTQLowRank(RTNLowRank):
+    """EoRA as published (Liu et al. 2024: GPTQ, then the whitened low-rank correction of *its* error) in one
+    byte budget: :class:`RTNLowRank` with GPTQ's codes (:mod:`factorlm.decompose.gptq`) instead of RTN's; the
+    correction is fitted to the error of the stored GPTQ weights under the same input Gram."""
+
+    summary = "EoRA (Liu et al. 2024): GPTQ + a rank-k correction of its error in the inputs' space, one byte budget"
+
+    @dataclass
+    class Options(RTNLowRank.Options):
+        gptq_damp: float = GPTQ_DAMP
+
+    @property
+    def quant(self) -> QuantSpec:
+        check(self.options.gptq_damp >= 0, f"--gptq-damp must be >= 0, got {self.options.gptq_damp}")
+        q = super().quant
+        return QuantSpec(q.bits, q.group_size, q.factor_bits, q.zero_point, True, self.options.gptq_damp)
+
+
+def quant_ranks(shapes: dict[str, tuple[int, int]], keep: float | None, spec: QuantSpec,
+                elem_bytes: int) -> dict[str, int]:
     """Correction ranks that fill ``keep`` x each matrix's bf16 bytes after its quantized weights (0 for
-    ``keep=None``, i.e. RTN alone); one-line error when the quantized weights alone exceed the budget."""
+    ``keep=None``, i.e. quantization alone); one-line error when the quantized weights alone exceed the budget."""
     from ..decompose.quantize import rtn_bytes
 
+    bits, group, factor_bits = spec.bits, spec.group_size, spec.factor_bits
     out = {}
     for n, (o, i) in shapes.items():
         check(i % group == 0, f"--group-size {group} does not divide the input width {i} of {n}")
         if keep is None:
             out[n] = 0
             continue
-        left = keep * 2 * o * i - rtn_bytes((o, i), bits, group)
+        q = rtn_bytes((o, i), bits, group, spec.zero_point)
+        left = keep * 2 * o * i - q
         check(left >= 0, f"--keep {keep:g} of the bf16 bytes is below what int{bits} in groups of {group} stores "
-                         f"alone ({rtn_bytes((o, i), bits, group) / (2 * o * i):.3f} for {n}): raise --keep or lower --bits")
+                         f"alone ({q / (2 * o * i):.3f} for {n}): raise --keep or lower --bits")
         # one rank: o + i factor weights, int8 with a bf16 scale per 32, or in the model's dtype
         per_rank = (o + i) + 2 * (o + i) // 32 if factor_bits == 8 else (o + i) * elem_bytes
         out[n] = min(int(left // per_rank), min(o, i))

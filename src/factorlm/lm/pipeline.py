@@ -60,7 +60,7 @@ def check_config(c: RunConfig):
         check(bits is None or 2 <= bits <= 8, f"--bits must be in [2, 8], got {bits}")
         group = getattr(method.options, "group_size", None)
         check(group is None or group > 0, f"--group-size must be > 0, got {group}")
-        check(not (c.heal_steps and c.heal_params == "factors" and (c.method == "rtn" or
+        check(not (c.heal_steps and c.heal_params == "factors" and (not method.corrects or
                                                                      getattr(method.options, "factor_bits", 16) == 8)),
               f"--heal-steps trains the correction factors, which --method {c.method} stores as integer codes: "
               "use --method rtn-lowrank --factor-bits 16 (or --heal-params all)")
@@ -238,7 +238,7 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     quant = getattr(method, "quant", None)
     if quant:  # quantization (+ correction): the ranks follow from the byte budget
         elem = next(model.parameters()).element_size()
-        ranks = quant_ranks(shapes, c.keep if method.calibrated else None, *quant, elem_bytes=elem)
+        ranks = quant_ranks(shapes, c.keep if method.corrects else None, quant, elem_bytes=elem)
     else:
         ranks = plan_ranks(c, shapes, spectra)
     del spectra
@@ -266,7 +266,8 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
         if c.heal_steps:
             heal_windows = with_bos(calibration_blocks(calib_ids, c.seq_len - (bos is not None), c.heal_samples,
                                                        c.seed + 1), bos)
-            info["heal"] = heal(model, heal_windows, c, log, dense=dense_layers, device=device)
+            info["heal"] = heal(model, heal_windows, c, log, dense=dense_layers, device=device,
+                                measure=lambda: ppl(model, eval_ids, c, log, "healing", bos))
             del dense_layers
             scores["healed"] = ppl(model, eval_ids, c, log, "healed", bos)
         scores["final"] = dict(scores["healed" if c.heal_steps else "oneshot"])
@@ -284,8 +285,8 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     acc["bytes_before"], acc["bytes_before_is"] = bytes_before, bytes_what
     acc["bytes_after"] = tensor_bytes(model)  # the saved tensors in the model's dtype (file sizes: bytes_on_disk)
     if quant:
-        acc["quantized"] = {"bits": quant[0], "group_size": quant[1], "factor_bits": quant[2] or dtype_name,
-                            "format": "quant_lowrank: bit-packed codes, bf16 scales, factors"}
+        acc["quantized"] = {**quant.describe(), "factor_bits": quant.factor_bits or dtype_name,
+                            "format": "quant_lowrank: bit-packed codes, bf16 scales (int8 zero points), factors"}
         acc["svd_llm_ratio"] = None
     acc["target_bytes_after"] = sum(target_bytes(get_module(model, n)) for n in targets)
     acc["target_bytes_vs_bf16"] = round(acc["target_bytes_after"] / (2 * groups_before["targets"]), 4)
