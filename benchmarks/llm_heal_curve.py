@@ -48,31 +48,39 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.8)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sequential", default="layer", choices=["layer", "anchored"],
+                    help="calibration order of the one-shot step (anchored: decompose/anchor.py)")
     ap.add_argument("--name", default="llm_heal_curve")
+    ap.add_argument("--smoke", action="store_true", help="8 calibration windows, 1,024 evaluation tokens (checks the script)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    c = RunConfig(task="lm", model="smollm2", method="whiten", keep=a.keep, rank_policy="global", global_score="fisher",
-                  seq_len=256, eval_seq_len=256, eval_max_tokens=16384, heal_steps=a.steps, heal_curve=a.curve,
+    c = RunConfig(task="lm", model="smollm2", method="whiten", method_options={"sequential": a.sequential}, keep=a.keep, rank_policy="global", global_score="fisher",
+                  seq_len=256, eval_seq_len=256, eval_max_tokens=1024 if a.smoke else 16384,
+                  calibration_samples=8 if a.smoke else 128, heal_samples=16 if a.smoke else 1024, heal_steps=a.steps, heal_curve=a.curve,
                   learning_rate=a.lr, batch_size=8, mixed_precision="auto", latency=False, seed=0, progress=False)
     t0 = time.perf_counter()
     rep = compress(c, quiet=False, save=False)
     heal = rep.info["heal"]
     dense = rep.scores["dense"]["perplexity"]
     out = {"config": {"steps": a.steps, "curve": a.curve, "keep": a.keep, "lr": a.lr, "method": "whiten",
-                      "rank_policy": "global (fisher)", "sequential": "layer", "heal_loss": heal["loss"],
+                      "rank_policy": "global (fisher)", "sequential": a.sequential, "heal_loss": heal["loss"],
                       "heal_optimizer": heal["optimizer"], "threads": a.threads},
            "machine": f"{cpu_name()}, {a.threads} thread(s), {resolve_mixed_precision('auto')}",
            "dense": dense, "oneshot": rep.scores["oneshot"]["perplexity"], "curve": heal["curve"],
-           "heal_seconds": heal["seconds"], "wall_s": round(time.perf_counter() - t0, 1)}
+           "heal_seconds": heal["seconds"], "oneshot_seconds": rep.info.get("factorize_seconds"),
+           "ranks": [min(rep.info["ranks"].values()), max(rep.info["ranks"].values())],
+           "wall_s": round(time.perf_counter() - t0, 1)}
     (HERE / "results" / f"{a.name}.json").write_text(json.dumps(out, indent=1) + "\n")
-    lines = [f"SmolLM2-135M, whiten keep {a.keep} (global Fisher plan, sequential), healed by {heal['loss']} "
+    lines = [f"SmolLM2-135M, whiten keep {a.keep} (global Fisher plan, calibration order {a.sequential}), healed by {heal['loss']} "
              f"({heal['optimizer']}, lr {a.lr:g}, batch 8) for {a.steps} steps; perplexity on hamlet (16,384 tokens, "
              f"windows of 256), dense {dense:.2f}; {out['machine']}", "",
              "| after step | healing wall so far | perplexity | x dense |", "|---|---|---|---|",
              f"| 0 (one-shot) | - | {out['oneshot']:.2f} | {out['oneshot'] / dense:.2f}x |"]
     for p in heal["curve"]:
         lines.append(f"| {p['step']} | {p['seconds'] / 60:.1f} min | {p['perplexity']:.2f} | {p['perplexity'] / dense:.2f}x |")
-    lines.append(f"\ncommand: `python benchmarks/llm_heal_curve.py --steps {a.steps} --curve {' '.join(map(str, a.curve))}`")
+    lines.append(f"\ncommand: `python benchmarks/llm_heal_curve.py --sequential {a.sequential} --steps {a.steps} "
+                 f"--curve {' '.join(map(str, a.curve))} --name {a.name}`; one-shot {out['oneshot_seconds']:.0f} s, "
+                 f"healing {heal['seconds'] / 60:.1f} min")
     (HERE / "results" / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

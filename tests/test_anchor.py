@@ -41,6 +41,20 @@ def test_anchored_target_is_the_least_squares_fit_of_the_dense_outputs():
     torch.testing.assert_close(anchored_target(W, X.T @ X, X.T @ X, damp=0.0), W)
 
 
+def test_the_ridge_keeps_the_dense_weight_where_the_inputs_are_silent():
+    """An input channel the shifted inputs never excite: its column of W_c is W's (the ridge toward W), and
+    with damp = 0 the least squares would be singular there."""
+    X, Xs = _pair(200, 10, 3)
+    Xs[:, 4] = 0
+    W = torch.randn(6, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    s = _stats(X, Xs)
+    W_c = anchored_target(W, s.gram, s.cross, damp=0.01)
+    torch.testing.assert_close(W_c[:, 4], W[:, 4])
+    lam = 0.01 * float(s.gram.diagonal().mean())
+    ref = torch.linalg.solve(s.gram + lam * torch.eye(10, dtype=torch.float64), s.cross @ W.T + lam * W.T).T
+    torch.testing.assert_close(W_c, ref)
+
+
 @pytest.mark.parametrize("rank", [3, 8])
 def test_whitened_truncation_of_the_anchored_target_is_the_rank_k_optimum(rank):
     """min_{rank W' <= k} ||X W^T - X~ W'^T||: the reference is X~ = Q R, W'^T = R^-1 [Q^T X W^T]_k (Eckart-Young
@@ -131,10 +145,23 @@ def test_sequential_anchored_end_to_end_and_refused_without_a_gram(tmp_path):
     from factorlm.api import compress
     from factorlm.errors import FactorLMError
 
-    rep = compress(_lm_cfg(tmp_path, method="whiten", keep=0.6, method_options={"sequential": "anchored"}), quiet=True)
+    # the ridge of whiten's damping: the first group (nothing compressed before it) is then the layer order's fit
+    rep = compress(_lm_cfg(tmp_path, method="whiten", keep=0.6,
+                           method_options={"sequential": "anchored", "anchor_damp": 1e-6}), quiet=True)
     assert rep.info["calibration"]["block_forwards"] > 0 and rep.scores["oneshot"]["perplexity"] > 0
     ids = torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(models.load(tmp_path / "out")(ids).logits, rep.model(ids).logits, atol=0, rtol=0)
+    layer = compress(_lm_cfg(tmp_path, method="whiten", keep=0.6, name="l", method_options={"sequential": "layer"}),
+                     quiet=True, save=False)
+    from factorlm.models.surgery import get_module
+
+    names = list(rep.info["ranks"])
+    first_block = [n for n in names if ".layers.0.self_attn.q_proj" in n]  # nothing before it: the same fit
+    later = [n for n in names if ".layers.1." in n]
+    for n in first_block:
+        torch.testing.assert_close(get_module(rep.model, n).to_dense(), get_module(layer.model, n).to_dense())
+    assert all(not torch.allclose(get_module(rep.model, n).to_dense(), get_module(layer.model, n).to_dense())
+               for n in later)
     q = compress(_lm_cfg(tmp_path, method="gptq-lowrank", keep=0.8, name="q",
                          method_options={"sequential": "anchored", "bits": 3, "group_size": 16, "factor_bits": 16}),
                  quiet=True, save=False)

@@ -153,6 +153,11 @@ def test_gptq_lowrank_end_to_end_stores_its_bytes_and_reloads_exactly(tmp_path):
     alone = compress(_lm_cfg(tmp_path, method="gptq", method_options={"bits": 3, "group_size": 16}, name="g"),
                      quiet=True, save=False)
     assert set(alone.info["ranks"].values()) == {0} and alone.accounting["quantized"]["quantizer"] == "gptq"
+    # the codes are GPTQ's, not RTN's: a run with --method rtn stores other codes for the same weights
+    rtn_run = compress(_lm_cfg(tmp_path, method="rtn", method_options={"bits": 3, "group_size": 16}, name="r"),
+                       quiet=True, save=False)
+    differ = [n for n in ranks if not torch.equal(get_module(alone.model, n).qweight, get_module(rtn_run.model, n).qweight)]
+    assert len(differ) >= len(ranks) // 2
 
 
 def test_a_single_group_per_row_keeps_its_scale_shape():

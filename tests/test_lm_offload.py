@@ -120,3 +120,40 @@ def test_bad_device_settings_fail_before_work(tmp_path, texts, kw, msg):
     with pytest.raises(FactorLMError, match=msg):
         compress(_cfg(tmp_path / "missing-model", *texts, tmp_path / "o", **kw), quiet=True)
     assert not (tmp_path / "o").exists()
+
+
+def test_anchored_with_offloaded_blocks_copies_one_block_and_matches(tmp_path, monkeypatch):
+    """``--sequential anchored`` under the chained offload hooks: each dense copy is one block (a plain
+    deepcopy would follow the hook chain and copy the whole decoder), and the factors equal the unplaced run's."""
+    import copy as copy_module
+
+    from factorlm.lm import calibrate
+    from factorlm.lm.calibrate import token_batches
+    from factorlm.lm.factorize import factorize
+    from factorlm.lm.methods import get_lm_method
+    from factorlm.models.surgery import find_targets
+
+    sizes, real = [], copy_module.deepcopy
+
+    def counting(obj, *a, **k):
+        out = real(obj, *a, **k)
+        if isinstance(out, torch.nn.Module):
+            sizes.append(sum(1 for _ in out.modules()))
+        return out
+
+    monkeypatch.setattr(calibrate.copy, "deepcopy", counting)
+    method = get_lm_method("whiten", {"sequential": "anchored"})
+    windows = torch.randint(3, 99, (4, 16), generator=torch.Generator().manual_seed(1))
+    out = []
+    for offload in (None, torch.device("cpu")):
+        torch.manual_seed(0)
+        model = tiny_llama().eval()
+        block_modules = sum(1 for _ in model.model.layers[0].modules())
+        targets = find_targets(model, [], [], conv1d=True)
+        factorize(model, targets, {n: 4 for n in targets}, method, token_batches(windows, 2), mode="anchored",
+                  offload_to=offload)
+        assert _no_hooks(model)
+        out.append(model.state_dict())
+    assert sizes and max(sizes) == block_modules
+    for k in out[0]:
+        assert torch.equal(out[0][k], out[1][k]), k

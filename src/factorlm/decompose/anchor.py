@@ -18,8 +18,12 @@ Closed form.  With ``C = X~^T X~`` and the cross-Gram ``M = X~^T X``, the uncons
 so the rank-k problem is SVD-LLM's whitened truncation of ``W_c`` under ``C``
 (:mod:`factorlm.decompose.whiten`), and a quantizer with an input Gram (GPTQ,
 :mod:`factorlm.decompose.gptq`) or a whitened correction (EoRA) applies to ``W_c`` under ``C`` unchanged.
+With the ridge below the same holds under ``C + lam I`` (the objective is then
+``const + ||(W_c - W') (C + lam I)^(1/2)||^2``), which is the Gram the truncation and the correction use.
 Both Grams are summed in float64 from paired batches (the same windows through the dense and the
-compressed prefix).  ``C`` is damped by ``damp * mean(diag C)`` for the solve.  Differs from AA-SVD: no
+compressed prefix).  The solve is a ridge toward the dense weight, ``+ lam ||W_c - W||^2`` with ``lam =
+damp * mean(diag C)`` (``--anchor-damp``, default 0.01, GPTQ's relative damping): without it, directions
+the calibration tokens barely excite get weights fitted to noise, which new inputs then amplify.  Differs from AA-SVD: no
 per-block refinement step after the closed form (item 1c), and the cross-Gram is streamed, never the inputs.
 """
 
@@ -41,6 +45,8 @@ class PairedStats:
         self.cross: torch.Tensor | None = None
 
     def __getattr__(self, name):  # tokens, gram, in_features, ...: the wrapped statistics
+        if "base" not in self.__dict__:  # during copy / pickle, before __init__
+            raise AttributeError(name)
         return getattr(self.__dict__["base"], name)
 
     @torch.no_grad()
@@ -57,15 +63,22 @@ class PairedStats:
         self.cross += (a.T @ b).double()
 
 
-def anchored_target(W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
-    """``W_c = W M^T (C + damp * mean(diag C) I)^{-1}`` in ``W``'s dtype (computed in float64): the weight
-    whose outputs on the shifted inputs best reproduce ``W``'s outputs on the dense inputs."""
+def anchored_target(W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """``W_c = (W M^T + lam W) (C + lam I)^{-1}``, ``lam = damp * mean(diag C)``, in ``W``'s dtype (computed in
+    float64): the weight whose outputs on the shifted inputs best reproduce ``W``'s outputs on the dense
+    inputs, with a ridge ``lam ||W_c - W||^2`` toward the dense weight (directions the calibration inputs
+    barely excite keep ``W``'s values instead of being fitted to noise; ``damp = 0``: plain least squares)."""
     out, inp = W.shape
     check(tuple(cross.shape) == (inp, inp), f"cross-Gram must be {inp}x{inp}, got {tuple(cross.shape)}")
-    C, c = _gram_view(gram.to(W.device), damp)
+    check(damp >= 0, f"the anchored fit's damping must be >= 0, got {damp}")
+    C, _ = _gram_view(gram.to(W.device), 0.0)
     C = (C + C.T) / 2
-    C.diagonal().add_(max(c, 1e-12 * float(C.diagonal().mean())))
+    lam = damp * float(C.diagonal().mean())
+    C.diagonal().add_(max(lam, 1e-12 * float(C.diagonal().mean())))
     L, info = torch.linalg.cholesky_ex(C)
-    check(int(info) == 0, "the anchored fit's Gram is not positive definite: raise --damp")
-    rhs = cross.to(W.device, torch.float64) @ W.detach().to(torch.float64).T  # M W^T: (in, out)
+    check(int(info) == 0, "the anchored fit's Gram is not positive definite: raise --anchor-damp")
+    Wt = W.detach().to(torch.float64).T
+    rhs = cross.to(W.device, torch.float64) @ Wt  # M W^T: (in, out)
+    if lam:
+        rhs += lam * Wt
     return torch.cholesky_solve(rhs, L).T.contiguous().to(W.dtype)

@@ -52,7 +52,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, zero_p
     Hf.diagonal().add_(percdamp * float(Hf.diagonal().mean()))
     L, info = torch.linalg.cholesky_ex(Hf)
     check(int(info) == 0, "GPTQ: the damped Gram is not positive definite (raise the damping)")
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    check(int(info) == 0, "GPTQ: the inverse Gram lost positive definiteness (raise --gptq-damp)")
     del Hf, L
     lo, hi = qrange(bits)
     ngroups = inp // group_size

@@ -108,8 +108,9 @@ class QuantLowRankLinear(FactorizedLinear):
     def quantized(self) -> torch.Tensor:
         """``Q(W)`` (out, in) in the layer's dtype (cached after the first call)."""
         cached = self.__dict__.get("_cached")
-        if cached is not None and cached.dtype == self._dtype and cached.device == self.qweight.device:
-            return cached
+        stale = cached is not None and cached.is_inference() and not torch.is_inference_mode_enabled()
+        if cached is not None and not stale and cached.dtype == self._dtype and cached.device == self.qweight.device:
+            return cached  # (a copy made under inference_mode cannot serve autograd: rebuilt outside it)
         W = self._dequantize()
         self.__dict__["_cached"] = W
         return W

@@ -234,7 +234,7 @@ def _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_nam
             calls = [own.with_hidden(c.hidden) for own, c in zip(per_block[i], calls)]
             if dense_calls is not None:
                 dense_calls = [own.with_hidden(c.hidden) for own, c in zip(per_block[i], dense_calls)]
-        dense_block = copy.deepcopy(block) if dense_calls is not None else None
+        dense_block = _dense_copy(block, calls[0].hidden.device, by_block.get(i)) if dense_calls is not None else None
         prefix = f"{blocks_name}.{i}."
         local = [t[len(prefix):] for t in by_block.get(i, [])]
         if local:
@@ -310,6 +310,19 @@ def _collect(block: nn.Module, groups: list[list[str]], calls: Sequence[BlockCal
     if keep_outputs:
         return stats, outputs
     return stats
+
+
+def _dense_copy(block: nn.Module, device: torch.device, targets) -> nn.Module:
+    """A copy of ``block`` before it is compressed, on ``device``, without accelerate's offload hook (which
+    links every block's hook in a cycle: a plain deepcopy would copy the whole decoder); a block without
+    targets is never changed, so it is its own dense copy."""
+    if not targets:
+        return block
+    hooks = {k: block.__dict__.pop(k) for k in ("_hf_hook", "forward", "_old_forward") if k in block.__dict__}
+    try:
+        return copy.deepcopy(block).to(device)
+    finally:
+        block.__dict__.update(hooks)
 
 
 def _collect_paired(block, dense_block, group, calls, dense_calls, make_stats):

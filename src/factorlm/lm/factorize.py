@@ -32,6 +32,7 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
     (RTN or GPTQ codes + a rank-``ranks[name]`` correction of their error under the method's scaling) instead."""
     from ..decompose.whiten import factors_from_basis, scaled_factors
     from ..decompose.anchor import anchored_target
+    from ..decompose.whiten import GramScale
 
     facts: dict[str, dict[str, Any]] = {}
     block_seconds: list[float] = []
@@ -47,7 +48,10 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
             k = ranks[n]
             bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
             if getattr(stats, "cross", None) is not None:  # --sequential anchored: reproduce the dense outputs
-                W = anchored_target(W, stats.gram, stats.cross, getattr(method.options, "damp", 1e-6))
+                lam = method.options.anchor_damp
+                W = anchored_target(W, stats.gram, stats.cross, lam)
+                if isinstance(scale, GramScale):  # the ridge's objective is the truncation under C + lam I
+                    scale = GramScale(scale.gram, max(scale.damp, lam))
             if quant:
                 gram = stats.gram if quant.gptq else None
                 new = QuantLowRankLinear.from_weight(W, quant.bits, quant.group_size, k, scale, bias,

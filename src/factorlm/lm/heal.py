@@ -137,20 +137,22 @@ def _phases(c: RunConfig) -> list[tuple[str, int, tuple[str, ...]]]:
 class _Curve(Callback):
     """``measure()`` (held-out perplexity) after the optimizer steps in ``at``, counted over every phase of
     the run (``offset`` = the steps of the phases before); the points share the run's schedule, and
-    ``seconds`` is the healing wall time so far (the measurements before it included)."""
+    ``seconds`` is the healing wall time so far without the measurements (``measuring``)."""
 
     def __init__(self, at, measure):
         self.at, self.measure, self.offset, self.points = set(at), measure, 0, []
-        self.t0 = time.perf_counter()
+        self.t0, self.measuring = time.perf_counter(), 0.0
 
     def on_step_end(self, trainer) -> None:
         step = self.offset + trainer.state.step
         if step in self.at and not any(p["step"] == step for p in self.points):
             was = trainer.model.training
             trainer.model.eval()
-            seconds = round(time.perf_counter() - self.t0, 1)
+            t = time.perf_counter()
+            seconds = round(t - self.t0 - self.measuring, 1)  # training only
             with torch.no_grad():
                 self.points.append({"step": step, "seconds": seconds, **self.measure()})
+            self.measuring += time.perf_counter() - t
             trainer.model.train(was)
 
 
@@ -250,5 +252,6 @@ def heal(model: nn.Module, windows: torch.Tensor, c: RunConfig, log, dense: dict
             "params": c.heal_params, "learning_rate": c.learning_rate, "optimizer": optimizer,
             "update": c.heal_update, "gradient_checkpointing": bool(checkpointing), "phases": phases,
             "teacher": "dense target layers streamed from the CPU" if c.heal_loss == "distill" else None,
-            "seconds": round(time.perf_counter() - t0, 1), **({"stopped": stopped} if stopped else {}),
-            **({"curve": curve.points} if curve is not None else {})}
+            "seconds": round(time.perf_counter() - t0 - (curve.measuring if curve is not None else 0.0), 1),
+            **({"stopped": stopped} if stopped else {}),
+            **({"curve": curve.points, "curve_measure_seconds": round(curve.measuring, 1)} if curve is not None else {})}

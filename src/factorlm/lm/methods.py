@@ -56,6 +56,9 @@ class CalibrationOptions:
                 "block = per block; none = one pass over the dense model (SVD-LLM's profile); anchored = as layer, "
                 "each layer fitted to reproduce the dense model's outputs from the compressed model's inputs "
                 "(decompose/anchor.py; twice the forwards)"})
+    anchor_damp: float = field(default=0.01, metadata={
+        "help": "--sequential anchored: ridge toward the dense weight, relative to the mean diagonal of the shifted "
+                "inputs' Gram (default 0.01; 0 = plain least squares)"})
 
 
 class LMMethod:
@@ -71,6 +74,9 @@ class LMMethod:
         check(seq in SEQUENTIAL, f"--sequential must be one of {', '.join(SEQUENTIAL)}, got {seq!r}")
         check(seq != "anchored" or "gram" in self.stats, f"--sequential anchored needs the input Gram, which "
                                                           f"--method {self.name} does not use: try whiten")
+        check(getattr(self.options, "anchor_damp", 0) >= 0,
+              f"--anchor-damp must be >= 0, got {getattr(self.options, 'anchor_damp', 0)}")
+        check(getattr(self.options, "gptq_damp", 0) >= 0, f"--gptq-damp must be >= 0, got {getattr(self.options, 'gptq_damp', 0)}")
 
     @property
     def calibrated(self) -> bool:
@@ -177,7 +183,7 @@ class RTN(LMMethod):
     baseline a user already has; ``--keep`` does not apply (the bytes follow from ``--bits`` /
     ``--group-size``)."""
 
-    summary = "round-to-nearest quantization, symmetric, one bf16 scale per group (torchao's primitives)"
+    summary = "round-to-nearest quantization, one bf16 scale per group (torchao's primitives; --zero-point: asymmetric)"
     Options = QuantOptions
     #: whether ``--keep`` buys a low-rank correction of the quantization error
     corrects: ClassVar[bool] = False
@@ -296,8 +302,9 @@ def quant_ranks(shapes: dict[str, tuple[int, int]], keep: float | None, spec: Qu
             continue
         q = rtn_bytes((o, i), bits, group, spec.zero_point)
         left = keep * 2 * o * i - q
-        check(left >= 0, f"--keep {keep:g} of the bf16 bytes is below what int{bits} in groups of {group} stores "
-                         f"alone ({q / (2 * o * i):.3f} for {n}): raise --keep or lower --bits")
+        zp = " with zero points" if spec.zero_point else ""
+        check(left >= 0, f"--keep {keep:g} of the bf16 bytes is below what int{bits} in groups of {group}{zp} stores "
+                         f"alone ({q / (2 * o * i):.3f} for {n}): raise --keep, lower --bits or enlarge --group-size")
         # one rank: o + i factor weights, int8 with a bf16 scale per 32, or in the model's dtype
         per_rank = (o + i) + 2 * (o + i) // 32 if factor_bits == 8 else (o + i) * elem_bytes
         out[n] = min(int(left // per_rank), min(o, i))

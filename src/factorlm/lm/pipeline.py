@@ -63,7 +63,8 @@ def check_config(c: RunConfig):
         check(not (c.heal_steps and c.heal_params == "factors" and (not method.corrects or
                                                                      getattr(method.options, "factor_bits", 16) == 8)),
               f"--heal-steps trains the correction factors, which --method {c.method} stores as integer codes: "
-              "use --method rtn-lowrank --factor-bits 16 (or --heal-params all)")
+              f"use --method {c.method.split('-')[0]}-lowrank --factor-bits 16 "
+              "(or --heal-params all)")
         check(c.rank is None and c.rank_policy == "uniform",
               f"--method {c.method} takes a byte budget (--keep, the share of the targets' bf16 bytes) with "
               "--rank-policy uniform")
@@ -286,7 +287,8 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     acc["bytes_after"] = tensor_bytes(model)  # the saved tensors in the model's dtype (file sizes: bytes_on_disk)
     if quant:
         acc["quantized"] = {**quant.describe(), "factor_bits": quant.factor_bits or dtype_name,
-                            "format": "quant_lowrank: bit-packed codes, bf16 scales (int8 zero points), factors"}
+                            "format": "quant_lowrank: bit-packed codes, bf16 scales"
+                                      + (", int8 zero points" if quant.zero_point else "") + ", factors"}
         acc["svd_llm_ratio"] = None
     acc["target_bytes_after"] = sum(target_bytes(get_module(model, n)) for n in targets)
     acc["target_bytes_vs_bf16"] = round(acc["target_bytes_after"] / (2 * groups_before["targets"]), 4)
