@@ -308,8 +308,12 @@ def _compare(a: list[dict], b: list[dict]) -> str:
         return "no common seed"
     xa, xb = [100 * sa[s]["score"] for s in common], [100 * sb[s]["score"] for s in common]
     diff = statistics.mean(xa) - statistics.mean(xb)
-    if len(common) < 2:
-        return f"{diff:+.1f} (one seed: untested)"
+    if len(common) < 2:  # the dev bootstrap still measures the dev sample's noise, not the seeds'
+        boot = paired_bootstrap(a[0]["task"], a[0]["main_metric"], [sa[s] for s in common], [sb[s] for s in common])
+        if boot is None:
+            return f"{diff:+.1f} (one seed: untested)"
+        return (f"{diff:+.1f} (one seed: untested over seeds; dev bootstrap p = {fmt_p(boot)}, which covers the dev "
+                f"sample's noise only)")
     d = [x - y for x, y in zip(xa, xb)]
     ta, tb = [sa[s].get("dense_score") for s in common], [sb[s].get("dense_score") for s in common]
     if all(t is not None for t in ta + tb) and ta != tb:  # teachers re-trained elsewhere: the seeds do not pair
