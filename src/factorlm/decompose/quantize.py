@@ -31,18 +31,22 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def qparams(x: torch.Tensor, bits: int, zero_point: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, zero)`` (each (rows, 1), float32; the scale rounded to bf16 as stored) of one group of
-    columns ``x`` (rows, g), by torchao's ``choose_qparams_affine``: symmetric (``scale = max|x| /
-    ((q_max - q_min) / 2)``, zero 0) or, ``zero_point=True``, asymmetric with an integer zero point (the
-    range widened to include 0, so 0 stays exact)."""
+def qparams(x: torch.Tensor, bits: int, zero_point: bool = False, group_size: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` (each (rows, cols / g), float32; the scale rounded to bf16 as stored) of the groups of
+    ``group_size`` columns of ``x`` (None: one group of all columns), by torchao's ``choose_qparams_affine``:
+    symmetric (``scale = max|x| / ((q_max - q_min) / 2)``, zero 0) or, ``zero_point=True``, asymmetric with an
+    integer zero point (the range widened to include 0, so 0 stays exact)."""
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
 
     lo, hi = qrange(bits)
+    rows, cols = x.shape
+    g = group_size or cols
     mapping = MappingType.ASYMMETRIC if zero_point else MappingType.SYMMETRIC
-    scale, zero = choose_qparams_affine(x.float(), mapping, (1, x.shape[1]), torch.int8, quant_min=lo, quant_max=hi,
+    scale, zero = choose_qparams_affine(x.float(), mapping, (1, g), torch.int8, quant_min=lo, quant_max=hi,
                                         scale_dtype=torch.bfloat16)
-    return scale.to(torch.bfloat16).float().reshape(-1, 1), zero.float().reshape(-1, 1)
+    # torchao squeezes a single group away: back to (rows, groups)
+    return scale.to(torch.bfloat16).float().reshape(rows, cols // g), zero.float().reshape(rows, cols // g)
 
 
 def quantize_groups(W: torch.Tensor, bits: int, group_size: int, zero_point: bool = False
@@ -50,8 +54,7 @@ def quantize_groups(W: torch.Tensor, bits: int, group_size: int, zero_point: boo
     """``(codes int8 (out, in), scales bf16 (out, in / g), zeros int8 (out, in / g) or None, W_hat)``: the
     group-wise RTN of ``W`` (symmetric, or with an integer zero point per group) and its dequantized value
     ``(codes - zero) * scale`` in ``W``'s dtype (computed in float32), through torchao's affine primitives."""
-    from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine, dequantize_affine,
-                                                       quantize_affine)
+    from torchao.quantization.quant_primitives import dequantize_affine, quantize_affine
 
     check(2 <= bits <= 8, f"quantization bits must be in [2, 8], got {bits}")
     out, inp = W.shape
@@ -60,15 +63,12 @@ def quantize_groups(W: torch.Tensor, bits: int, group_size: int, zero_point: boo
     lo, hi = qrange(bits)
     block = (1, group_size)
     x = W.detach().float()
-    mapping = MappingType.ASYMMETRIC if zero_point else MappingType.SYMMETRIC
-    scale, zero = choose_qparams_affine(x, mapping, block, torch.int8, quant_min=lo, quant_max=hi,
-                                        scale_dtype=torch.bfloat16)
-    scale = scale.to(torch.bfloat16).reshape(out, inp // group_size)  # torchao squeezes a single group away
-    zero = zero.reshape(out, inp // group_size)
-    codes = quantize_affine(x, block, scale.float(), zero, torch.int8, lo, hi)
-    W_hat = dequantize_affine(codes, block, scale.float(), zero, torch.int8, lo, hi, output_dtype=torch.float32)
+    scale, zero = qparams(x, bits, zero_point, group_size)
+    zero = zero.to(torch.int32)
+    codes = quantize_affine(x, block, scale, zero, torch.int8, lo, hi)
+    W_hat = dequantize_affine(codes, block, scale, zero, torch.int8, lo, hi, output_dtype=torch.float32)
     zeros = zero.to(torch.int8) if zero_point else None
-    return codes, scale, zeros, W_hat.to(W.dtype)
+    return codes, scale.to(torch.bfloat16), zeros, W_hat.to(W.dtype)
 
 
 def rtn(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -208,7 +208,6 @@ class GPTQ(RTN):
 
     @property
     def quant(self) -> QuantSpec:
-        check(self.options.gptq_damp >= 0, f"--gptq-damp must be >= 0, got {self.options.gptq_damp}")
         return QuantSpec(self.options.bits, self.options.group_size, None, bool(self.options.zero_point), True,
                          self.options.gptq_damp)
 
@@ -282,7 +281,6 @@ class GPTQLowRank(RTNLowRank):
 
     @property
     def quant(self) -> QuantSpec:
-        check(self.options.gptq_damp >= 0, f"--gptq-damp must be >= 0, got {self.options.gptq_damp}")
         q = super().quant
         return QuantSpec(q.bits, q.group_size, q.factor_bits, q.zero_point, True, self.options.gptq_damp)
 
