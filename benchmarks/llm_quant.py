@@ -53,12 +53,32 @@ ROWS += [(b, g, c, 8, True, "gptq", True) for b, g, c in ((4, 192, 0.01), (4, 19
                                                          (3, 64, 0.045), (3, 192, 0.05), (2, 64, 0.05), (2, 64, 0.1))]
 ROWS += [(b, g, 0, 16, True, "rtn", True) for b, g in ((4, 64), (4, 192), (3, 32), (3, 64))]
 ROWS += [(b, g, c, 8, True, "rtn", True) for b, g, c in ((4, 192, 0.01), (4, 192, 0.02), (3, 32, 0.03), (3, 64, 0.045))]
+# session 40: the zero-point grid at <= 0.25 of the bytes (which int3 group, with its correction, fills 0.25),
+# int3-g192-zp alone (<= 0.20), and symmetric int3-g32 + 1% beside int3-g64-zp + 2% (equal bytes ~0.23)
+ROWS += [(3, 64, 0.039, 8, True, "rtn", True), (3, 32, 0.016, 8, True, "rtn", True)]
+# GPTQ with the reference's act-order (static groups): benchmarks/llm_gptq_diag.py found it the one GPTQ
+# setting that beats RTN here (int3-g32-zp: 1.99x vs 2.18x on hamlet, 1.44x vs 2.18x on held-out convention)
+ROWS += [(4, 192, 0, 16, True, "gptq-act", True), (3, 64, 0, 16, True, "gptq-act", True),
+         (3, 64, 0.039, 8, True, "gptq-act", True), (4, 192, 0.01, 8, True, "gptq-act", True)]
+ROWS += [(3, 192, 0.055, 8, True, "rtn", True), (3, 64, 0.02, 8, True, "rtn", True), (3, 32, 0.01, 8, True, "rtn", False),
+         (3, 192, 0, 16, True, "rtn", True)]
 ROWS += [(b, g, 0, 16, True, "gptq", False) for b, g in ((4, 192), (3, 32))]
 ROWS += [(b, g, c, 8, True, "gptq", False) for b, g, c in ((4, 192, 0.02), (3, 32, 0.03))]
 
+# session 40: --byte-plan global (factorlm.ranks.byte_plan): each matrix's grid among int8-g192 and int4 / int3
+# with zero points in groups of 192 / 64 / 32, and its correction rank (int8 factors), from one byte budget priced
+# by the output-sensitivity weighted whitened error; "int4-g192-zp" = that grid only (global correction ranks)
+PLAN_GRIDS = {"all": [(8, 192, False)] + [(b, g, True) for b in (4, 3) for g in (192, 64, 32)],
+              "int4-g192-zp": [(4, 192, True)]}
+PLAN_ROWS = [(0.25, "all"), (0.267, "all"), (0.267, "int4-g192-zp"), (0.234, "all"), (0.21, "all")]
+
+
+def plan_key(keep, grids):
+    return f"plan{keep:g}-{grids}-c8"
+
 
 def key(bits, group, corr, cbits, white, quantizer="rtn", zero_point=False):
-    k = f"int{bits}-g{group}" + ("-zp" if zero_point else "") + ("-gptq" if quantizer == "gptq" else "")
+    k = f"int{bits}-g{group}" + ("-zp" if zero_point else "") + {"gptq": "-gptq", "gptq-act": "-gptq-act"}.get(quantizer, "")
     if corr:
         k += f"+corr{corr:g}-{'c8' if cbits == 8 else 'bf16'}-{'white' if white else 'plain'}"
     return k
@@ -97,10 +117,11 @@ def run(res: dict) -> None:
         res["dense"] = ppl()
         save()
     todo = [r for r in ROWS if key(*r) not in res["rows"]]
-    if not todo:
+    plans = [p for p in PLAN_ROWS if plan_key(*p) not in res["rows"]]
+    if not todo and not plans:
         return
     scales = {}
-    if any(r[2] or (len(r) > 5 and r[5] == "gptq") for r in todo):
+    if plans or any(r[2] or (len(r) > 5 and r[5].startswith("gptq")) for r in todo):
         method = get_lm_method("whiten", {})
         t0 = time.perf_counter()
 
@@ -111,6 +132,8 @@ def run(res: dict) -> None:
 
         stream(model, targets, token_batches(cal, 8), method.make_stats, on_group, mode="none")
         print(f"calibration {time.perf_counter() - t0:.0f}s", flush=True)
+    if plans:  # first: the rows this session is about
+        run_plans(res, plans, model, targets, dense_w, scales, cal, numel, ppl, save)
     for row in todo:
         bits, group, corr, cbits, white, quantizer, zp = (*row, "rtn", False)[:7]
         k = key(*row)
@@ -119,8 +142,8 @@ def run(res: dict) -> None:
         for n in targets:
             W = dense_w[n]
             out, inp = W.shape
-            if quantizer == "gptq":  # every Gram from the dense model, as the corrections here
-                W_hat = gptq(W, scales[n].gram, bits, group, zero_point=zp)[3]
+            if quantizer.startswith("gptq"):  # every Gram from the dense model, as the corrections here
+                W_hat = gptq(W, scales[n].gram, bits, group, zero_point=zp, act_order=quantizer == "gptq-act")[3]
             else:
                 W_hat = quantize_groups(W, bits, group, zp)[3]
             nbytes += rtn_bytes((out, inp), bits, group, zp)
@@ -148,6 +171,59 @@ def run(res: dict) -> None:
         print(f"{k}: bytes {nbytes / (2 * numel):.3f} of bf16, perplexity {p:.2f} ({p / res['dense']:.2f}x)", flush=True)
 
 
+
+
+def run_plans(res, plans, model, targets, dense_w, scales, cal, numel, ppl, save) -> None:
+    """The ``--byte-plan global`` rows: one output-sensitivity pass, the grids' whitened error spectra, then
+    per row the plan and the same quantize + correct loop as the rows above."""
+    from factorlm.lm.calibrate import output_sensitivity
+    from factorlm.lm.methods import QuantSpec
+    from factorlm.lm.plan import grid_options
+    from factorlm.ranks.byte_plan import byte_plan, plan_loss
+
+    t0 = time.perf_counter()
+    lam = output_sensitivity(model, targets, token_batches(cal, 8))
+    specs = {label: [QuantSpec(b, g, 8, zp) for b, g, zp in grids] for label, grids in PLAN_GRIDS.items()}
+    options = {label: {n: grid_options(dense_w[n], scales[n], lam[n], sp, 2) for n in targets}
+               for label, sp in specs.items()}
+    prep_s = time.perf_counter() - t0
+    print(f"byte plan: sensitivity and spectra {prep_s:.0f}s", flush=True)
+    for keep, label in plans:
+        k = plan_key(keep, label)
+        t0 = time.perf_counter()
+        plan = byte_plan(options[label], keep * 2 * numel)
+        nbytes, grids, ranks = 0, {}, []
+        for n in targets:
+            qi, r = plan[n]
+            q = specs[label][qi]
+            W = dense_w[n]
+            out, inp = W.shape
+            W_hat = quantize_groups(W, q.bits, q.group_size, q.zero_point)[3]
+            nbytes += rtn_bytes((out, inp), q.bits, q.group_size, q.zero_point)
+            if r:
+                A, B = error_correction(W, W_hat, r, scales[n])
+                A = rtn(A.T.contiguous(), 8, 32)[2].T
+                B = rtn(B, 8, 32)[2]
+                W_hat = W_hat + A @ B
+                nbytes += int(r * (out + inp) * (1 + 2 / 32))
+            g = f"int{q.bits}-g{q.group_size}" + ("-zp" if q.zero_point else "")
+            grids[g] = grids.get(g, 0) + 1
+            ranks.append(r)
+            get_module(model, n).weight.data.copy_(W_hat)
+        fit_s = time.perf_counter() - t0
+        p = ppl()
+        for n in targets:
+            get_module(model, n).weight.data.copy_(dense_w[n])
+        res["rows"][k] = {"plan": label, "keep": keep, "grids": grids, "correction": "global", "factor_bits": 8,
+                          "whitened": True, "quantizer": "rtn", "bytes": nbytes, "bytes_vs_bf16": nbytes / (2 * numel),
+                          "perplexity": p, "ratio": p / res["dense"], "ranks": [min(ranks), max(ranks)],
+                          "estimated_loss": plan_loss(options[label], plan), "fit_s": round(fit_s, 1),
+                          "plan_prep_s": round(prep_s, 1)}
+        save()
+        print(f"{k}: bytes {nbytes / (2 * numel):.3f} of bf16, perplexity {p:.2f} ({p / res['dense']:.2f}x), "
+              f"grids {grids}", flush=True)
+
+
 def write_table(res: dict) -> None:
     dense = res.get("dense")
     rows = sorted(res["rows"].items(), key=lambda kv: kv[1]["bytes_vs_bf16"])
@@ -156,6 +232,8 @@ def write_table(res: dict) -> None:
              "|---|---|---|---|---|"]
     for k, r in rows:
         rk = f"{r['ranks'][0]}-{r['ranks'][1]}" if r.get("ranks") else "-"
+        if r.get("plan"):  # the grids the plan chose, with how many of the 210 targets each
+            rk += " on " + ", ".join(f"{g} x{c}" for g, c in sorted(r["grids"].items(), key=lambda t: -t[1]))
         lines.append(f"| {k} | {r['bytes_vs_bf16']:.3f} | {r['perplexity']:.2f} | {r['ratio']:.2f}x | {rk} |")
     lines.append("\ncommand: `python benchmarks/llm_quant.py` (one thread)")
     (HERE / "results" / "llm_quant.md").write_text("\n".join(lines) + "\n")
@@ -187,9 +265,12 @@ def frontier_png(res: dict, dst: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = {"RTN alone": [], "RTN + whitened correction": [], "RTN + plain-SVD correction": [],
-              "GPTQ alone": [], "GPTQ + whitened correction (EoRA)": []}
+              "GPTQ alone": [], "GPTQ + whitened correction (EoRA)": [],
+              "byte plan (grid + rank per matrix)": []}
     for k, r in res["rows"].items():
-        if r.get("quantizer") == "gptq":
+        if r.get("plan"):
+            g = "byte plan (grid + rank per matrix)"
+        elif str(r.get("quantizer")).startswith("gptq"):
             g = "GPTQ alone" if not r["correction"] else "GPTQ + whitened correction (EoRA)"
         else:
             g = "RTN alone" if not r["correction"] else ("RTN + whitened correction" if r["whitened"] else
@@ -197,7 +278,8 @@ def frontier_png(res: dict, dst: Path) -> None:
         groups[g].append((k, r["bytes_vs_bf16"], r["ratio"]))
     groups["low rank (whiten, bf16 factors)"] = lowrank_points()
     marks = {"RTN alone": "s", "RTN + whitened correction": "o", "RTN + plain-SVD correction": "x",
-             "GPTQ alone": "D", "GPTQ + whitened correction (EoRA)": "P", "low rank (whiten, bf16 factors)": "^"}
+             "GPTQ alone": "D", "GPTQ + whitened correction (EoRA)": "P", "low rank (whiten, bf16 factors)": "^",
+             "byte plan (grid + rank per matrix)": "*"}
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 1.25]})
     pts = []
     for g, rows in groups.items():

@@ -60,6 +60,58 @@ def test_gptq_matches_the_obs_loop_reference(bits, group):
     assert abs(e_ours - e_ref) <= 0.02 * e_ref
 
 
+def _reference_act_order(W, H, bits, group, percdamp):
+    """The OBS loop over the columns in descending H_jj, every group's symmetric scale fixed up front from the
+    unquantized weights (static groups); codes returned in the original column order."""
+    W = W.double().numpy().copy()
+    H = H.double().numpy().copy()
+    n = H.shape[0]
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    s = np.abs(W.reshape(W.shape[0], -1, group)).max(axis=2) / ((hi - lo) / 2)
+    s = torch.from_numpy(s).float().bfloat16().double().numpy()  # (out, groups), as stored
+    order = np.argsort(-np.diag(H), kind="stable")
+    H = H + percdamp * np.mean(np.diag(H)) * np.eye(n)
+    Hinv = np.linalg.inv(H)
+    codes = np.zeros(W.shape, dtype=np.int64)
+    left = list(order)
+    for j in order:
+        left.remove(j)
+        sj = s[:, j // group]
+        q = np.clip(np.round(W[:, j] / sj), lo, hi)
+        codes[:, j] = q
+        err = (W[:, j] - q * sj) / Hinv[j, j]
+        W[:, left] -= np.outer(err, Hinv[j, left])
+        Hinv = Hinv - np.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
+    return codes, s
+
+
+def test_gptq_act_order_matches_the_obs_loop_in_that_order():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(24, 64, generator=g)
+    H = _inputs(64, 6)
+    codes, scales, zeros, W_hat = gptq(W, H, 3, 16, block_size=32, act_order=True)
+    ref, ref_s = _reference_act_order(W, H, 3, 16, 0.01)
+    assert torch.equal(scales.double(), torch.from_numpy(ref_s))  # static groups: the RTN scales of W
+    assert (codes.numpy() == ref).mean() > 0.97
+    ref_hat = torch.from_numpy(ref).double().reshape(24, -1, 16) * scales.double()[:, :, None]
+    e_ours, e_ref = output_error(W, W_hat, H), output_error(W, ref_hat.reshape(24, 64), H)
+    assert abs(e_ours - e_ref) <= 0.02 * e_ref
+    # the visiting order is what act_order changes: the plain order gives other codes
+    assert not torch.equal(codes, gptq(W, H, 3, 16, block_size=32)[0])
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_gptq_act_order_with_a_diagonal_gram_is_exactly_rtn(zero_point):
+    """A diagonal Gram has no error feedback, and static groups are RTN's own parameters: bit-identical to
+    torchao's RTN whatever the visiting order."""
+    W = torch.randn(40, 96, generator=torch.Generator().manual_seed(3))
+    H = torch.diag(torch.rand(96, generator=torch.Generator().manual_seed(4)) + 0.1)
+    ours = gptq(W, H, 4, 32, zero_point=zero_point, percdamp=0.0, act_order=True)
+    lib = quantize_groups(W, 4, 32, zero_point)
+    for a, b in zip(ours, lib):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 @pytest.mark.parametrize("zero_point", [False, True])
 def test_gptq_with_an_identity_gram_is_exactly_rtn(zero_point):
     """No correlation and no damping: the error feedback is zero, so the codes, scales, zero points and the
@@ -157,6 +209,14 @@ def test_gptq_lowrank_end_to_end_stores_its_bytes_and_reloads_exactly(tmp_path):
     rtn_run = compress(_lm_cfg(tmp_path, method="rtn", method_options={"bits": 3, "group_size": 16}, name="r"),
                        quiet=True, save=False)
     differ = [n for n in ranks if not torch.equal(get_module(alone.model, n).qweight, get_module(rtn_run.model, n).qweight)]
+    assert len(differ) >= len(ranks) // 2
+    # --gptq-act-order true: recorded, and it changes the codes (the visiting order is not the input order)
+    act = compress(_lm_cfg(tmp_path, method="gptq", method_options={"bits": 3, "group_size": 16,
+                                                                    "gptq_act_order": True}, name="a"),
+                   quiet=True, save=False)
+    assert act.accounting["quantized"]["gptq_act_order"] is True
+    assert alone.accounting["quantized"]["gptq_act_order"] is False
+    differ = [n for n in ranks if not torch.equal(get_module(alone.model, n).qweight, get_module(act.model, n).qweight)]
     assert len(differ) >= len(ranks) // 2
 
 

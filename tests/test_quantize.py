@@ -143,7 +143,9 @@ def test_rtn_lowrank_stores_the_bytes_it_reports_within_the_budget_and_reloads_e
     acc, ranks = rep.accounting, rep.info["ranks"]
     mods = {n: get_module(rep.model, n) for n in ranks}
     assert all(isinstance(m, QuantLowRankLinear) and m.bits == 3 for m in mods.values())
-    expect = sum(rtn_bytes((m.out_features, m.in_features), 3, 16) + m.rank * (m.out_features + m.in_features) * 4
+    # zero points on by default at 3 bits: one int8 per group beside its bf16 scale
+    assert all(m.zero_point for m in mods.values()) and acc["quantized"]["zero_point"] is True
+    expect = sum(rtn_bytes((m.out_features, m.in_features), 3, 16, True) + m.rank * (m.out_features + m.in_features) * 4
                  for m in mods.values())
     assert acc["target_bytes_after"] == expect
     assert expect <= 0.8 * 2 * acc["target_weights_before"] and min(ranks.values()) >= 1
@@ -161,7 +163,7 @@ def test_rtn_lowrank_stores_the_bytes_it_reports_within_the_budget_and_reloads_e
 def test_rtn_lowrank_refuses_a_budget_below_the_codes(tmp_path):
     from factorlm.api import compress
 
-    with pytest.raises(FactorLMError, match="below what int3 in groups of 16 stores alone"):
+    with pytest.raises(FactorLMError, match="below what int3 in groups of 16 with zero points stores alone"):
         compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.1, method_options={"bits": 3, "group_size": 16}),
                  quiet=True, save=False)
     with pytest.raises(FactorLMError, match=r"--bits must be in \[2, 8\], got 9"):

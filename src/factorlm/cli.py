@@ -102,7 +102,7 @@ def _add_option_flag(g, f: dataclasses.Field, methods: Sequence[str] = ()) -> No
     text = f.metadata.get("help", "")
     helptext = (f"{tag}{text}" + ("" if "default" in text else f" (default {default})")).replace("%", "%%")
     choices = f.metadata.get("choices")
-    if isinstance(default, bool):
+    if isinstance(default, bool) or f.metadata.get("type") is bool:
         g.add_argument(flag, dest=f"mopt_{f.name}", type=_bool, metavar="{true,false}", help=helptext)
         return
     typ = f.metadata.get("type") or (type(default) if default is not None and not isinstance(default, (list, dict)) else str)

@@ -15,8 +15,11 @@ factorlm's (:func:`factorlm.decompose.quantize.rtn`: torchao's affine primitives
 with an integer zero point, bf16 scales), so with ``H = I`` GPTQ returns exactly the RTN codes (tested);
 (2) a group's parameters are taken from the block's *updated* columns (the reference reads the group from
 the outer matrix, whose columns inside the current block are not yet updated); the block length is a
-multiple of the group size so a group never straddles two blocks; (3) no activation order (``--act-order``
-in the reference, off by default there too).
+multiple of the group size so a group never straddles two blocks.  ``act_order=True`` (opt-in, off by default
+as in the reference): the columns are visited in descending ``H_jj`` (the reference's ``--act-order``) with
+*static* groups, i.e. every group's parameters computed up front from the unquantized weights, so the stored
+groups stay contiguous (AutoGPTQ's ``desc_act`` + ``static_groups``; the reference's act-order with groups
+re-reads the parameters in the permuted order and needs a group index per column instead).
 
 Why here rather than a library: torchao's GPTQ (``torchao.prototype.gptq``) asserts a CUDA device (and its
 int4 path needs ``mslk``); llm-compressor pins transformers <= 5.17; GPTQModel / AutoGPTQ need CUDA builds.
@@ -31,7 +34,7 @@ from .quantize import qparams, qrange
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, zero_point: bool = False,
-         percdamp: float = 0.01, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+         percdamp: float = 0.01, block_size: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                                  torch.Tensor]:
     """``(codes int8 (out, in), scales bf16 (out, in / g), zeros int8 (out, in / g) or None, W_hat)``: GPTQ of
     ``W`` (out, in) under the input Gram ``H`` (in, in, e.g. ``sum x x^T`` of the calibration inputs; its
@@ -49,6 +52,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, zero_p
     dead = Hf.diagonal() == 0
     Hf[dead, dead] = 1
     Wf[:, dead] = 0
+    perm = None
+    if act_order:  # static groups from the unquantized weights, then the columns by descending H_jj
+        s_all, z_all = qparams(Wf, bits, zero_point, group_size)
+        perm = torch.argsort(Hf.diagonal(), descending=True)
+        Wf, Hf = Wf[:, perm], Hf[perm][:, perm]
     Hf.diagonal().add_(percdamp * float(Hf.diagonal().mean()))
     L, info = torch.linalg.cholesky_ex(Hf)
     check(int(info) == 0, "GPTQ: the damped Gram is not positive definite (raise the damping)")
@@ -61,6 +69,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, zero_p
     W_hat = torch.empty(out, inp, dtype=torch.float32, device=dev)
     scales = torch.empty(out, ngroups, dtype=torch.bfloat16, device=dev)
     zeros = torch.empty(out, ngroups, dtype=torch.int8, device=dev) if zero_point else None
+    if act_order:
+        scales.copy_(s_all.to(torch.bfloat16))
+        if zeros is not None:
+            zeros.copy_(z_all.to(torch.int8))
+        order = perm.tolist()
     step = group_size * max(1, -(-block_size // group_size))  # a multiple of the group size
     for b0 in range(0, inp, step):
         b1 = min(b0 + step, inp)
@@ -69,7 +82,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, zero_p
         Hb = Hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            if col % group_size == 0:
+            if act_order:  # the column's own (static) group
+                oc = order[col]
+                g = oc // group_size
+                sf, zf = s_all[:, g], z_all[:, g]
+                inv = 1.0 / sf
+            elif col % group_size == 0:
                 g = col // group_size
                 s, z = qparams(W1[:, i:i + group_size], bits, zero_point)  # (out, 1) each, s bf16-rounded
                 scales[:, g] = s[:, 0].to(torch.bfloat16)
@@ -80,8 +98,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, zero_p
             w = W1[:, i]
             q = torch.clamp(torch.round(w * inv) + zf, lo, hi)  # torchao's quantize_affine, one column
             wq = (q - zf) * sf  # its dequantize_affine
-            codes[:, col] = q.to(torch.int8)
-            W_hat[:, col] = wq
+            oc = order[col] if act_order else col
+            codes[:, oc] = q.to(torch.int8)
+            W_hat[:, oc] = wq
             err = (w - wq) / Hb[i, i]
             W1[:, i:] -= err[:, None] * Hb[i, i:][None, :]
             Err[:, i] = err

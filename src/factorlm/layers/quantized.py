@@ -171,11 +171,13 @@ class QuantLowRankLinear(FactorizedLinear):
     @torch.no_grad()
     def from_weight(cls, W: torch.Tensor, bits: int, group_size: int, rank: int = 0, scale=None,
                     bias: torch.Tensor | None = None, factor_bits: int | None = None, zero_point: bool = False,
-                    gram: torch.Tensor | None = None, percdamp: float = 0.01) -> "QuantLowRankLinear":
+                    gram: torch.Tensor | None = None, percdamp: float = 0.01,
+                    act_order: bool = False) -> "QuantLowRankLinear":
         """Quantize ``W`` (out, in) and fit the rank-``rank`` correction of its error under ``scale``
         (a :mod:`factorlm.decompose.whiten` input scaling; None = plain Frobenius); ``factor_bits=8``:
         the fitted factors are then stored as int8 codes (RTN of the fit, not refitted).  ``gram``: the
-        layer's input Gram, then the codes are GPTQ's (damping ``percdamp``) instead of RTN's."""
+        layer's input Gram, then the codes are GPTQ's (damping ``percdamp``; ``act_order``: columns by descending
+        Gram diagonal, static groups) instead of RTN's."""
         from ..decompose.gptq import gptq
         from ..decompose.quantize import error_correction, pack_bits, quantize_groups, rtn
 
@@ -183,7 +185,8 @@ class QuantLowRankLinear(FactorizedLinear):
         m = cls(in_f, out_f, bits, group_size, rank, bias=bias is not None, factor_bits=factor_bits if rank else None,
                 zero_point=zero_point, dtype=W.dtype, device=W.device)
         if gram is not None:
-            codes, scales, zeros, _ = gptq(W, gram, bits, group_size, zero_point=zero_point, percdamp=percdamp)
+            codes, scales, zeros, _ = gptq(W, gram, bits, group_size, zero_point=zero_point, percdamp=percdamp,
+                                         act_order=act_order)
         else:
             codes, scales, zeros, _ = quantize_groups(W, bits, group_size, zero_point)
         m.qweight.copy_(pack_bits(codes, bits).to(W.device))

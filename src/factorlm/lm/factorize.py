@@ -28,7 +28,7 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
     the seconds per block.  ``keep_dense``: a dict that receives the replaced dense modules (moved to
     the CPU), for a distillation teacher; None drops them.  ``offload_to``: the execution device of a
     model kept on the CPU (blocks visit it one at a time; an uncalibrated method's matrices do too).
-    ``quant`` (a :class:`factorlm.lm.methods.QuantSpec`): every target becomes a :class:`QuantLowRankLinear`
+    ``quant`` (a :class:`factorlm.lm.methods.QuantSpec`, or one per target): every target becomes a :class:`QuantLowRankLinear`
     (RTN or GPTQ codes + a rank-``ranks[name]`` correction of their error under the method's scaling) instead."""
     from ..decompose.whiten import factors_from_basis, scaled_factors
     from ..decompose.anchor import anchored_target
@@ -53,15 +53,16 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
                 if isinstance(scale, GramScale):  # the ridge's objective is the truncation under C + lam I
                     scale = GramScale(scale.gram, max(scale.damp, lam))
             if quant:
-                gram = stats.gram if quant.gptq else None
-                new = QuantLowRankLinear.from_weight(W, quant.bits, quant.group_size, k, scale, bias,
-                                                     factor_bits=quant.factor_bits, zero_point=quant.zero_point,
-                                                     gram=gram, percdamp=quant.percdamp).to(home)
+                q = quant[n] if isinstance(quant, dict) else quant  # --byte-plan global: one grid per target
+                gram = stats.gram if q.gptq else None
+                new = QuantLowRankLinear.from_weight(W, q.bits, q.group_size, k, scale, bias,
+                                                     factor_bits=q.factor_bits, zero_point=q.zero_point,
+                                                     gram=gram, percdamp=q.percdamp, act_order=q.act_order).to(home)
                 set_module(model, n, new)
                 if keep_dense is not None:
                     keep_dense[n] = m.cpu().requires_grad_(False)
-                facts[n] = {"rank": k, "shape": list(W.shape), **quant.describe(),
-                            "factor_bits": quant.factor_bits or "model dtype"}
+                facts[n] = {"rank": k, "shape": list(W.shape), **q.describe(),
+                            "factor_bits": q.factor_bits or "model dtype"}
                 continue
             U, sigma = scaled_factors(W, scale)
             A, B = factors_from_basis(W, U, k)

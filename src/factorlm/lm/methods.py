@@ -154,18 +154,36 @@ class QuantSpec:
     zero_point: bool = False
     gptq: bool = False
     percdamp: float = 0.01
+    act_order: bool = False
 
     def describe(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group_size": self.group_size, "zero_point": self.zero_point,
-                "quantizer": "gptq" if self.gptq else "rtn"}
+        d = {"bits": self.bits, "group_size": self.group_size, "zero_point": self.zero_point,
+             "quantizer": "gptq" if self.gptq else "rtn"}
+        if self.gptq:
+            d.update(gptq_damp=self.percdamp, gptq_act_order=self.act_order)
+        return d
 
 
-ZERO_POINT = field(default=False, metadata={
+ZERO_POINT = field(default=None, metadata={
+    "type": bool,
     "help": "rtn / gptq (+ -lowrank): an int8 zero point per group (asymmetric grid, torchao's asymmetric mapping; "
-            "one more byte per group; default false: symmetric)"})
+            "one more byte per group; default: on at 2-4 bits, where it measured better at equal bytes, off at 5-8)"})
+
+
+def zero_point_of(options) -> bool:
+    """``--zero-point`` as given, else on at 2-4 bits (SmolLM2-135M, BENCHMARKS.md "Decoder LLMs at equal
+    bytes": int4-g192 1.34x dense with zero points vs 1.75x without, int3-g64 2.91x at 0.211 of the bf16
+    bytes vs int3-g32's 4.01x at 0.219) and off at 5-8 bits (int8 is lossless without one)."""
+    zp = getattr(options, "zero_point", None)
+    return bool(zp) if zp is not None else options.bits <= 4
+
+
 GPTQ_DAMP = field(default=0.01, metadata={
     "help": "gptq / gptq-lowrank: damping added to the Gram's diagonal, relative to its mean (GPTQ's percdamp; "
             "default 0.01, as published)"})
+GPTQ_ACT_ORDER = field(default=False, metadata={
+    "help": "gptq / gptq-lowrank: quantize the columns in descending order of the Gram's diagonal, with static "
+            "groups (GPTQ's --act-order; default false, as the reference)"})
 
 
 @dataclass
@@ -174,7 +192,7 @@ class QuantOptions:
     group_size: int = field(default=32, metadata={
         "help": "rtn / rtn-lowrank: input channels sharing one bf16 scale (must divide every target's input width; "
                 "default 32)"})
-    zero_point: bool = ZERO_POINT
+    zero_point: bool | None = ZERO_POINT
 
 
 @register_lm_method("rtn")
@@ -190,14 +208,16 @@ class RTN(LMMethod):
 
     @property
     def quant(self) -> QuantSpec:
-        return QuantSpec(self.options.bits, self.options.group_size, None, bool(self.options.zero_point))
+        return QuantSpec(self.options.bits, self.options.group_size, None, zero_point_of(self.options))
 
 
 @register_lm_method("gptq")
 class GPTQ(RTN):
     """GPTQ alone (Frantar et al., ICLR 2023; :mod:`factorlm.decompose.gptq`): the calibrated quantizer, on
     RTN's grid, from each layer's input Gram (``--sequential`` as for ``whiten``; ``none`` = every Gram from
-    the dense model); ``--keep`` does not apply."""
+    the dense model); ``--keep`` does not apply.  As published: damping 0.01, columns in input order
+    (``--gptq-act-order true``: the reference's act-order, with static groups), the asymmetric grid at 2-4 bits
+    (the reference's default, ``--sym`` off); differs: symmetric at 5-8 bits unless ``--zero-point true``."""
 
     summary = "GPTQ (Frantar et al. 2023): calibrated quantization with error feedback, on RTN's grid"
     stats = ("gram",)
@@ -205,11 +225,12 @@ class GPTQ(RTN):
     @dataclass
     class Options(CalibrationOptions, QuantOptions):
         gptq_damp: float = GPTQ_DAMP
+        gptq_act_order: bool = GPTQ_ACT_ORDER
 
     @property
     def quant(self) -> QuantSpec:
-        return QuantSpec(self.options.bits, self.options.group_size, None, bool(self.options.zero_point), True,
-                         self.options.gptq_damp)
+        return QuantSpec(self.options.bits, self.options.group_size, None, zero_point_of(self.options), True,
+                         self.options.gptq_damp, bool(self.options.gptq_act_order))
 
 
 @register_lm_method("rtn-lowrank")
@@ -243,25 +264,38 @@ class RTNLowRank(LMMethod):
             "choices": (8, 16),
             "help": "rtn-lowrank: the correction factors stored as int8 codes in groups of 32 (8, default: half the "
                     "bytes, twice the rank; frozen) or in the model's dtype (16: trainable by --heal-steps)"})
-        zero_point: bool = ZERO_POINT
+        zero_point: bool | None = ZERO_POINT
+        byte_plan: str = field(default="uniform", metadata={
+            "choices": ("uniform", "global"),
+            "help": "rtn-lowrank: uniform (default: one grid, the same share of correction bytes in every matrix) or "
+                    "global (each matrix's grid among int8 / int4 / int3, or those of --bits, and its correction rank "
+                    "from one byte budget, priced by the output-sensitivity weighted whitened error: "
+                    "factorlm.ranks.byte_plan)"})
 
     def resolve(self, keep: float, shapes: dict[str, tuple[int, int]]) -> None:
-        """Fill in ``bits`` / ``group_size`` left to the default (see :attr:`AUTO`)."""
+        """Fill in ``bits`` / ``group_size`` left to the default (see :attr:`AUTO`): the bits of the first
+        entry whose smallest keep ``keep`` reaches, then the first preferred group that divides every input
+        width and whose codes (with the zero points of :func:`zero_point_of`) fit within ``keep``."""
+        from ..decompose.quantize import rtn_bytes
+
         o = self.options
+        self.given = (o.bits, o.group_size)  # as the user gave them (--byte-plan global chooses among grids)
         if o.bits is None:
             o.bits = next(b for lo, b, _ in self.AUTO if keep >= lo)
         if o.group_size is None:
             prefs = next((g for _, b, g in self.AUTO if b == o.bits), (128, 64, 32))
             widths = {i for _, i in shapes.values()}
-            o.group_size = next((g for g in prefs if all(w % g == 0 for w in widths)), None)
-            check(o.group_size is not None, f"no group size of {prefs} divides every input width "
-                                            f"({sorted(widths)}): give --group-size")
+            divide = [g for g in prefs if all(w % g == 0 for w in widths)]
+            check(bool(divide), f"no group size of {prefs} divides every input width ({sorted(widths)}): give --group-size")
+            zp = zero_point_of(o)
+            fit = [g for g in divide if all(rtn_bytes(s, o.bits, g, zp) <= keep * 2 * s[0] * s[1] for s in shapes.values())]
+            o.group_size = (fit or divide)[0]  # none fits: quant_ranks says which matrix and what to change
 
     @property
     def quant(self) -> QuantSpec:
         check(self.options.bits is not None and self.options.group_size is not None, "rtn-lowrank: unresolved bits")
         return QuantSpec(self.options.bits, self.options.group_size, 8 if self.options.factor_bits == 8 else None,
-                         bool(self.options.zero_point))
+                         zero_point_of(self.options))
 
     def scale(self, stats):
         return GramScale(stats.gram, self.options.damp)
@@ -278,11 +312,18 @@ class GPTQLowRank(RTNLowRank):
     @dataclass
     class Options(RTNLowRank.Options):
         gptq_damp: float = GPTQ_DAMP
+        gptq_act_order: bool = GPTQ_ACT_ORDER
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        check(self.options.byte_plan == "uniform", "gptq-lowrank: --byte-plan global prices the grids by RTN's "
+                                                   "errors, not GPTQ's: use rtn-lowrank or --byte-plan uniform")
 
     @property
     def quant(self) -> QuantSpec:
         q = super().quant
-        return QuantSpec(q.bits, q.group_size, q.factor_bits, q.zero_point, True, self.options.gptq_damp)
+        return QuantSpec(q.bits, q.group_size, q.factor_bits, q.zero_point, True, self.options.gptq_damp,
+                         bool(self.options.gptq_act_order))
 
 
 def quant_ranks(shapes: dict[str, tuple[int, int]], keep: float | None, spec: QuantSpec,
@@ -303,7 +344,11 @@ def quant_ranks(shapes: dict[str, tuple[int, int]], keep: float | None, spec: Qu
         zp = " with zero points" if spec.zero_point else ""
         check(left >= 0, f"--keep {keep:g} of the bf16 bytes is below what int{bits} in groups of {group}{zp} stores "
                          f"alone ({q / (2 * o * i):.3f} for {n}): raise --keep, lower --bits or enlarge --group-size")
-        # one rank: o + i factor weights, int8 with a bf16 scale per 32, or in the model's dtype
-        per_rank = (o + i) + 2 * (o + i) // 32 if factor_bits == 8 else (o + i) * elem_bytes
-        out[n] = min(int(left // per_rank), min(o, i))
+        out[n] = min(int(left // rank_bytes(o, i, factor_bits, elem_bytes)), min(o, i))
     return out
+
+
+def rank_bytes(o: int, i: int, factor_bits: int | None, elem_bytes: int) -> int:
+    """Bytes of one correction rank of an ``o x i`` matrix: ``o + i`` factor weights, int8 with a bf16 scale
+    per 32 (``factor_bits=8``), or in the model's dtype (``elem_bytes`` each)."""
+    return (o + i) + 2 * (o + i) // 32 if factor_bits == 8 else (o + i) * elem_bytes

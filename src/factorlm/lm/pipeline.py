@@ -149,7 +149,7 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     from .load import (SMOLLM2, language_model_prefix, load_causal_lm, load_tokenizer, model_context, precheck,
                        resolve_causal_model)
     from .methods import quant_ranks
-    from .plan import plan_ranks, spectra as scaled_spectra
+    from .plan import byte_plan_targets, plan_ranks, spectra as scaled_spectra
 
     c = config.validate()
     method = check_config(c)
@@ -237,7 +237,13 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
         method.resolve(c.keep, shapes)
         c.method_options = {**c.method_options, "bits": method.options.bits, "group_size": method.options.group_size}
     quant = getattr(method, "quant", None)
-    if quant:  # quantization (+ correction): the ranks follow from the byte budget
+    if quant and getattr(method.options, "byte_plan", "uniform") == "global":  # grids and ranks in one budget
+        check(offload_to is None, "--byte-plan global back-propagates through the whole model at once (the output "
+                                  "sensitivity), which --offload cannot bound: use --byte-plan uniform")
+        ranks, quant = byte_plan_targets(model, targets, method, batches, c.keep, shapes, log,
+                                         next(model.parameters()).element_size())
+    elif quant:  # quantization (+ correction): the ranks follow from the byte budget
+        c.method_options = {**c.method_options, "zero_point": quant.zero_point}  # the recipe records the grid used
         elem = next(model.parameters()).element_size()
         ranks = quant_ranks(shapes, c.keep if method.corrects else None, quant, elem_bytes=elem)
     else:
@@ -286,9 +292,7 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     acc["bytes_before"], acc["bytes_before_is"] = bytes_before, bytes_what
     acc["bytes_after"] = tensor_bytes(model)  # the saved tensors in the model's dtype (file sizes: bytes_on_disk)
     if quant:
-        acc["quantized"] = {**quant.describe(), "factor_bits": quant.factor_bits or dtype_name,
-                            "format": "quant_lowrank: bit-packed codes, bf16 scales"
-                                      + (", int8 zero points" if quant.zero_point else "") + ", factors"}
+        acc["quantized"] = describe_quant(quant, dtype_name)
         acc["svd_llm_ratio"] = None
     acc["target_bytes_after"] = sum(target_bytes(get_module(model, n)) for n in targets)
     acc["target_bytes_vs_bf16"] = round(acc["target_bytes_after"] / (2 * groups_before["targets"]), 4)
@@ -358,3 +362,21 @@ def evaluate_lm(path: str, config: RunConfig, *, quiet: bool = False, dtype: str
     log(f"evaluating {source} on {name} ({len(ids):,} tokens)")
     r = ppl(model, ids, c, log, "model", bos)
     return {**r, "text": describe(name, ids)}
+
+
+def describe_quant(quant, dtype_name: str) -> dict:
+    """The report's ``accounting.quantized``: the grid (one :class:`~factorlm.lm.methods.QuantSpec`), or for
+    ``--byte-plan global`` (``{target: QuantSpec}``) how many targets each grid stores."""
+    specs = list(quant.values()) if isinstance(quant, dict) else [quant]
+    zp = any(q.zero_point for q in specs)
+    out = {**specs[0].describe(), "factor_bits": specs[0].factor_bits or dtype_name,
+           "format": "quant_lowrank: bit-packed codes, bf16 scales" + (", int8 zero points" if zp else "") + ", factors"}
+    if isinstance(quant, dict):
+        grids: dict[str, int] = {}
+        for q in specs:
+            k = f"int{q.bits}-g{q.group_size}" + ("-zp" if q.zero_point else "")
+            grids[k] = grids.get(k, 0) + 1
+        out.update(byte_plan="global", grids=dict(sorted(grids.items())))
+        for k in ("bits", "group_size", "zero_point"):
+            out[k] = "per target"
+    return out

@@ -66,3 +66,83 @@ def spectra(model, targets, method, batches, log, score: str = "energy", offload
 
     stream(model, targets, batches, method.make_stats, on_group, mode="none", log=log, offload_to=offload_to)
     return out
+
+
+PLAN_GROUPS = (192, 128, 64, 32)
+
+
+def grid_candidates(method, shapes: dict[str, tuple[int, int]]) -> list:
+    """The grids ``--byte-plan global`` chooses from (:class:`factorlm.lm.methods.QuantSpec` each): the
+    bits of ``--bits`` if given, else 8, 4 and 3; each in every group of :data:`PLAN_GROUPS` that divides
+    every input width (``--group-size`` if given; 8 bits: only the largest, int8 being lossless already);
+    zero points as :func:`factorlm.lm.methods.zero_point_of` gives them for those bits."""
+    import copy
+
+    from .methods import QuantSpec, zero_point_of
+
+    o = method.options
+    given_bits, given_group = getattr(method, "given", (o.bits, o.group_size))  # before resolve() filled them
+    widths = {i for _, i in shapes.values()}
+    groups = [given_group] if given_group is not None else [g for g in PLAN_GROUPS if all(w % g == 0 for w in widths)]
+    check(bool(groups) and all(w % groups[0] == 0 for w in widths),
+          f"no group size of {groups or PLAN_GROUPS} divides every input width ({sorted(widths)}): give --group-size")
+    out = []
+    for bits in ([given_bits] if given_bits is not None else [8, 4, 3]):
+        for group in (groups[:1] if bits == 8 else groups):
+            opts = copy.copy(o)
+            opts.bits, opts.group_size = bits, group
+            out.append(QuantSpec(bits, group, 8 if o.factor_bits == 8 else None, zero_point_of(opts)))
+    return out
+
+
+def byte_plan_targets(model, targets, method, batches, keep: float, shapes: dict[str, tuple[int, int]], log,
+                      elem_bytes: int) -> tuple[dict[str, int], dict]:
+    """``--byte-plan global``: ``({target: correction rank}, {target: QuantSpec})`` within ``keep`` x the
+    targets' bf16 bytes, by :func:`factorlm.ranks.byte_plan.byte_plan` over the grids of
+    :func:`grid_candidates`.  A grid's loss at correction rank ``r`` is ``lambda / 2 * sum_{j > r} sigma_j^2``:
+    ``sigma`` the singular values of the whitened RTN error ``(W - Q(W)) S`` on the dense model's calibration
+    inputs (one pass, SVD-LLM's ``none`` order) and ``lambda`` the layer's output sensitivity
+    (:func:`factorlm.lm.calibrate.output_sensitivity`, as ``--global-score fisher``)."""
+    from ..decompose.quantize import rtn_bytes
+    from ..ranks.byte_plan import byte_plan
+    from .calibrate import output_sensitivity, stream
+
+    check(len(batches) > 0, "--byte-plan global needs calibration batches (the output sensitivity is measured on them)")
+    grids = grid_candidates(method, shapes)
+    budget = keep * 2 * sum(o * i for o, i in shapes.values())
+    floor = sum(min(rtn_bytes(s, q.bits, q.group_size, q.zero_point) for q in grids) for s in shapes.values())
+    check(floor <= budget, f"--keep {keep:g} of the bf16 bytes is below the cheapest grid of every matrix "
+                           f"({floor / (budget / keep):.3f}): raise --keep or give --bits / --group-size")
+    log(f"  byte plan over {', '.join(f'int{q.bits}-g{q.group_size}' + ('-zp' if q.zero_point else '') for q in grids)}: "
+        "output sensitivity, then the whitened error spectra of every grid (dense model)")
+    lam = output_sensitivity(model, targets, batches)
+    options: dict[str, list] = {}
+
+    def on_group(i, names, stats):
+        scale = method.scale(stats)
+        for n in names:
+            options[n] = grid_options(linear_weight(get_module(model, n)).detach(), scale, lam[n], grids, elem_bytes)
+
+    stream(model, targets, batches, method.make_stats, on_group, mode="none", log=log)
+    plan = byte_plan(options, budget)
+    return {n: r for n, (q, r) in plan.items()}, {n: grids[q] for n, (q, r) in plan.items()}
+
+
+def grid_options(W: torch.Tensor, scale, lam: float, grids, elem_bytes: int) -> list:
+    """One :class:`factorlm.ranks.byte_plan.GridOption` per grid for the weight ``W`` (out, in): the bytes of
+    its RTN codes, of one correction rank, and the loss ``lam / 2 * sum_{j > r} sigma_j^2`` left at every
+    rank ``r``, ``sigma`` the singular values of ``(W - Q(W)) S`` under the input scaling ``scale``."""
+    from ..decompose.quantize import quantize_groups, rtn_bytes
+    from ..decompose.whiten import scaled_spectrum
+    from ..ranks.byte_plan import GridOption
+    from .methods import rank_bytes
+
+    o, i = W.shape
+    out = []
+    for q in grids:
+        E = W.double() - quantize_groups(W, q.bits, q.group_size, q.zero_point)[3].double()
+        tail = scaled_spectrum(E, scale).pow(2).flip(0).cumsum(0).flip(0)  # tail[r] = sum_{j >= r} sigma_j^2
+        loss = torch.cat([tail, tail.new_zeros(1)]) * (lam / 2)
+        out.append(GridOption(rtn_bytes((o, i), q.bits, q.group_size, q.zero_point),
+                              rank_bytes(o, i, q.factor_bits, elem_bytes), loss))
+    return out
