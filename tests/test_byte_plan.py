@@ -120,6 +120,17 @@ def test_global_byte_plan_end_to_end_mixes_grids_within_the_budget_and_reloads(t
     assert acc["target_bytes_after"] <= 0.3 * 2 * acc["target_weights_before"]
     ids = torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(models.load(tmp_path / "out")(ids).logits, rep.model(ids).logits, atol=0, rtol=0)
+    # the saved recipe re-runs the same plan (the grids offered are the user's, not the first run's)
+    import json
+    from dataclasses import replace
+
+    from factorlm.config import RunConfig, load_recipe
+
+    recipe = load_recipe(tmp_path / "out" / "factorlm.json")
+    assert "bits" not in recipe["method_options"] and recipe["method_options"]["byte_plan"] == "global"
+    again = compress(replace(RunConfig(**recipe), output=str(tmp_path / "again")), quiet=True, save=False)
+    assert again.info["ranks"] == ranks and again.accounting["quantized"]["grids"] == acc["quantized"]["grids"]
+    assert json.loads((tmp_path / "out" / "factorlm.json").read_text())["accounting"]["quantized"]["bits"] == "per target"
     # one grid given (--bits 4): the plan only moves correction rank between matrices, within the same bytes
     one = compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.3, name="one",
                            method_options={"byte_plan": "global", "bits": 4}), quiet=True, save=False)
@@ -127,8 +138,14 @@ def test_global_byte_plan_end_to_end_mixes_grids_within_the_budget_and_reloads(t
     assert one.accounting["target_bytes_after"] <= 0.3 * 2 * acc["target_weights_before"]
 
 
-def test_global_byte_plan_refusals(tmp_path):
+def test_global_byte_plan_refusals(tmp_path, monkeypatch):
+    """One-line errors, before the dense evaluation (which here would fail the test)."""
     import sys
+
+    def no_work(*a, **k):
+        raise AssertionError("the dense model was evaluated before the refusal")
+
+    monkeypatch.setattr("factorlm.lm.pipeline.ppl", no_work)
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_quantize import _lm_cfg
@@ -140,4 +157,10 @@ def test_global_byte_plan_refusals(tmp_path):
                  quiet=True, save=False)
     with pytest.raises(FactorLMError, match="below the cheapest grid"):
         compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.15, method_options={"byte_plan": "global"}),
+                 quiet=True, save=False)
+    with pytest.raises(FactorLMError, match="--offload cannot bound"):
+        compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.3, offload="cpu", method_options={"byte_plan": "global"}),
+                 quiet=True, save=False)
+    with pytest.raises(FactorLMError, match="below what int3 in groups of 16 with zero points stores alone"):
+        compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.1, method_options={"bits": 3, "group_size": 16}),
                  quiet=True, save=False)

@@ -193,21 +193,31 @@ def test_int8_factors_store_half_the_bytes_and_round_trip(tmp_path):
     torch.testing.assert_close(m8(x), x @ m8.to_dense().T, atol=1e-5, rtol=1e-5)
 
 
-def test_rtn_lowrank_picks_bits_and_groups_from_the_budget():
+def test_rtn_lowrank_picks_bits_groups_and_zero_points_from_the_budget():
     from factorlm.lm.methods import get_lm_method
 
     shapes = {"a": (64, 576), "b": (64, 1536)}
-    for keep, bits, group in ((0.6, 8, 192), (0.3, 4, 192), (0.264, 4, 192), (0.25, 3, 32)):
+    for keep, bits, group, zp in ((0.6, 8, 192, False), (0.3, 4, 192, True), (0.264, 4, 192, True),
+                                  (0.25, 3, 32, True)):
         m = get_lm_method("rtn-lowrank", {})
         m.resolve(keep, shapes)
-        assert (m.options.bits, m.options.group_size) == (bits, group), keep
+        q = m.quant
+        assert (q.bits, q.group_size, q.zero_point) == (bits, group, zp), keep
+    # the first preferred group whose codes fit: int3-g32 with zero points stores 0.234 of the bf16 bytes,
+    # more than keep 0.22, int3-g64 0.211
+    m = get_lm_method("rtn-lowrank", {})
+    m.resolve(0.22, shapes)
+    assert (m.options.bits, m.options.group_size) == (3, 64)
     m = get_lm_method("rtn-lowrank", {"bits": 4})
     m.resolve(0.3, {"a": (64, 4096), "b": (64, 14336)})  # Llama widths: 192 does not divide 4096
     assert m.options.group_size == 128
-    m = get_lm_method("rtn-lowrank", {"bits": 4, "group_size": 64})
+    m = get_lm_method("rtn-lowrank", {"bits": 4, "group_size": 64, "zero_point": False})
     m.resolve(0.3, shapes)
     q = m.quant
     assert (q.bits, q.group_size, q.factor_bits, q.zero_point, q.gptq) == (4, 64, 8, False, False)
+    # zero points follow the bits where not given: rtn / gptq at 8 bits without, at 2-4 with
+    assert get_lm_method("rtn", {"bits": 8, "group_size": 64}).quant.zero_point is False
+    assert get_lm_method("gptq", {"bits": 3, "group_size": 64}).quant.zero_point is True
 
 
 def test_task_lm_defaults_to_rtn_lowrank_on_the_cli():

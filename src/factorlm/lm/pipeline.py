@@ -55,6 +55,9 @@ def check_config(c: RunConfig):
           "--global-score fisher back-propagates through the whole model at once, which --offload cannot bound: "
           "use --global-score energy or --rank-policy uniform")
     check(c.ranks is None, "--ranks does not apply to --task lm yet: give --keep or --rank")
+    check(not (c.offload != "none" and getattr(method.options, "byte_plan", "uniform") == "global"),
+          "--byte-plan global back-propagates through the whole model at once (the output sensitivity), which "
+          "--offload cannot bound: use --byte-plan uniform")
     if hasattr(type(method), "quant"):
         bits = getattr(method.options, "bits", None)
         check(bits is None or 2 <= bits <= 8, f"--bits must be in [2, 8], got {bits}")
@@ -149,7 +152,7 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     from .load import (SMOLLM2, language_model_prefix, load_causal_lm, load_tokenizer, model_context, precheck,
                        resolve_causal_model)
     from .methods import quant_ranks
-    from .plan import byte_plan_targets, plan_ranks, spectra as scaled_spectra
+    from .plan import byte_plan_targets, check_byte_plan, plan_ranks, spectra as scaled_spectra
 
     c = config.validate()
     method = check_config(c)
@@ -202,6 +205,22 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
             "and projector stay dense")
     check_targets(model, targets)
     shapes = {n: linear_shape(get_module(model, n)) for n in targets}
+    # a quantizing method's grid and ranks follow from the shapes: its budget errors come before any work
+    quant, global_plan = getattr(method, "quant", None) if not hasattr(method, "resolve") else None, False
+    if hasattr(method, "resolve"):
+        method.resolve(c.keep, shapes)
+        quant = method.quant
+        global_plan = method.options.byte_plan == "global"
+    if global_plan:
+        grids = check_byte_plan(method, c.keep, shapes)
+        given = dict(zip(("bits", "group_size"), method.given))  # the recipe re-runs the same choice of grids
+        c.method_options = {**{k: v for k, v in c.method_options.items() if k not in given},
+                            **{k: v for k, v in given.items() if v is not None}}
+    elif quant:  # quantization (+ correction): the ranks follow from the byte budget; the recipe records the grid
+        c.method_options = {**c.method_options, "bits": quant.bits, "group_size": quant.group_size,
+                            "zero_point": quant.zero_point}
+        ranks = quant_ranks(shapes, c.keep if method.corrects else None, quant,
+                            elem_bytes=next(model.parameters()).element_size())
     bytes_before, bytes_what = source_bytes(resolved, model)
     if c.offload == "none":
         model.to(device)
@@ -233,20 +252,10 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     if c.rank is None and c.rank_policy == "global":
         log(f"  scaled spectra of every target (dense model) for the global rank plan ({c.global_score})")
         spectra = scaled_spectra(model, targets, method, batches, log, c.global_score, offload_to=offload_to)
-    if hasattr(method, "resolve"):
-        method.resolve(c.keep, shapes)
-        c.method_options = {**c.method_options, "bits": method.options.bits, "group_size": method.options.group_size}
-    quant = getattr(method, "quant", None)
-    if quant and getattr(method.options, "byte_plan", "uniform") == "global":  # grids and ranks in one budget
-        check(offload_to is None, "--byte-plan global back-propagates through the whole model at once (the output "
-                                  "sensitivity), which --offload cannot bound: use --byte-plan uniform")
+    if global_plan:  # grids and correction ranks in one byte budget
         ranks, quant = byte_plan_targets(model, targets, method, batches, c.keep, shapes, log,
-                                         next(model.parameters()).element_size())
-    elif quant:  # quantization (+ correction): the ranks follow from the byte budget
-        c.method_options = {**c.method_options, "zero_point": quant.zero_point}  # the recipe records the grid used
-        elem = next(model.parameters()).element_size()
-        ranks = quant_ranks(shapes, c.keep if method.corrects else None, quant, elem_bytes=elem)
-    else:
+                                         next(model.parameters()).element_size(), grids)
+    elif not quant:
         ranks = plan_ranks(c, shapes, spectra)
     del spectra
     if c.heal_steps and c.offload != "none":

@@ -8,6 +8,8 @@ sensitivity, which needs calibration batches (:func:`factorlm.lm.calibrate.outpu
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import RunConfig
@@ -95,27 +97,38 @@ def grid_candidates(method, shapes: dict[str, tuple[int, int]]) -> list:
     return out
 
 
+def check_byte_plan(method, keep: float, shapes: dict[str, tuple[int, int]]) -> list:
+    """The grids of :func:`grid_candidates`, after checking (before any work) that the cheapest grid of every
+    matrix fits ``keep`` x the targets' bf16 bytes."""
+    from ..decompose.quantize import rtn_bytes
+
+    grids = grid_candidates(method, shapes)
+    total = 2 * sum(o * i for o, i in shapes.values())
+    floor = sum(min(rtn_bytes(s, q.bits, q.group_size, q.zero_point) for q in grids) for s in shapes.values())
+    check(floor <= keep * total, f"--keep {keep:g} of the bf16 bytes is below the cheapest grid of every matrix "
+                                 f"({floor / total:.3f}): raise --keep or give --bits / --group-size")
+    return grids
+
+
 def byte_plan_targets(model, targets, method, batches, keep: float, shapes: dict[str, tuple[int, int]], log,
-                      elem_bytes: int) -> tuple[dict[str, int], dict]:
+                      elem_bytes: int, grids: list) -> tuple[dict[str, int], dict]:
     """``--byte-plan global``: ``({target: correction rank}, {target: QuantSpec})`` within ``keep`` x the
     targets' bf16 bytes, by :func:`factorlm.ranks.byte_plan.byte_plan` over the grids of
     :func:`grid_candidates`.  A grid's loss at correction rank ``r`` is ``lambda / 2 * sum_{j > r} sigma_j^2``:
     ``sigma`` the singular values of the whitened RTN error ``(W - Q(W)) S`` on the dense model's calibration
     inputs (one pass, SVD-LLM's ``none`` order) and ``lambda`` the layer's output sensitivity
     (:func:`factorlm.lm.calibrate.output_sensitivity`, as ``--global-score fisher``)."""
-    from ..decompose.quantize import rtn_bytes
     from ..ranks.byte_plan import byte_plan
     from .calibrate import output_sensitivity, stream
 
     check(len(batches) > 0, "--byte-plan global needs calibration batches (the output sensitivity is measured on them)")
-    grids = grid_candidates(method, shapes)
     budget = keep * 2 * sum(o * i for o, i in shapes.values())
-    floor = sum(min(rtn_bytes(s, q.bits, q.group_size, q.zero_point) for q in grids) for s in shapes.values())
-    check(floor <= budget, f"--keep {keep:g} of the bf16 bytes is below the cheapest grid of every matrix "
-                           f"({floor / (budget / keep):.3f}): raise --keep or give --bits / --group-size")
     log(f"  byte plan over {', '.join(f'int{q.bits}-g{q.group_size}' + ('-zp' if q.zero_point else '') for q in grids)}: "
         "output sensitivity, then the whitened error spectra of every grid (dense model)")
     lam = output_sensitivity(model, targets, batches)
+    bad = [n for n, v in lam.items() if not math.isfinite(v)]
+    check(not bad, f"the output sensitivity of {bad[0] if bad else ''} is not finite (NaN/Inf gradients on the "
+                   "calibration text): use --byte-plan uniform")
     options: dict[str, list] = {}
 
     def on_group(i, names, stats):

@@ -63,6 +63,7 @@ def byte_plan(options: Mapping[str, Sequence[GridOption]], budget: float, *, ite
     check(len(options) > 0, "no target layers to plan")
     for n, opts in options.items():
         check(len(opts) > 0 and all(len(o.loss) >= 1 for o in opts), f"{n}: no grid to choose from")
+        check(all(bool(torch.isfinite(o.loss).all()) for o in opts), f"{n}: a non-finite estimated loss")
     floor = sum(min(o.base for o in opts) for opts in options.values())
     check(floor <= budget, f"the byte budget ({budget:,.0f} bytes) is below the cheapest grid of every matrix "
                            f"({floor:,.0f} bytes): raise --keep or offer fewer bits")
@@ -70,8 +71,13 @@ def byte_plan(options: Mapping[str, Sequence[GridOption]], budget: float, *, ite
     lo, hi = 0.0, 1.0
     plan = plan_at(lo)
     if _bytes(options, plan) > budget:
-        while _bytes(options, plan_at(hi)) > budget:  # raise the price until the plan fits
+        for _ in range(256):  # raise the price until the plan fits (it does once bytes dominate every loss)
+            if _bytes(options, plan_at(hi)) <= budget:
+                break
             lo, hi = hi, hi * 16
+        else:  # unreachable with finite losses and the floor checked; the cheapest plan fits
+            return {n: min(((qi, 0) for qi in range(len(opts))), key=lambda t: opts[t[0]].base)
+                    for n, opts in options.items()}
         for _ in range(iters):
             mid = (lo + hi) / 2 if hi < 2 * lo or lo == 0 else (lo * hi) ** 0.5
             if _bytes(options, plan_at(mid)) > budget:
