@@ -70,7 +70,9 @@ ROWS += [(b, g, c, 8, True, "gptq", False) for b, g, c in ((4, 192, 0.02), (3, 3
 # by the output-sensitivity weighted whitened error; "int4-g192-zp" = that grid only (global correction ranks)
 PLAN_GRIDS = {"all": [(8, 192, False)] + [(b, g, True) for b in (4, 3) for g in (192, 64, 32)],
               "int4-g192-zp": [(4, 192, True)]}
-PLAN_ROWS = [(0.25, "all"), (0.267, "all"), (0.267, "int4-g192-zp"), (0.234, "all"), (0.21, "all")]
+PLAN_GRIDS["all-gptq-act"] = PLAN_GRIDS["all"]  # the same grids, GPTQ's codes (act-order) priced and stored
+PLAN_ROWS = [(0.25, "all"), (0.267, "all"), (0.267, "int4-g192-zp"), (0.234, "all"), (0.21, "all"),
+             (0.25, "all-gptq-act"), (0.234, "all-gptq-act")]
 
 
 def plan_key(keep, grids):
@@ -183,8 +185,10 @@ def run_plans(res, plans, model, targets, dense_w, scales, cal, numel, ppl, save
 
     t0 = time.perf_counter()
     lam = output_sensitivity(model, targets, token_batches(cal, 8))
-    specs = {label: [QuantSpec(b, g, 8, zp) for b, g, zp in grids] for label, grids in PLAN_GRIDS.items()}
-    options = {label: {n: grid_options(dense_w[n], scales[n], lam[n], sp, 2) for n in targets}
+    labels = {label for _, label in plans}
+    specs = {label: [QuantSpec(b, g, 8, zp, label.endswith("gptq-act"), 0.01, label.endswith("gptq-act"))
+                     for b, g, zp in grids] for label, grids in PLAN_GRIDS.items() if label in labels}
+    options = {label: {n: grid_options(dense_w[n], scales[n], lam[n], sp, 2, gram=scales[n].gram) for n in targets}
                for label, sp in specs.items()}
     prep_s = time.perf_counter() - t0
     print(f"byte plan: sensitivity and spectra {prep_s:.0f}s", flush=True)
@@ -198,7 +202,10 @@ def run_plans(res, plans, model, targets, dense_w, scales, cal, numel, ppl, save
             q = specs[label][qi]
             W = dense_w[n]
             out, inp = W.shape
-            W_hat = quantize_groups(W, q.bits, q.group_size, q.zero_point)[3]
+            if q.gptq:
+                W_hat = gptq(W, scales[n].gram, q.bits, q.group_size, zero_point=q.zero_point, act_order=q.act_order)[3]
+            else:
+                W_hat = quantize_groups(W, q.bits, q.group_size, q.zero_point)[3]
             nbytes += rtn_bytes((out, inp), q.bits, q.group_size, q.zero_point)
             if r:
                 A, B = error_correction(W, W_hat, r, scales[n])
@@ -215,7 +222,7 @@ def run_plans(res, plans, model, targets, dense_w, scales, cal, numel, ppl, save
         for n in targets:
             get_module(model, n).weight.data.copy_(dense_w[n])
         res["rows"][k] = {"plan": label, "keep": keep, "grids": grids, "correction": "global", "factor_bits": 8,
-                          "whitened": True, "quantizer": "rtn", "bytes": nbytes, "bytes_vs_bf16": nbytes / (2 * numel),
+                          "whitened": True, "quantizer": "gptq-act" if label.endswith("gptq-act") else "rtn", "bytes": nbytes, "bytes_vs_bf16": nbytes / (2 * numel),
                           "perplexity": p, "ratio": p / res["dense"], "ranks": [min(ranks), max(ranks)],
                           "estimated_loss": plan_loss(options[label], plan), "fit_s": round(fit_s, 1),
                           "plan_prep_s": round(prep_s, 1)}
@@ -266,10 +273,10 @@ def frontier_png(res: dict, dst: Path) -> None:
 
     groups = {"RTN alone": [], "RTN + whitened correction": [], "RTN + plain-SVD correction": [],
               "GPTQ alone": [], "GPTQ + whitened correction (EoRA)": [],
-              "byte plan (grid + rank per matrix)": []}
+              "byte plan (grid + rank per matrix)": [], "byte plan, GPTQ act-order codes": []}
     for k, r in res["rows"].items():
         if r.get("plan"):
-            g = "byte plan (grid + rank per matrix)"
+            g = "byte plan, GPTQ act-order codes" if r["quantizer"] == "gptq-act" else "byte plan (grid + rank per matrix)"
         elif str(r.get("quantizer")).startswith("gptq"):
             g = "GPTQ alone" if not r["correction"] else "GPTQ + whitened correction (EoRA)"
         else:
@@ -279,7 +286,7 @@ def frontier_png(res: dict, dst: Path) -> None:
     groups["low rank (whiten, bf16 factors)"] = lowrank_points()
     marks = {"RTN alone": "s", "RTN + whitened correction": "o", "RTN + plain-SVD correction": "x",
              "GPTQ alone": "D", "GPTQ + whitened correction (EoRA)": "P", "low rank (whiten, bf16 factors)": "^",
-             "byte plan (grid + rank per matrix)": "*"}
+             "byte plan (grid + rank per matrix)": "*", "byte plan, GPTQ act-order codes": "X"}
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 1.25]})
     pts = []
     for g, rows in groups.items():

@@ -136,6 +136,12 @@ def test_global_byte_plan_end_to_end_mixes_grids_within_the_budget_and_reloads(t
                            method_options={"byte_plan": "global", "bits": 4}), quiet=True, save=False)
     assert {get_module(one.model, n).bits for n in ranks} == {4}
     assert one.accounting["target_bytes_after"] <= 0.3 * 2 * acc["target_weights_before"]
+    # gptq-lowrank: the grids are priced and stored with GPTQ's codes (act-order here)
+    g = compress(_lm_cfg(tmp_path, method="gptq-lowrank", keep=0.3, name="g",
+                         method_options={"byte_plan": "global", "gptq_act_order": True}), quiet=True, save=False)
+    q = g.accounting["quantized"]
+    assert q["quantizer"] == "gptq" and q["gptq_act_order"] is True and q["byte_plan"] == "global"
+    assert g.accounting["target_bytes_after"] <= 0.3 * 2 * acc["target_weights_before"]
 
 
 def test_global_byte_plan_refusals(tmp_path, monkeypatch):
@@ -152,9 +158,6 @@ def test_global_byte_plan_refusals(tmp_path, monkeypatch):
 
     from factorlm.api import compress
 
-    with pytest.raises(FactorLMError, match="prices the grids by RTN's errors"):
-        compress(_lm_cfg(tmp_path, method="gptq-lowrank", keep=0.3, method_options={"byte_plan": "global"}),
-                 quiet=True, save=False)
     with pytest.raises(FactorLMError, match="below the cheapest grid"):
         compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.15, method_options={"byte_plan": "global"}),
                  quiet=True, save=False)

@@ -267,7 +267,7 @@ class RTNLowRank(LMMethod):
         zero_point: bool | None = ZERO_POINT
         byte_plan: str = field(default="uniform", metadata={
             "choices": ("uniform", "global"),
-            "help": "rtn-lowrank: uniform (default: one grid, the same share of correction bytes in every matrix) or "
+            "help": "rtn-lowrank / gptq-lowrank: uniform (default: one grid, the same share of correction bytes in every matrix) or "
                     "global (each matrix's grid among int8 / int4 / int3, or those of --bits, and its correction rank "
                     "from one byte budget, priced by the output-sensitivity weighted whitened error: "
                     "factorlm.ranks.byte_plan)"})
@@ -314,11 +314,6 @@ class GPTQLowRank(RTNLowRank):
         gptq_damp: float = GPTQ_DAMP
         gptq_act_order: bool = GPTQ_ACT_ORDER
 
-    def __init__(self, options=None):
-        super().__init__(options)
-        check(self.options.byte_plan == "uniform", "gptq-lowrank: --byte-plan global prices the grids by RTN's "
-                                                   "errors, not GPTQ's: use rtn-lowrank or --byte-plan uniform")
-
     @property
     def quant(self) -> QuantSpec:
         q = super().quant
@@ -345,6 +340,8 @@ def quant_ranks(shapes: dict[str, tuple[int, int]], keep: float | None, spec: Qu
         check(left >= 0, f"--keep {keep:g} of the bf16 bytes is below what int{bits} in groups of {group}{zp} stores "
                          f"alone ({q / (2 * o * i):.3f} for {n}): raise --keep, lower --bits or enlarge --group-size")
         out[n] = min(int(left // rank_bytes(o, i, factor_bits, elem_bytes)), min(o, i))
+        check(not (out[n] and factor_bits == 8 and (o % 32 or i % 32)),
+              f"int8 correction factors are stored in groups of 32, and {n} is {o}x{i}: use --factor-bits 16")
     return out
 
 

@@ -83,6 +83,7 @@ def grid_candidates(method, shapes: dict[str, tuple[int, int]]) -> list:
     from .methods import QuantSpec, zero_point_of
 
     o = method.options
+    base = method.quant  # the quantizer (RTN or GPTQ, its damping and order) every grid shares
     given_bits, given_group = getattr(method, "given", (o.bits, o.group_size))  # before resolve() filled them
     widths = {i for _, i in shapes.values()}
     groups = [given_group] if given_group is not None else [g for g in PLAN_GROUPS if all(w % g == 0 for w in widths)]
@@ -93,7 +94,8 @@ def grid_candidates(method, shapes: dict[str, tuple[int, int]]) -> list:
         for group in (groups[:1] if bits == 8 else groups):
             opts = copy.copy(o)
             opts.bits, opts.group_size = bits, group
-            out.append(QuantSpec(bits, group, 8 if o.factor_bits == 8 else None, zero_point_of(opts)))
+            out.append(QuantSpec(bits, group, base.factor_bits, zero_point_of(opts), base.gptq, base.percdamp,
+                                 base.act_order))
     return out
 
 
@@ -115,7 +117,8 @@ def byte_plan_targets(model, targets, method, batches, keep: float, shapes: dict
     """``--byte-plan global``: ``({target: correction rank}, {target: QuantSpec})`` within ``keep`` x the
     targets' bf16 bytes, by :func:`factorlm.ranks.byte_plan.byte_plan` over the grids of
     :func:`grid_candidates`.  A grid's loss at correction rank ``r`` is ``lambda / 2 * sum_{j > r} sigma_j^2``:
-    ``sigma`` the singular values of the whitened RTN error ``(W - Q(W)) S`` on the dense model's calibration
+    ``sigma`` the singular values of the whitened quantization error ``(W - Q(W)) S`` (RTN's, or GPTQ's for
+    ``gptq-lowrank``) on the dense model's calibration
     inputs (one pass, SVD-LLM's ``none`` order) and ``lambda`` the layer's output sensitivity
     (:func:`factorlm.lm.calibrate.output_sensitivity`, as ``--global-score fisher``)."""
     from ..ranks.byte_plan import byte_plan
@@ -134,17 +137,20 @@ def byte_plan_targets(model, targets, method, batches, keep: float, shapes: dict
     def on_group(i, names, stats):
         scale = method.scale(stats)
         for n in names:
-            options[n] = grid_options(linear_weight(get_module(model, n)).detach(), scale, lam[n], grids, elem_bytes)
+            options[n] = grid_options(linear_weight(get_module(model, n)).detach(), scale, lam[n], grids, elem_bytes,
+                                      gram=stats.gram)
 
     stream(model, targets, batches, method.make_stats, on_group, mode="none", log=log)
     plan = byte_plan(options, budget)
     return {n: r for n, (q, r) in plan.items()}, {n: grids[q] for n, (q, r) in plan.items()}
 
 
-def grid_options(W: torch.Tensor, scale, lam: float, grids, elem_bytes: int) -> list:
+def grid_options(W: torch.Tensor, scale, lam: float, grids, elem_bytes: int, gram: torch.Tensor | None = None) -> list:
     """One :class:`factorlm.ranks.byte_plan.GridOption` per grid for the weight ``W`` (out, in): the bytes of
-    its RTN codes, of one correction rank, and the loss ``lam / 2 * sum_{j > r} sigma_j^2`` left at every
-    rank ``r``, ``sigma`` the singular values of ``(W - Q(W)) S`` under the input scaling ``scale``."""
+    its codes, of one correction rank, and the loss ``lam / 2 * sum_{j > r} sigma_j^2`` left at every rank
+    ``r``, ``sigma`` the singular values of ``(W - Q(W)) S`` under the input scaling ``scale``; ``Q`` is RTN,
+    or GPTQ under the input Gram ``gram`` for a grid with ``gptq`` set."""
+    from ..decompose.gptq import gptq
     from ..decompose.quantize import quantize_groups, rtn_bytes
     from ..decompose.whiten import scaled_spectrum
     from ..ranks.byte_plan import GridOption
@@ -153,9 +159,16 @@ def grid_options(W: torch.Tensor, scale, lam: float, grids, elem_bytes: int) -> 
     o, i = W.shape
     out = []
     for q in grids:
-        E = W.double() - quantize_groups(W, q.bits, q.group_size, q.zero_point)[3].double()
+        if q.gptq:
+            check(gram is not None, "a GPTQ grid needs the layer's input Gram")
+            Q = gptq(W, gram, q.bits, q.group_size, zero_point=q.zero_point, percdamp=q.percdamp, act_order=q.act_order)[3]
+        else:
+            Q = quantize_groups(W, q.bits, q.group_size, q.zero_point)[3]
+        E = W.double() - Q.double()
         tail = scaled_spectrum(E, scale).pow(2).flip(0).cumsum(0).flip(0)  # tail[r] = sum_{j >= r} sigma_j^2
         loss = torch.cat([tail, tail.new_zeros(1)]) * (lam / 2)
+        if q.factor_bits == 8 and (o % 32 or i % 32):  # int8 factors come in groups of 32: no correction here
+            loss = loss[:1]
         out.append(GridOption(rtn_bytes((o, i), q.bits, q.group_size, q.zero_point),
                               rank_bytes(o, i, q.factor_bits, elem_bytes), loss))
     return out
