@@ -191,7 +191,7 @@ def test_gptq_lowrank_end_to_end_stores_its_bytes_and_reloads_exactly(tmp_path):
     from factorlm.layers import QuantLowRankLinear
     from factorlm.models.surgery import get_module
 
-    opts = {"bits": 3, "group_size": 16, "factor_bits": 16, "zero_point": True}
+    opts = {"bits": 3, "group_size": 16, "factor_bits": 16, "zero_point": True, "byte_plan": "uniform"}
     rep = compress(_lm_cfg(tmp_path, method="gptq-lowrank", keep=0.8, method_options=opts), quiet=True)
     acc, ranks = rep.accounting, rep.info["ranks"]
     mods = {n: get_module(rep.model, n) for n in ranks}

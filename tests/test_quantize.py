@@ -138,7 +138,7 @@ def test_rtn_lowrank_stores_the_bytes_it_reports_within_the_budget_and_reloads_e
     from factorlm.layers import QuantLowRankLinear
     from factorlm.models.surgery import get_module
 
-    opts = {"bits": 3, "group_size": 16, "factor_bits": 16}
+    opts = {"bits": 3, "group_size": 16, "factor_bits": 16, "byte_plan": "uniform"}
     rep = compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.8, method_options=opts), quiet=True)
     acc, ranks = rep.accounting, rep.info["ranks"]
     mods = {n: get_module(rep.model, n) for n in ranks}
@@ -164,8 +164,8 @@ def test_rtn_lowrank_refuses_a_budget_below_the_codes(tmp_path):
     from factorlm.api import compress
 
     with pytest.raises(FactorLMError, match="below what int3 in groups of 16 with zero points stores alone"):
-        compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.1, method_options={"bits": 3, "group_size": 16}),
-                 quiet=True, save=False)
+        compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.1,
+                         method_options={"bits": 3, "group_size": 16, "byte_plan": "uniform"}), quiet=True, save=False)
     with pytest.raises(FactorLMError, match=r"--bits must be in \[2, 8\], got 9"):
         compress(_lm_cfg(tmp_path, method="rtn-lowrank", method_options={"bits": 9}), quiet=True, save=False)
     with pytest.raises(FactorLMError, match="takes a byte budget"):

@@ -265,9 +265,10 @@ class RTNLowRank(LMMethod):
             "help": "rtn-lowrank: the correction factors stored as int8 codes in groups of 32 (8, default: half the "
                     "bytes, twice the rank; frozen) or in the model's dtype (16: trainable by --heal-steps)"})
         zero_point: bool | None = ZERO_POINT
-        byte_plan: str = field(default="uniform", metadata={
-            "choices": ("uniform", "global"),
-            "help": "rtn-lowrank / gptq-lowrank: uniform (default: one grid, the same share of correction bytes in every matrix) or "
+        byte_plan: str = field(default="auto", metadata={
+            "choices": ("auto", "global", "uniform"),
+            "help": "rtn-lowrank / gptq-lowrank: auto (default: global, or uniform under --offload, where the output "
+                    "sensitivity's full backward is refused), uniform (one grid, the same share of correction bytes in every matrix) or "
                     "global (each matrix's grid among int8 / int4 / int3, or those of --bits, and its correction rank "
                     "from one byte budget, priced by the output-sensitivity weighted whitened error: "
                     "factorlm.ranks.byte_plan)"})

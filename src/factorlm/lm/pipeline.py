@@ -210,6 +210,12 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     if hasattr(method, "resolve"):
         method.resolve(c.keep, shapes)
         quant = method.quant
+        if method.options.byte_plan == "auto":  # global where its full backward is allowed (not under --offload)
+            method.options.byte_plan = "uniform" if c.offload != "none" else "global"
+            if c.offload != "none":
+                log("  --byte-plan auto: uniform under --offload (the global plan's output sensitivity needs a "
+                    "backward through the whole model)")
+        c.method_options = {**c.method_options, "byte_plan": method.options.byte_plan}
         global_plan = method.options.byte_plan == "global"
     if global_plan:
         grids = check_byte_plan(method, c.keep, shapes)
@@ -386,6 +392,7 @@ def describe_quant(quant, dtype_name: str) -> dict:
             k = f"int{q.bits}-g{q.group_size}" + ("-zp" if q.zero_point else "")
             grids[k] = grids.get(k, 0) + 1
         out.update(byte_plan="global", grids=dict(sorted(grids.items())))
-        for k in ("bits", "group_size", "zero_point"):
-            out[k] = "per target"
+        for k in ("bits", "group_size", "zero_point"):  # one value when every target has the same
+            if len({getattr(q, k) for q in specs}) > 1:
+                out[k] = "per target"
     return out

@@ -107,8 +107,10 @@ def check_byte_plan(method, keep: float, shapes: dict[str, tuple[int, int]]) -> 
     grids = grid_candidates(method, shapes)
     total = 2 * sum(o * i for o, i in shapes.values())
     floor = sum(min(rtn_bytes(s, q.bits, q.group_size, q.zero_point) for q in grids) for s in shapes.values())
-    check(floor <= keep * total, f"--keep {keep:g} of the bf16 bytes is below the cheapest grid of every matrix "
-                                 f"({floor / total:.3f}): raise --keep or give --bits / --group-size")
+    names = ", ".join(f"int{q.bits} in groups of {q.group_size}" + (" with zero points" if q.zero_point else "")
+                      for q in grids)
+    check(floor <= keep * total, f"--keep {keep:g} of the bf16 bytes is below what the cheapest grid ({names}) "
+                                 f"stores alone ({floor / total:.3f}): raise --keep, lower --bits or enlarge --group-size")
     return grids
 
 
