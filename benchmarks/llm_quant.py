@@ -72,7 +72,7 @@ PLAN_GRIDS = {"all": [(8, 192, False)] + [(b, g, True) for b in (4, 3) for g in 
               "int4-g192-zp": [(4, 192, True)]}
 PLAN_GRIDS["all-gptq-act"] = PLAN_GRIDS["all"]  # the same grids, GPTQ's codes (act-order) priced and stored
 PLAN_ROWS = [(0.25, "all"), (0.267, "all"), (0.267, "int4-g192-zp"), (0.234, "all"), (0.21, "all"),
-             (0.25, "all-gptq-act"), (0.234, "all-gptq-act")]
+             (0.25, "all-gptq-act"), (0.234, "all-gptq-act"), (0.20, "all"), (0.20, "all-gptq-act")]
 
 
 def plan_key(keep, grids):

@@ -167,3 +167,22 @@ def test_global_byte_plan_refusals(tmp_path, monkeypatch):
     with pytest.raises(FactorLMError, match=r"\(int3 in groups of 16 with zero points\) stores alone"):
         compress(_lm_cfg(tmp_path, method="rtn-lowrank", keep=0.1, method_options={"bits": 3, "group_size": 16}),
                  quiet=True, save=False)  # --byte-plan auto = global: the same refusal, before any work
+
+
+def test_grid_candidates_follow_the_widths_and_the_given_options():
+    from factorlm.lm.methods import get_lm_method
+    from factorlm.lm.plan import grid_candidates
+
+    def names(method_name, opts, shapes, keep=0.25):
+        m = get_lm_method(method_name, {"byte_plan": "global", **opts})
+        m.resolve(keep, shapes)
+        return [f"int{q.bits}-g{q.group_size}" + ("-zp" if q.zero_point else "") + ("-gptq" if q.gptq else "")
+                for q in grid_candidates(m, shapes)]
+
+    smol = {"q": (576, 576), "down": (576, 1536)}  # SmolLM2-135M's input widths: 128 does not divide 576
+    assert names("rtn-lowrank", {}, smol) == ["int8-g192", "int4-g192-zp", "int4-g64-zp", "int4-g32-zp",
+                                              "int3-g192-zp", "int3-g64-zp", "int3-g32-zp"]
+    llama = {"q": (4096, 4096), "down": (4096, 14336)}  # Llama-3-8B's: 192 does not divide 4096
+    assert names("rtn-lowrank", {"bits": 4}, llama) == ["int4-g128-zp", "int4-g64-zp", "int4-g32-zp"]
+    assert names("rtn-lowrank", {"group_size": 64, "zero_point": False}, smol) == ["int8-g64", "int4-g64", "int3-g64"]
+    assert names("gptq-lowrank", {"bits": 3, "group_size": 32}, smol) == ["int3-g32-zp-gptq"]

@@ -237,17 +237,25 @@ class GPTQ(RTN):
 class RTNLowRank(LMMethod):
     """RTN plus a whitened low-rank correction of its error (EoRA-style,
     :mod:`factorlm.decompose.quantize`; factorlm's recipe, the default of ``--task lm``): ``--keep`` is the
-    share of the targets' bf16 bytes the layers may store; what the quantized weights leave buys the same
-    share of correction rank in every matrix, fitted to the calibration inputs (``--sequential`` as for
-    ``whiten``).  ``--bits`` / ``--group-size`` not given: chosen from ``--keep`` by :meth:`resolve`, the
-    best points of the SmolLM2-135M frontier (BENCHMARKS.md, "Decoder LLMs at equal bytes")."""
+    share of the targets' bf16 bytes the layers may store.  ``--byte-plan global`` (the default where the
+    model is not offloaded; :mod:`factorlm.ranks.byte_plan`): every matrix gets its own grid (int8, int4 or
+    int3, groups of 192 / 128 / 64 / 32, zero points at 2-4 bits) and correction rank, the pair priced by the
+    layer's output-sensitivity weighted whitened error (the loss estimate of the global Fisher rank plan,
+    ``--global-score fisher``), one Lagrangian price for all matrices.  ``--byte-plan uniform``: one grid
+    (``--bits`` / ``--group-size``, else chosen from ``--keep`` by :meth:`resolve` from the measured
+    frontier) and the same share of correction rank in every matrix.  The correction is fitted to the
+    calibration inputs (``--sequential`` as for ``whiten``).  Ingredients: RTN on torchao's grid, EoRA's
+    whitened correction (Liu et al. 2024), HAWQ-style sensitivity-priced mixed precision (Yao et al. 2021),
+    factorlm's Fisher-weighted spectra; measured in BENCHMARKS.md, "Decoder LLMs at equal bytes"."""
 
-    summary = "RTN + a rank-k correction of its error in the calibration inputs' space (EoRA-style), in one byte budget"
+    summary = ("RTN + a rank-k correction of its error in the calibration inputs' space (EoRA-style), grid and "
+               "rank per matrix in one byte budget")
     stats = ("gram",)
     corrects: ClassVar[bool] = True
-    #: (smallest keep, bits, preferred groups) of the measured frontier: int8 from 0.52 of the bf16 bytes
-    #: (1.00x dense), int4 in large groups from 0.26 (1.23x at 0.264, 1.19x at 0.274), int3 in groups of 32
-    #: below (1.68x at 0.248)
+    #: --byte-plan uniform: (smallest keep, bits, preferred groups) of the measured frontier (SmolLM2-135M,
+    #: zero points at 3-4 bits): int8 from 0.52 of the bf16 bytes (1.00x dense), int4 in large groups from
+    #: 0.26 (int4-g192-zp + 1% correction 1.18x at 0.267), int3 below (int3-g32-zp + 1.6% 1.61x at 0.249,
+    #: int3-g64-zp + 3.9% 1.59x; the global plan: 1.30x at 0.250)
     AUTO = ((0.52, 8, (192, 128, 64, 32)), (0.26, 4, (192, 128, 64, 32)), (0.0, 3, (32, 64, 16)))
 
     @dataclass
