@@ -153,11 +153,7 @@ def run(res: dict) -> None:
                 per_rank = (out + inp) * (2 if cbits == 16 else (1 + 2 / 32))  # bytes of one rank
                 r = int(corr * 2 * out * inp / per_rank)
                 if r:
-                    A, B = error_correction(W, W_hat, r, scales[n] if white else None)
-                    if cbits == 8:  # factors on an int8 grid, groups of 32 along the output / input
-                        A = rtn(A.T.contiguous(), 8, 32)[2].T
-                        B = rtn(B, 8, 32)[2]
-                    W_hat = W_hat + A @ B
+                    W_hat = corrected(W, W_hat, r, scales[n] if white else None, cbits)
                     nbytes += int(r * per_rank)
                 ranks.append(r)
             get_module(model, n).weight.data.copy_(W_hat)
@@ -173,6 +169,16 @@ def run(res: dict) -> None:
         print(f"{k}: bytes {nbytes / (2 * numel):.3f} of bf16, perplexity {p:.2f} ({p / res['dense']:.2f}x)", flush=True)
 
 
+
+
+def corrected(W, W_hat, r, scale, cbits):
+    """``W_hat`` plus the rank-``r`` correction of its error under ``scale`` (None: plain SVD), the factors on
+    an int8 grid in groups of 32 along the output / input (``cbits=8``) or kept as they are (16)."""
+    A, B = error_correction(W, W_hat, r, scale)
+    if cbits == 8:
+        A = rtn(A.T.contiguous(), 8, 32)[2].T
+        B = rtn(B, 8, 32)[2]
+    return W_hat + A @ B
 
 
 def run_plans(res, plans, model, targets, dense_w, scales, cal, numel, ppl, save) -> None:
@@ -208,10 +214,7 @@ def run_plans(res, plans, model, targets, dense_w, scales, cal, numel, ppl, save
                 W_hat = quantize_groups(W, q.bits, q.group_size, q.zero_point)[3]
             nbytes += rtn_bytes((out, inp), q.bits, q.group_size, q.zero_point)
             if r:
-                A, B = error_correction(W, W_hat, r, scales[n])
-                A = rtn(A.T.contiguous(), 8, 32)[2].T
-                B = rtn(B, 8, 32)[2]
-                W_hat = W_hat + A @ B
+                W_hat = corrected(W, W_hat, r, scales[n], 8)
                 nbytes += int(r * (out + inp) * (1 + 2 / 32))
             g = f"int{q.bits}-g{q.group_size}" + ("-zp" if q.zero_point else "")
             grids[g] = grids.get(g, 0) + 1
