@@ -157,3 +157,27 @@ def test_anchored_with_offloaded_blocks_copies_one_block_and_matches(tmp_path, m
     assert sizes and max(sizes) == block_modules
     for k in out[0]:
         assert torch.equal(out[0][k], out[1][k]), k
+
+
+def test_refine_with_offloaded_blocks_matches(tmp_path):
+    """``--refine-steps`` under the chained offload hooks: the optimizer trains the block that visits the
+    device, and the refined factors equal the unplaced run's bit for bit (no hook left)."""
+    from factorlm.lm.calibrate import token_batches
+    from factorlm.lm.factorize import factorize
+    from factorlm.lm.methods import get_lm_method
+    from factorlm.lm.refine import RefineSpec
+    from factorlm.models.surgery import find_targets
+
+    method = get_lm_method("whiten", {})
+    windows = torch.randint(3, 99, (4, 16), generator=torch.Generator().manual_seed(1))
+    out = []
+    for offload in (None, torch.device("cpu")):
+        torch.manual_seed(0)
+        model = tiny_llama().eval()
+        targets = find_targets(model, [], [], conv1d=True)
+        info = factorize(model, targets, {n: 4 for n in targets}, method, token_batches(windows, 2), mode="layer",
+                         offload_to=offload, refine=RefineSpec(8, 1e-3))
+        assert info["refine"]["kept"] >= 1 and _no_hooks(model)
+        out.append(model.state_dict())
+    for k in out[0]:
+        assert torch.equal(out[0][k], out[1][k]), k

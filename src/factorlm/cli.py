@@ -193,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "matrix's scaled spectrum weighted by the loss gradient on its outputs (default); energy = each "
                     "matrix's relative error")
     lm.add_argument("--rank-multiple", type=int, help="round every rank down to a multiple of this (8: fast kernels)")
+    lm.add_argument("--refine-steps", type=int, help="per-block refinement (AA-SVD): after each decoder block is "
+                    "compressed, this many AdamW steps fit its factors so that its outputs on the compressed model's "
+                    "inputs match the dense block's outputs (default 0: off; a block that gets worse is restored)")
+    lm.add_argument("--refine-lr", type=float, help="learning rate of --refine-steps (default 1e-4, AA-SVD's)")
+    lm.add_argument("--refine-params", choices=["factors", "all"], help="what --refine-steps trains: the targets' "
+                    "factors (default) or every floating parameter of the block (norms and biases too)")
     lm.add_argument("--heal-steps", type=int, help="optimizer steps of language-model fine-tuning of the factors on "
                     "the calibration windows after the one-shot factorization (default 0)")
     lm.add_argument("--heal-params", choices=["factors", "all"], help="what healing trains (default factors)")

@@ -92,6 +92,9 @@ class RunConfig:
     rank_multiple: int = 1  # round ranks down to multiples of this (8: fast kernels)
     global_score: str = "fisher"  # --rank-policy global: fisher (loss-weighted spectra) | energy (relative)
     rank_price: str | None = None  # global plan: score per triplet | per weight (score / (out + in)); None = the method's (lm: triplet)
+    refine_steps: int = 0  # per-block refinement to the dense block outputs (AA-SVD), optimizer steps per block
+    refine_lr: float = 1e-4
+    refine_params: str = "factors"  # factors | all (every floating parameter of the block)
     heal_steps: int = 0  # optimizer steps of language-model fine-tuning after the one-shot factorization
     heal_params: str = "factors"  # factors | all: what healing trains
     heal_loss: str = "distill"  # distill (KL to the dense model's next-token distribution) | lm (next-token loss)
@@ -162,6 +165,9 @@ class RunConfig:
         check(self.global_score in ("fisher", "energy"), f"--global-score must be fisher or energy, got {self.global_score!r}")
         check(self.rank_multiple >= 1, f"--rank-multiple must be >= 1, got {self.rank_multiple}")
         check(self.heal_steps >= 0, f"--heal-steps must be >= 0, got {self.heal_steps}")
+        check(self.refine_steps >= 0, f"--refine-steps must be >= 0, got {self.refine_steps}")
+        check(self.refine_lr > 0, f"--refine-lr must be > 0, got {self.refine_lr}")
+        check(self.refine_params in ("factors", "all"), f"--refine-params must be factors or all, got {self.refine_params!r}")
         if self.heal_curve:
             bad = [s for s in self.heal_curve if not 0 < s <= self.heal_steps]
             check(not bad, f"--heal-curve steps must be in [1, --heal-steps={self.heal_steps}], got {bad[:1]}")

@@ -88,8 +88,8 @@ class QuantLowRankLinear(FactorizedLinear):
         return out
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` in the layer's dtype (dequantized when stored as int8)."""
-        if not self.factor_bits:
+        """``(A, B)`` in the layer's dtype (dequantized when stored as int8, unless thawed)."""
+        if not self.factor_bits or self.A is not None:
             return self.A, self.B
         g = self.FACTOR_GROUP
 
@@ -97,6 +97,28 @@ class QuantLowRankLinear(FactorizedLinear):
             return (codes.float().reshape(codes.shape[0], -1, g) * scales.float()[:, :, None]).reshape(codes.shape)
 
         return deq(self.A_codes, self.A_scales).T.to(self._dtype), deq(self.B_codes, self.B_scales).to(self._dtype)
+
+    def thaw_factors(self) -> None:
+        """int8 factors: make them trainable float parameters ``A``, ``B`` (their dequantized values) until
+        :meth:`freeze_factors`; a no-op for float factors or rank 0."""
+        if self.rank and self.factor_bits and self.A is None:
+            A, B = self.factors()
+            self.A, self.B = nn.Parameter(A.detach().clone()), nn.Parameter(B.detach().clone())
+
+    @torch.no_grad()
+    def freeze_factors(self) -> None:
+        """Store thawed factors back as int8 codes (RTN in groups of 32, as :meth:`from_weight` does) and
+        drop the float parameters."""
+        if not (self.rank and self.factor_bits and self.A is not None):
+            return
+        from ..decompose.quantize import rtn
+
+        for name, F_ in (("A", self.A.detach().T.contiguous()), ("B", self.B.detach())):
+            codes, scales, _ = rtn(F_, 8, self.FACTOR_GROUP)
+            getattr(self, f"{name}_codes").copy_(codes)
+            getattr(self, f"{name}_scales").copy_(scales)
+        self.register_parameter("A", None)
+        self.register_parameter("B", None)
 
     def clear_cache(self) -> None:
         self.__dict__["_cached"] = None

@@ -197,6 +197,7 @@ def stream(
     mode: str = "layer",
     log: Callable[[str], None] | None = None,
     offload_to: torch.device | None = None,
+    refine: Callable[[int, nn.Module, list[str], list[BlockCall], list[torch.Tensor]], None] | None = None,
 ) -> Progress:
     """Walk the decoder's blocks; for each group of targets collect input statistics and hand them over.
 
@@ -207,6 +208,13 @@ def stream(
 
     ``offload_to``: an execution device for a model kept on the CPU; the blocks visit it one at a time
     (:func:`factorlm.lm.placement.blocks_visit`) and the model is on the CPU afterwards.
+
+    ``refine(block_index, block, local_targets, calls, dense_outputs)``: called once per block with
+    targets, after all its groups are handed over and before its outputs feed the next block: ``calls``
+    are the block's inputs in the compressed model, ``dense_outputs`` the dense block's outputs on the
+    dense model's inputs of the same tokens (:mod:`factorlm.lm.refine`).  It may change the block's
+    parameters; the stream then goes on with the changed block's outputs.  Any mode keeps the dense
+    hidden states beside the shifted ones for it (``"none"``: they are the same).
     """
     check(mode in MODES, f"calibration order must be one of {', '.join(MODES)}, got {mode!r}")
     check(len(batches) > 0, "no calibration batches")
@@ -215,21 +223,25 @@ def stream(
         from .placement import blocks_visit
 
         with blocks_visit(model, blocks_name, blocks, offload_to):
-            return _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_name, blocks)
-    return _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_name, blocks)
+            return _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_name, blocks, refine)
+    return _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_name, blocks, refine)
 
 
-def _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_name, blocks) -> Progress:
+def _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_name, blocks, refine=None) -> Progress:
     by_block: dict[int, list[str]] = {}
     for t in targets:
         by_block.setdefault(block_of(t, blocks_name), []).append(t)
     per_block = capture_block_calls(model, blocks, batches)
     check(all(len(c) == len(batches) for c in per_block), "not every decoder block was reached for every batch")
     calls = per_block[0]
-    dense_calls = calls if mode == "anchored" else None  # the dense model's hidden states, beside
+    # the dense model's hidden states, beside (--sequential none: the stream itself is dense)
+    dense_calls = calls if mode == "anchored" or (refine is not None and mode != "none") else None
     prog = Progress(tokens=sum(int(c.hidden.shape[0] * c.hidden.shape[1]) for c in calls))
 
+    last = max(by_block)  # the blocks after the last target's change nothing: the stream ends there
     for i, block in enumerate(blocks):
+        if i > last:
+            break
         if i:  # this block's own arguments, with the hidden states the previous (compressed) block produced
             calls = [own.with_hidden(c.hidden) for own, c in zip(per_block[i], calls)]
             if dense_calls is not None:
@@ -260,15 +272,25 @@ def _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_nam
                 for g, stats in zip(groups, all_stats):
                     on_group(i, [prefix + n for n in g], stats)
                 if mode == "none":
+                    if refine is not None:  # dense inputs, dense targets
+                        refine(i, block, local, calls, outputs)
+                        prog.forwards += len(calls)
                     calls = [c.with_hidden(o) for c, o in zip(calls, outputs)]
                     prog.blocks += 1
                     prog.groups += len(groups)
                     continue
             prog.groups += len(groups)
-        if i + 1 < len(blocks):  # the next block's inputs, from this (compressed) block
+            if refine is not None:
+                dense_out = [c(dense_block) for c in dense_calls]
+                prog.forwards += len(calls)
+                refine(i, block, local, calls, dense_out)
+                if i < last:
+                    dense_calls = [c.with_hidden(o) for c, o in zip(dense_calls, dense_out)]
+                del dense_out
+        if i < last:  # the next block's inputs, from this (compressed) block
             calls = [c.with_hidden(c(block)) for c in calls]
             prog.forwards += len(calls)
-            if dense_calls is not None:
+            if dense_calls is not None and not (refine is not None and local):
                 dense_calls = [c.with_hidden(c(dense_block)) for c in dense_calls]
                 prog.forwards += len(calls)
         del dense_block

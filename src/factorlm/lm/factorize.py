@@ -22,14 +22,16 @@ from .calibrate import stream
 
 def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], method, batches, *,
               mode: str, log=None, keep_dense: dict[str, nn.Module] | None = None,
-              offload_to=None, quant=None) -> dict[str, Any]:
+              offload_to=None, quant=None, refine=None) -> dict[str, Any]:
     """Replace every target by its rank-``ranks[name]`` :class:`LowRankLinear` (in place); returns
     per-target facts (rank, share of the scaled spectrum's energy discarded), the stream's work and
     the seconds per block.  ``keep_dense``: a dict that receives the replaced dense modules (moved to
     the CPU), for a distillation teacher; None drops them.  ``offload_to``: the execution device of a
     model kept on the CPU (blocks visit it one at a time; an uncalibrated method's matrices do too).
     ``quant`` (a :class:`factorlm.lm.methods.QuantSpec`, or one per target): every target becomes a :class:`QuantLowRankLinear`
-    (RTN or GPTQ codes + a rank-``ranks[name]`` correction of their error under the method's scaling) instead."""
+    (RTN or GPTQ codes + a rank-``ranks[name]`` correction of their error under the method's scaling) instead.
+    ``refine`` (a :class:`factorlm.lm.refine.RefineSpec` with steps > 0): every block's factors are then
+    refined to the dense block's outputs (:mod:`factorlm.lm.refine`); its per-block errors are returned."""
     from ..decompose.whiten import factors_from_basis, scaled_factors
     from ..decompose.anchor import anchored_target
     from ..decompose.whiten import GramScale
@@ -88,10 +90,27 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
     if not method.calibrated:
         replace(targets, None)
         return {"modules": facts, "calibration": work}
-    prog = stream(model, targets, batches, method.make_stats, on_group, mode=mode, log=log, offload_to=offload_to)
+    refined: list[dict[str, Any]] = []
+
+    def on_block(i, block, local, calls, dense_out):
+        from .refine import refine_block
+
+        t0 = time.perf_counter()
+        r = refine_block(block, local, calls, dense_out, refine)
+        refined.append({"block": i, **r, "seconds": round(time.perf_counter() - t0, 2)})
+        if log:
+            log(f"  block {i} refined: output error {r['error_before']:.4g} -> {r['error_after']:.4g}"
+                + ("" if r["kept"] else " (not better: one-shot fit kept)"))
+
+    use_refine = refine is not None and refine.steps > 0
+    prog = stream(model, targets, batches, method.make_stats, on_group, mode=mode, log=log, offload_to=offload_to,
+                  refine=on_block if use_refine else None)
     block_seconds.append(round(time.perf_counter() - clock["t"], 2))
     work = {"blocks": prog.blocks, "groups": prog.groups, "block_forwards": prog.forwards, "tokens": prog.tokens,
             "groups_of_block_0": prog.group_names[: prog.groups // max(prog.blocks, 1)],
             "seconds_per_block": block_seconds}
-    return {"modules": facts, "calibration": work}
-
+    out = {"modules": facts, "calibration": work}
+    if use_refine:
+        out["refine"] = {"steps": refine.steps, "lr": refine.lr, "params": refine.params, "blocks": refined,
+                         "kept": sum(r["kept"] for r in refined)}
+    return out

@@ -58,6 +58,12 @@ def check_config(c: RunConfig):
     check(not (c.offload != "none" and getattr(method.options, "byte_plan", "uniform") == "global"),
           "--byte-plan global back-propagates through the whole model at once (the output sensitivity), which "
           "--offload cannot bound: use --byte-plan uniform")
+    if c.refine_steps:
+        check(method.calibrated, f"--refine-steps needs the calibration stream, which --method {c.method} does not "
+                                 "use: pick a calibrated method (whiten, asvd, rtn-lowrank, gptq-lowrank)")
+        check(c.refine_params == "all" or getattr(method, "corrects", True),
+              f"--refine-steps with --refine-params factors trains the correction factors, which --method "
+              f"{c.method} does not have: use --refine-params all or --method {c.method}-lowrank")
     if hasattr(type(method), "quant"):
         bits = getattr(method.options, "bits", None)
         check(bits is None or 2 <= bits <= 8, f"--bits must be in [2, 8], got {bits}")
@@ -148,6 +154,7 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     from .calibrate import token_batches
     from .factorize import factorize
     from .heal import heal
+    from .refine import RefineSpec
     from .evaluate import eval_window
     from .load import (SMOLLM2, language_model_prefix, load_causal_lm, load_tokenizer, model_context, precheck,
                        resolve_causal_model)
@@ -279,8 +286,9 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
         f"{min(ranks.values())}-{max(ranks.values())})")
     t0 = time.perf_counter()
     dense_layers = {} if c.heal_steps and c.heal_loss == "distill" else None
+    refine = RefineSpec(c.refine_steps, c.refine_lr, c.refine_params) if c.refine_steps else None
     info = factorize(model, targets, ranks, method, batches, mode=mode, log=log, keep_dense=dense_layers,
-                     offload_to=offload_to, quant=quant)
+                     offload_to=offload_to, quant=quant, refine=refine)
     info["factorize_seconds"] = round(time.perf_counter() - t0, 1)
     del batches
     with dispatched(model, device, c.offload, train=bool(c.heal_steps)):

@@ -1,0 +1,148 @@
+"""Stage (optional, inside the calibration stream): per-block refinement of the compressed factors.
+
+``--refine-steps N`` (default 0: off).  After every target of decoder block ``i`` has been replaced,
+its trainable parameters take ``N`` optimizer steps on
+
+    L = ||block_c(x~) - block_d(x)||^2 / ||block_d(x)||^2
+
+over the calibration windows: ``x~`` the hidden states the *compressed* model hands block ``i`` (the
+shifted inputs), ``block_d(x)`` the *dense* block's output on the dense model's hidden states of the same
+tokens, so each block learns to undo the error of everything before it, not only its own.  Then the
+stream goes on with the refined block's outputs.
+
+Origin: AA-SVD (atulkumarin/AA-SVD, ``finetune_layer`` after each layer's compression): the dense
+targets on the dense inputs, the compressed block on the shifted inputs, an MSE loss, AdamW at 1e-4 with
+10% linear warm-up and a cosine decay to 0.1x, gradient clipping at 1.0.  As published: those.  Differs:
+the loss is normalised by the target's energy (so one learning rate suits every block, the same minimiser);
+the length is given in optimizer steps (AA-SVD: 25 passes over its calibration batches, which on a
+2-core CPU would cost hours for a 135M model), cycling over the calibration batches; weight decay 0
+(AA-SVD 0.01: a pull of the factors toward zero that is not part of the objective); what trains is the
+targets' factors (``--refine-params factors``, default; a quantized layer's codes and scales stay; its int8
+factors train as floats and are stored as int8 again, by the same RTN, before the guard measures) or every
+floating parameter of the block (``all``: norms and biases too, as AA-SVD's ``include: all``); and a
+**keep-best guard**: the loss over all calibration batches is measured before and after (on what is stored),
+and a block whose loss rose is restored (a too-large learning rate cannot make a block worse than its
+one-shot fit).  bf16 weights train through torchao's AdamW with stochastic rounding
+(:mod:`factorlm.train.optim`), fp32 through torch's.
+
+Cost per block: ``N`` forward+backward passes of one block on one calibration batch plus two forward
+passes over every batch (the guard).  Memory beyond the stream's: the dense hidden states of the
+calibration windows (a second ``n x seq x hidden`` set, as ``--sequential anchored`` keeps), one copy of
+the dense block, the block's activations of one batch for the backward, and AdamW's two moments of the
+trained parameters (for one block at a time).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import check
+
+PARAMS = ("factors", "all")
+
+
+@dataclass
+class RefineSpec:
+    steps: int
+    lr: float = 1e-4
+    params: str = "factors"
+    warmup: float = 0.1  # share of the steps of linear warm-up (AA-SVD)
+    floor: float = 0.1  # the cosine decays to this share of lr (AA-SVD)
+    clip: float = 1.0
+
+    def __post_init__(self):
+        check(self.steps >= 0, f"--refine-steps must be >= 0, got {self.steps}")
+        check(self.lr > 0, f"--refine-lr must be > 0, got {self.lr}")
+        check(self.params in PARAMS, f"--refine-params must be one of {', '.join(PARAMS)}, got {self.params!r}")
+
+
+def trainable(block: nn.Module, local_targets: Sequence[str], params: str) -> list[nn.Parameter]:
+    """The parameters refinement trains: the targets' floating non-bias parameters (``factors``) or every
+    floating parameter of the block (``all``)."""
+    if params == "all":
+        return [p for p in block.parameters() if p.is_floating_point()]
+    out = []
+    for n in local_targets:
+        for name, p in block.get_submodule(n).named_parameters():
+            if p.is_floating_point() and name != "bias" and p.numel():
+                out.append(p)
+    return out
+
+
+def _loss(block, call, target) -> torch.Tensor:
+    y = call(block)
+    t = target.to(y.dtype)
+    return (y.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-30)
+
+
+@torch.no_grad()
+def _mean_loss(block, calls, targets) -> float:
+    return sum(float(_loss(block, c, t)) for c, t in zip(calls, targets)) / len(calls)
+
+
+def refine_block(block: nn.Module, local_targets: Sequence[str], calls: Sequence, targets: Sequence[torch.Tensor],
+                 spec: RefineSpec) -> dict[str, Any]:
+    """Refine one compressed block in place (see the module docstring); returns what happened:
+    relative output error before / after over the calibration batches, whether it was kept."""
+    from ..train.optim import make_optimizer
+
+    check(len(calls) == len(targets) and len(calls) > 0, "refinement needs the dense outputs of every batch")
+    before = _mean_loss(block, calls, targets)
+    saved = {k: v.detach().clone() for k, v in block.state_dict().items()}  # one block: the keep-best copy
+    thawed = [m for m in block.modules() if hasattr(m, "thaw_factors")]
+    for m in thawed:  # int8 factors train as floats and are stored as int8 again before the guard measures
+        m.thaw_factors()
+    params = trainable(block, local_targets, spec.params)
+    if not params or spec.steps == 0:
+        for m in thawed:
+            m.freeze_factors()
+        return {"error_before": round(before, 6), "error_after": round(before, 6), "kept": False, "trained": 0}
+    flags = {p: p.requires_grad for p in block.parameters()}
+    was_training = block.training
+    bf16 = any(p.dtype == torch.bfloat16 for p in params)
+    opt = make_optimizer([{"params": params}], "adamw-sr" if bf16 else "adamw", spec.lr, 0.0)
+    warm = max(1, int(spec.warmup * spec.steps))
+
+    def lr_at(step: int) -> float:  # AA-SVD: linear warm-up, then cosine down to floor x lr
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, spec.steps - warm)
+        return spec.floor + (1 - spec.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    try:
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        block.eval()  # no dropout: the dense targets are deterministic
+        with torch.enable_grad():
+            for step in range(spec.steps):
+                for g in opt.param_groups:
+                    g["lr"] = spec.lr * lr_at(step)
+                b = step % len(calls)
+                loss = _loss(block, calls[b], targets[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, spec.clip)
+                opt.step()
+        del opt
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        for m in thawed:
+            m.freeze_factors()
+        block.train(was_training)
+    trained = sum(p.numel() for p in params)
+    del params
+    after = _mean_loss(block, calls, targets)  # what is stored (int8 factors re-quantized)
+    kept = math.isfinite(after) and after <= before
+    if not kept:  # keep-best: never worse than the one-shot fit
+        block.load_state_dict(saved)
+    return {"error_before": round(before, 6), "error_after": round(after if kept else before, 6),
+            "kept": bool(kept), "trained": trained}
+
