@@ -59,8 +59,7 @@ def test_refinement_reaches_the_rank_k_least_squares_optimum():
     W = torch.randn(n_out, n_in, generator=g) / n_in ** 0.5
     U, S, Vh = torch.linalg.svd(W)
     block = _Block(LowRankLinear.from_factors((U[:, :k] * S[:k]).contiguous(), Vh[:k].contiguous(), None))
-    calls = [_Call(x) for x in Xs.chunk(4)]
-    targets = [x @ W.T for x in X.chunk(4)]
+    calls, targets = [_Call(Xs)], [X @ W.T]  # one batch: trained on and guarded on (nothing to hold out)
 
     Xn, Xsn, Wn = X.double().numpy(), Xs.double().numpy(), W.double().numpy()
     Q, R = np.linalg.qr(Xsn)
@@ -77,6 +76,32 @@ def test_refinement_reaches_the_rank_k_least_squares_optimum():
     assert start > 1.05 * err(ref)  # the start is measurably off the optimum
     assert end <= 1.01 * err(ref)
     assert end >= err(ref) * (1 - 1e-6)  # the optimum is a lower bound (no test of a wrong reference)
+
+
+def test_the_guard_measures_on_batches_it_never_trains_on():
+    """With several batches the last eighth is held out: a guard batch whose target the one-shot block already
+    meets exactly changes nothing in training (the refined factors equal those trained without it), only the verdict."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(8, 32, 8, generator=g)
+    W = torch.randn(6, 8, generator=g)
+    U, S, Vh = torch.linalg.svd(W)
+
+    def fresh():
+        return _Block(LowRankLinear.from_factors((U[:, :3] * S[:3]).contiguous(), Vh[:3].contiguous(), None))
+
+    spec = RefineSpec(steps=30, lr=1e-2)
+    assert spec.held_out(8) == 1 and spec.held_out(16) == 2 and spec.held_out(1) == 0
+    a, b = fresh(), fresh()
+    calls, targets = [_Call(x) for x in X], [x @ W.T for x in X]
+    ra = refine_block(a, ["lin"], calls, targets, spec)
+    with torch.no_grad():  # the guard's target: the one-shot block's own output, so any change is worse there
+        own = fresh()(X[-1])
+    rb = refine_block(b, ["lin"], calls, targets[:-1] + [own], spec)
+    assert ra["kept"] and not rb["kept"] and ra["guard_batches"] == 1
+    torch.testing.assert_close(b.lin.A, fresh().lin.A, atol=0, rtol=0)  # restored
+    c = fresh()
+    refine_block(c, ["lin"], calls[:-1] + [calls[0]], targets[:-1] + [targets[0]], spec)
+    torch.testing.assert_close(c.lin.A, a.lin.A, atol=0, rtol=0)  # the held-out batch never trained a
 
 
 def test_keep_best_restores_a_block_that_got_worse_bit_for_bit():
