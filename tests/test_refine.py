@@ -210,6 +210,8 @@ def test_refine_end_to_end_lowers_every_block_error_and_reloads(tmp_path):
     assert all(b["error_after"] <= b["error_before"] for b in q.info["refine"]["blocks"])
     assert q.info["refine"]["kept"] >= 1
     assert q.accounting["target_bytes_after"] == q0.accounting["target_bytes_after"]
+    a = q.accounting  # the codes and int8 factors count as weights (they are buffers, not parameters)
+    assert a["model_params_after"] == a["model_params_before"] - a["target_weights_before"] + a["target_weights_after"]
     assert q.info["ranks"] == q0.info["ranks"] and max(q.info["ranks"].values()) > 0
     changed = 0
     for n, k in q.info["ranks"].items():

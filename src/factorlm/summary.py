@@ -496,8 +496,10 @@ def lm_lines(meta: dict[str, Any]) -> list[str]:
     acc = meta.get("accounting") or {}
     if acc.get("target_weights_before") and acc.get("quantized"):
         q = acc["quantized"]
-        lines.append(f"target weights {acc['target_weights_before']:,} -> int{q['bits']} codes in groups of "
-                     f"{q['group_size']} + {acc['target_weights_after'] - acc['target_weights_before']:,} correction weights")
+        grid = (f"codes on {len(q['grids'])} grids ({', '.join(f'{k} x{v}' for k, v in q['grids'].items())})"
+                if q.get("grids") else f"int{q['bits']} codes in groups of {q['group_size']}")
+        lines.append(f"target weights {acc['target_weights_before']:,} -> {grid} + "
+                     f"{acc['target_weights_after'] - acc['target_weights_before']:,} correction weights")
     elif acc.get("target_weights_before"):
         lines.append(f"target weights {acc['target_weights_before']:,} -> {acc['target_weights_after']:,} "
                      f"({acc['target_ratio']:.2%} kept; SVD-LLM ratio {acc.get('svd_llm_ratio', 1 - acc['target_ratio']):.2f})")
