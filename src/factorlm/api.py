@@ -564,5 +564,8 @@ def info(path: str) -> dict[str, Any]:
         raise FactorLMError(f"{path} is not a factorlm model folder (no {FACTORLM_JSON})")
     model = models.load(p)
     meta = dict(meta)
-    meta["params_total"] = models.count_params(model)
+    # a quantized layer's codes (and int8 factors) are buffers: counted as its weights, as the report does
+    meta["params_total"] = models.count_params(model) + sum(
+        m.weight_params() - sum(t.numel() for k, t in m.named_parameters() if k != "bias")
+        for m in model.modules() if hasattr(m, "thaw_factors"))
     return meta

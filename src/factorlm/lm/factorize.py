@@ -111,6 +111,8 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
             "seconds_per_block": block_seconds}
     out = {"modules": facts, "calibration": work}
     if use_refine:
-        out["refine"] = {"steps": refine.steps, "lr": refine.lr, "params": refine.params, "blocks": refined,
+        out["refine"] = {"steps": refine.steps, "lr": refine.lr, "params": refine.params, "warmup": refine.warmup,
+                         "floor": refine.floor, "clip": refine.clip, "guard": refine.guard, "weight_decay": 0.0,
+                         "blocks": refined,
                          "kept": sum(r["kept"] for r in refined)}
     return out

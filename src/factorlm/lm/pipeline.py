@@ -60,7 +60,7 @@ def check_config(c: RunConfig):
           "--offload cannot bound: use --byte-plan uniform")
     if c.refine_steps:
         check(method.calibrated, f"--refine-steps needs the calibration stream, which --method {c.method} does not "
-                                 "use: pick a calibrated method (whiten, asvd, rtn-lowrank, gptq-lowrank)")
+                                 "use: pick a calibrated method (whiten, asvd, rtn-lowrank, gptq-lowrank; gptq with --refine-params all)")
         check(c.refine_params == "all" or getattr(method, "corrects", True),
               f"--refine-steps with --refine-params factors trains the correction factors, which --method "
               f"{c.method} does not have: use --refine-params all or --method {c.method}-lowrank")

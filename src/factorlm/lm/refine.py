@@ -134,8 +134,12 @@ def refine_block(block: nn.Module, local_targets: Sequence[str], calls: Sequence
         block.eval()  # no dropout: the dense targets are deterministic
         with torch.enable_grad():
             for step in range(spec.steps):
-                for g in opt.param_groups:
-                    g["lr"] = spec.lr * lr_at(step)
+                for g in opt.param_groups:  # torchao's optimizers keep lr as a tensor (set it in place)
+                    lr = spec.lr * lr_at(step)
+                    if torch.is_tensor(g["lr"]):
+                        g["lr"].fill_(lr)
+                    else:
+                        g["lr"] = lr
                 b = step % len(train_calls)
                 loss = _loss(block, train_calls[b], train_targets[b])
                 opt.zero_grad(set_to_none=True)
