@@ -169,14 +169,14 @@ def test_refine_with_offloaded_blocks_matches(tmp_path):
     from factorlm.models.surgery import find_targets
 
     method = get_lm_method("whiten", {})
-    windows = torch.randint(3, 99, (4, 16), generator=torch.Generator().manual_seed(1))
+    windows = torch.randint(3, 99, (8, 16), generator=torch.Generator().manual_seed(1))
     out = []
     for offload in (None, torch.device("cpu")):
         torch.manual_seed(0)
         model = tiny_llama().eval()
         targets = find_targets(model, [], [], conv1d=True)
         info = factorize(model, targets, {n: 4 for n in targets}, method, token_batches(windows, 2), mode="layer",
-                         offload_to=offload, refine=RefineSpec(8, 1e-3))
+                         offload_to=offload, refine=RefineSpec(16, 3e-3))
         assert info["refine"]["kept"] >= 1 and _no_hooks(model)
         out.append(model.state_dict())
     for k in out[0]:
