@@ -565,7 +565,8 @@ def info(path: str) -> dict[str, Any]:
     model = models.load(p)
     meta = dict(meta)
     # a quantized layer's codes (and int8 factors) are buffers: counted as its weights, as the report does
+    from .layers.quantized import QuantLowRankLinear
+
     meta["params_total"] = models.count_params(model) + sum(
-        m.weight_params() - sum(t.numel() for k, t in m.named_parameters() if k != "bias")
-        for m in model.modules() if hasattr(m, "thaw_factors"))
+        m.buffered_weights() for m in model.modules() if isinstance(m, QuantLowRankLinear))
     return meta

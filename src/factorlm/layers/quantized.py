@@ -164,6 +164,11 @@ class QuantLowRankLinear(FactorizedLinear):
     def weight_params(self) -> int:
         return self.out_features * self.in_features + self.rank * (self.in_features + self.out_features)
 
+    def buffered_weights(self) -> int:
+        """Weights stored as buffers, not parameters (the codes, and int8 factors): what a parameter count
+        misses of :meth:`weight_params`."""
+        return self.weight_params() - sum(p.numel() for k, p in self.named_parameters() if k != "bias")
+
     def weight_flops(self) -> int:
         return 2 * self.out_features * self.in_features + 2 * self.rank * (self.in_features + self.out_features)
 

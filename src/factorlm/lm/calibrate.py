@@ -272,9 +272,8 @@ def _stream(model, targets, batches, make_stats, on_group, mode, log, blocks_nam
                 for g, stats in zip(groups, all_stats):
                     on_group(i, [prefix + n for n in g], stats)
                 if mode == "none":
-                    if refine is not None:  # dense inputs, dense targets
+                    if refine is not None:  # dense inputs, dense targets (the outputs above)
                         refine(i, block, local, calls, outputs)
-                        prog.forwards += len(calls)
                     calls = [c.with_hidden(o) for c, o in zip(calls, outputs)]
                     prog.blocks += 1
                     prog.groups += len(groups)

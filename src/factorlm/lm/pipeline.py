@@ -309,8 +309,7 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     groups_after = param_groups(model, targets)
     tw_after = sum(get_module(model, n).weight_params() for n in targets)
     # a quantized target's codes (and int8 factors) are buffers, not parameters: counted as its weights here
-    unparam = sum(m.weight_params() - sum(p.numel() for k, p in m.named_parameters() if k != "bias")
-                  for m in (get_module(model, n) for n in targets)) if quant else 0
+    unparam = sum(get_module(model, n).buffered_weights() for n in targets) if quant else 0
     acc = Accounting(target_weights_before=groups_before["targets"], target_weights_after=tw_after,
                      model_params_before=dense_params,
                      model_params_after=models.count_params(model) + unparam).to_dict()
