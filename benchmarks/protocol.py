@@ -171,7 +171,7 @@ LABELS = {
     "KFAC_global": "kfac-global (factorlm recipe: K-FAC whitening, global loss-aware ranks within keep, KD; 2 epochs)",
     "KFAC_global_triplet": "kfac-global, ranks priced per triplet (ablation)",
     "Whiten_KD_global": "Whiten + KD, --rank-policy global (whitened spectra, energy-normalised; ablation)",
-    "SVD_Ft_KD_staged": "SVD_Ft + KD, staged (a stage per layer over 1 epoch, then 1 epoch; KD in the last)",
+    "SVD_Ft_KD_staged": "SVD_Ft + KD, staged (a stage per layer over 1 epoch, then 1 epoch; KD in every fine-tune)",
     "Monarch_Ft_KD": "Monarch (P L P^T R, 4 blocks) + fine-tuning + KD (2 epochs)",
     "LPAF_no_prune": "LPAF w/o pruning (step 1; 1 epoch)",
     "LPAF_plain_svd": "LPAF, vanilla SVD instead of sparsity-aware",
@@ -425,7 +425,9 @@ def table(runs: list[dict], order: list[str]) -> str:
         out.append("\nWall time includes the teacher's training in the first run of a (task, seed) and the pruning in "
                    "the first LPAF run of a (task, keep, seed); later runs load them from the cache.\n")
         for lead, compared in (("LPAF", COMPARED), ("LPAF_KD", [*KD[:-1], *KD_ABLATIONS]),
-                               ("LPAF_KD_ft2", [*KD, "SVD_Ft_KD_3ep", "FWSVD_Ft_KD_3ep"]), ("KFAC_global", RECIPE_COMPARED)):
+                               ("LPAF_KD_ft2", [*KD, "SVD_Ft_KD_3ep", "FWSVD_Ft_KD_3ep"]), ("KFAC_global", RECIPE_COMPARED),
+                               # the factorization study's claims: staged beats uniform; low rank beats Monarch
+                               ("SVD_Ft_KD_staged", ["SVD_Ft_KD"]), ("SVD_Ft_KD", ["Monarch_Ft_KD"])):
             lpaf = [r for r in rs if r["name"] == lead]
             others = [v for v in compared if any(r["name"] == v for r in rs)]
             for k in keeps:

@@ -54,3 +54,30 @@ def test_staged_with_monarch(tiny_model):
     staged_factorize(s, tiny_model, plan, "monarch")
     assert isinstance(tiny_model.get_submodule(targets[-1]), MonarchLinear)
     assert tiny_model(input_ids=torch.randint(0, 100, (1, 5))).logits.shape == (1, 2)
+
+
+def test_staged_svd_distils_in_every_fine_tune(tiny_model):
+    """Equal distillation: --finetune-distill reaches the fine-tune after every stage, not only the last
+    (a one-shot SVD_Ft_KD distils over all its steps; the staged one must too), and the teacher is the
+    dense model copied before any stage factorized."""
+    from factorlm.methods import get_method
+    from factorlm.train import DistillationCallback
+
+    class Session(FakeSession):
+        def evaluate(self, model, phase, check=True):
+            return {}
+
+        def finetune(self, model, phase, epochs=None, callbacks=(), **kw):
+            super().finetune(model, phase, epochs)
+            kd = [cb for cb in callbacks if isinstance(cb, DistillationCallback)]
+            self.events[-1] += (kd[0].teacher if kd else None,)
+            return {}
+
+    dense = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    s = Session(stages=0, epochs=1.0, keep=0.5, method="svd")
+    get_method("svd", {"finetune_distill": 1.0}).run(s, tiny_model)
+    assert [e[0] for e in s.events] == ["stage1", "stage2", "finetune"]
+    teachers = [e[3] for e in s.events]
+    assert all(t is not None for t in teachers) and len({id(t) for t in teachers}) == 1
+    assert all(torch.equal(v, dense[k]) for k, v in teachers[0].state_dict().items())
+    assert not any(isinstance(m, LowRankLinear) for m in teachers[0].modules())

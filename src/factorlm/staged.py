@@ -15,7 +15,7 @@ stages' fine-tuning left it, for that stage's matrices only (and once, for all m
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 from torch import nn
 
@@ -88,11 +88,14 @@ def staged_factorize(
     plan: Mapping[str, Mapping[str, Any]],
     structure,
     decompose: DecomposeArg | DecomposeFactory = None,
+    callbacks: Sequence[Any] = (),
 ) -> Accounting:
     """Factorize ``plan`` stage by stage (``--stages``, ``--stage-order``), fine-tuning after each stage.
 
     ``decompose`` is used as :func:`factorlm.factorize.factorize` uses it; a :class:`DecomposeFactory`
     is called at the start of each stage with the model as it is then and that stage's names.
+    ``callbacks`` (e.g. the method's distillation) go to every stage's fine-tune, so a staged run gets
+    the same distillation over all its steps as a one-shot run over its fine-tune.
     """
     c = session.config
     groups = stage_groups(list(plan), c.stages, c.stage_order)
@@ -103,7 +106,7 @@ def staged_factorize(
         acc = factorize(model, {n: plan[n] for n in group}, structure, fns)
         first, last = layer_index(group[0]), layer_index(group[-1])
         session.log(f"[stage {i}/{len(groups)}] factorized {len(group)} matrices (layers {first}..{last})")
-        session.finetune(model, phase=f"stage{i}", epochs=epochs)
+        session.finetune(model, phase=f"stage{i}", epochs=epochs, callbacks=callbacks)
         total = acc if total is None else Accounting(
             total.target_weights_before + acc.target_weights_before,
             total.target_weights_after + acc.target_weights_after,
@@ -112,7 +115,8 @@ def staged_factorize(
     return total
 
 
-def run_factorize(session, model, plan, structure, decompose: DecomposeArg | DecomposeFactory = None) -> Accounting:
+def run_factorize(session, model, plan, structure, decompose: DecomposeArg | DecomposeFactory = None,
+                  callbacks: Sequence[Any] = ()) -> Accounting:
     """One-shot or staged according to ``--schedule``.
 
     ``decompose``: ``None``, one matrix-level fit ``f(W, rank, **kw) -> (A, B)``, ``{name: f}``, or a
@@ -125,7 +129,7 @@ def run_factorize(session, model, plan, structure, decompose: DecomposeArg | Dec
         lift = structure_class(structure).lift_decompose
         decompose = decompose.map(lift) if isinstance(decompose, DecomposeFactory) else map_decompose(lift, decompose)
     if session.config.schedule == "staged":
-        acc = staged_factorize(session, model, plan, structure, decompose)
+        acc = staged_factorize(session, model, plan, structure, decompose, callbacks)
     else:
         if isinstance(decompose, DecomposeFactory):
             decompose = decompose(model, list(plan))

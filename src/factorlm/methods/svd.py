@@ -3,7 +3,8 @@
 The fine-tune uses the task loss only, as in the baselines of Hsu et al. 2022 and Ren & Zhu 2024;
 ``--finetune-distill A`` adds a KL-to-the-dense-teacher term (weight A, the teacher copied before
 factorization), so that a comparison can give every method the same distillation.  With
-``--schedule staged`` it applies to the final fine-tune; the fine-tunes between stages have none.
+``--schedule staged`` it applies to every fine-tune (between stages and the last), so a staged run
+distils over as many steps as a one-shot one.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class SVDMethod(Method):
                         uniform_ratio=self.uniform_ratio())
         # the dense teacher, copied before factorization (only when the fine-tune distils from it)
         kd = teacher_distillation(model, self.options.finetune_distill if self.options.finetune else 0.0)
-        accounting = run_factorize(session, model, plan, c.structure, decompose)
+        accounting = run_factorize(session, model, plan, c.structure, decompose, callbacks=kd)
         for line in accounting.lines():
             session.log(line)
         session.evaluate(model, phase="factorized", check=False)  # expected poor before its fine-tune
