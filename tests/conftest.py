@@ -2,12 +2,21 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 GLUE_DIR = Path(os.environ.get("FACTORLM_TEST_GLUE", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
+
+
+def bf16_ceil_reference(s32: np.ndarray) -> np.ndarray:
+    """The smallest bf16 >= each positive float32, by bits: bf16 is a float32's upper 16 bits, so for a
+    positive number clearing the lower 16 is the floor, and one more unit in bit 16 the next value up."""
+    bits = s32.astype(np.float32).view(np.uint32)
+    floor = bits & np.uint32(0xFFFF0000)
+    return np.where(floor == bits, floor, floor + np.uint32(0x10000)).astype(np.uint32).view(np.float32)
 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0, layers: int = 2):

@@ -13,6 +13,8 @@ from factorlm.decompose.gptq import gptq, output_error
 from factorlm.decompose.quantize import quantize_groups, rtn_bytes
 from factorlm.errors import FactorLMError
 
+from conftest import bf16_ceil_reference
+
 
 def _inputs(n_in, seed, tokens=2048):
     g = torch.Generator().manual_seed(seed)
@@ -24,7 +26,7 @@ def _inputs(n_in, seed, tokens=2048):
 def _reference(W, H, bits, group, percdamp):
     """GPTQ as the OBS loop: quantize column j, spread its error over the later columns with row j of the
     current inverse Hessian, then eliminate j from the inverse (Schur complement); fp64 numpy throughout;
-    symmetric grid, the scale of a group from its updated columns, rounded to bf16 as stored."""
+    symmetric grid, the scale of a group from its updated columns, rounded up to bf16 as stored."""
     W = W.double().numpy().copy()
     H = H.double().numpy().copy()
     n = H.shape[0]
@@ -34,8 +36,8 @@ def _reference(W, H, bits, group, percdamp):
     codes = np.zeros(W.shape, dtype=np.int64)
     for j in range(n):
         if j % group == 0:
-            s = np.abs(W[:, j:j + group]).max(axis=1) / ((hi - lo) / 2)
-            s = torch.from_numpy(s).float().bfloat16().double().numpy()
+            s = np.abs(W[:, j:j + group]).max(axis=1).astype(np.float32) / np.float32((hi - lo) / 2)
+            s = bf16_ceil_reference(s).astype(np.float64)
         q = np.clip(np.round(W[:, j] / s), lo, hi)
         codes[:, j] = q
         err = (W[:, j] - q * s) / Hinv[j, j]
@@ -67,8 +69,8 @@ def _reference_act_order(W, H, bits, group, percdamp):
     H = H.double().numpy().copy()
     n = H.shape[0]
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    s = np.abs(W.reshape(W.shape[0], -1, group)).max(axis=2) / ((hi - lo) / 2)
-    s = torch.from_numpy(s).float().bfloat16().double().numpy()  # (out, groups), as stored
+    s = np.abs(W.reshape(W.shape[0], -1, group)).max(axis=2).astype(np.float32) / np.float32((hi - lo) / 2)
+    s = bf16_ceil_reference(s).astype(np.float64)  # (out, groups), rounded up to bf16 as stored
     order = np.argsort(-np.diag(H), kind="stable")
     H = H + percdamp * np.mean(np.diag(H)) * np.eye(n)
     Hinv = np.linalg.inv(H)

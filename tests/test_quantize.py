@@ -12,6 +12,8 @@ from factorlm.decompose.quantize import error_correction, rtn, rtn_bytes
 from factorlm.decompose.whiten import GramScale
 from factorlm.errors import FactorLMError
 
+from conftest import bf16_ceil_reference
+
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (3, 16), (8, 64)])
 def test_rtn_matches_a_numpy_reference(bits, group):
@@ -20,8 +22,8 @@ def test_rtn_matches_a_numpy_reference(bits, group):
     codes, scales, W_hat = rtn(W, bits, group)
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     x = W.numpy().reshape(24, 128 // group, group).astype(np.float64)
-    s = np.abs(x).max(axis=2, keepdims=True) / ((hi - lo) / 2)
-    s = torch.from_numpy(s).float().bfloat16().double().numpy()  # one bf16 scale per group, as stored
+    s = np.abs(x).max(axis=2, keepdims=True).astype(np.float32) / np.float32((hi - lo) / 2)
+    s = bf16_ceil_reference(s).astype(np.float64)  # one bf16 scale per group, rounded up, as stored
     q = np.clip(np.round(x / s), lo, hi)
     ref = (q * s).reshape(24, 128)
     assert codes.dtype == torch.int8 and int(codes.min()) >= lo and int(codes.max()) <= hi
@@ -31,6 +33,28 @@ def test_rtn_matches_a_numpy_reference(bits, group):
     step = np.repeat(s.reshape(24, -1), group, axis=1)
     assert (diff <= 1e-6 + 1e-6 * np.abs(ref)).mean() > 0.995 and (diff <= step + 1e-6).all()
     assert rtn_bytes((24, 128), bits, group) == (24 * 128 * bits + 7) // 8 + 2 * 24 * (128 // group)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_every_weight_lies_within_half_a_step_of_its_code(bits, zero_point):
+    """Round to nearest on a grid that covers the group: no weight, the group's extremes included, errs by more
+    than half a step.  A bf16 scale rounded *down* (a plain cast) clips the largest weight of about half the
+    groups (int8: by up to a whole step), so this fails without the round-up."""
+    from factorlm.decompose.quantize import bf16_ceil, quantize_groups
+
+    g = torch.Generator().manual_seed(10 * bits + zero_point)
+    W = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g) + 0.3 * zero_point
+    codes, scales, zeros, W_hat = quantize_groups(W, bits, 32, zero_point)
+    step = scales.float().repeat_interleave(32, dim=1)
+    assert ((W - W_hat).abs() <= 0.5 * step * (1 + 1e-5)).all()
+    # the scale is the least bf16 value that covers the group: torchao's float32 scale rounded up, never down
+    ref = torch.from_numpy(bf16_ceil_reference(scales.float().numpy()))
+    assert torch.equal(scales.float(), ref)
+    x = torch.tensor([1.0, 1.0 + 2 ** -9, 1.0 + 2 ** -7, 3.0e-3])  # exact, below half an ulp, exact, inexact
+    up = bf16_ceil(x).float()
+    assert (up >= x).all() and torch.equal(up[:3], torch.tensor([1.0, 1.0 + 2 ** -7, 1.0 + 2 ** -7]))
+    assert torch.equal(up, torch.from_numpy(bf16_ceil_reference(x.numpy())))
 
 
 def test_rtn_refuses_a_group_that_does_not_divide_the_width():

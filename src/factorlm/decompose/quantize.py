@@ -2,7 +2,7 @@
 
 *Quantization* (the baseline users already have): symmetric, group-wise round-to-nearest of each row of
 ``W`` (out, in) in groups of ``group_size`` consecutive input channels, ``bits``-bit integer codes in
-``[-2^(b-1), 2^(b-1) - 1]`` and one bf16 scale per group, through torchao's affine quantization
+``[-2^(b-1), 2^(b-1) - 1]`` and one bf16 scale per group (rounded up, so the grid covers the group), through torchao's affine quantization
 primitives (``choose_qparams_affine`` / ``quantize_affine`` / ``dequantize_affine``, symmetric mapping:
 ``scale = max|w| / ((q_max - q_min) / 2)``).  Stored bytes: ``bits / 8`` per weight plus 2 per group.
 Optionally (``zero_point=True``) asymmetric: an integer zero point per group (torchao's asymmetric mapping,
@@ -36,17 +36,34 @@ def qparams(x: torch.Tensor, bits: int, zero_point: bool = False, group_size: in
     """``(scale, zero)`` (each (rows, cols / g), float32; the scale rounded to bf16 as stored) of the groups of
     ``group_size`` columns of ``x`` (None: one group of all columns), by torchao's ``choose_qparams_affine``:
     symmetric (``scale = max|x| / ((q_max - q_min) / 2)``, zero 0) or, ``zero_point=True``, asymmetric with an
-    integer zero point (the range widened to include 0, so 0 stays exact)."""
+    integer zero point (the range widened to include 0, so 0 stays exact).
+
+    The float32 scale is rounded *up* to bf16 (:func:`bf16_ceil`), not to nearest as a cast does: a scale
+    rounded down shrinks the grid's range below the group's extremes, so its largest weight is clipped (an
+    int8 group's largest weight then errs by up to ~1 step instead of 1/2).  The zero point is computed
+    with the stored scale, by torchao's formula ``q_min - round(min(x, 0) / scale)``."""
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
 
     lo, hi = qrange(bits)
     rows, cols = x.shape
     g = group_size or cols
     mapping = MappingType.ASYMMETRIC if zero_point else MappingType.SYMMETRIC
-    scale, zero = choose_qparams_affine(x.float(), mapping, (1, g), torch.int8, quant_min=lo, quant_max=hi,
-                                        scale_dtype=torch.bfloat16)
+    xf = x.float()
+    scale, zero = choose_qparams_affine(xf, mapping, (1, g), torch.int8, quant_min=lo, quant_max=hi,
+                                        scale_dtype=torch.float32)
     # torchao squeezes a single group away: back to (rows, groups)
-    return scale.to(torch.bfloat16).float().reshape(rows, cols // g), zero.float().reshape(rows, cols // g)
+    scale = bf16_ceil(scale.reshape(rows, cols // g)).float()
+    if zero_point:
+        low = xf.reshape(rows, cols // g, g).amin(dim=-1).clamp(max=0)
+        zero = (lo - torch.round(low / scale)).clamp(lo, hi)
+    return scale, zero.float().reshape(rows, cols // g)
+
+
+def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 value >= each element of the float32 ``x`` (a cast rounds to nearest, i.e. down about
+    half the time)."""
+    b = x.to(torch.bfloat16)
+    return torch.where(b.float() < x, torch.nextafter(b, torch.full_like(b, float("inf"))), b)
 
 
 def quantize_groups(W: torch.Tensor, bits: int, group_size: int, zero_point: bool = False
