@@ -139,6 +139,30 @@ def test_quant_lowrank_layer_round_trips_through_its_spec_and_counts_its_bytes(r
     assert h.qweight.dtype == torch.uint8 and h.scales.dtype == torch.bfloat16 and h.weight_dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_zero_points_are_stored_packed_to_the_codes_bits_and_old_folders_load(bits):
+    """With zero points the layer stores them bit-packed (``qzeros``, ``ceil(groups * bits / 8)`` bytes), unpacks
+    exactly the zero points RTN chose, and computes ``(codes - zero) * scale``; a state dict of the earlier
+    format (an int8 ``zeros`` buffer of the same values) loads to the bit-identical layer."""
+    from factorlm.decompose.quantize import quantize_groups
+    from factorlm.layers import QuantLowRankLinear, structure_from_spec
+
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(24, 96, generator=g) + 0.4
+    m = QuantLowRankLinear.from_weight(W, bits, 32, 0, zero_point=True)
+    codes, scales, zeros, W_hat = quantize_groups(W, bits, 32, zero_point=True)
+    assert m.qzeros.dtype == torch.uint8 and m.qzeros.numel() == (24 * 3 * bits + 7) // 8
+    assert torch.equal(m.zeros, zeros) and torch.equal(m.to_dense(), W_hat)
+    assert m.weight_bytes() == rtn_bytes((24, 96), bits, 32, zero_point=True) == \
+        (24 * 96 * bits + 7) // 8 + 2 * 24 * 3 + (24 * 3 * bits + 7) // 8
+    assert "zeros" not in m.state_dict() and "qzeros" in m.state_dict()
+    old = {k: v for k, v in m.state_dict().items() if k != "qzeros"} | {"zeros": zeros.clone()}
+    n = structure_from_spec(m.spec())
+    n.load_state_dict(old)
+    assert torch.equal(n.qzeros, m.qzeros) and torch.equal(n.to_dense(), m.to_dense())
+    assert "zeros" in old  # the caller's dict is left as it was
+
+
 # ------------------------------------------------------------------------ --method rtn / rtn-lowrank
 def _lm_cfg(tmp_path, **kw):
     import sys

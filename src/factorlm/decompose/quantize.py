@@ -6,7 +6,7 @@
 primitives (``choose_qparams_affine`` / ``quantize_affine`` / ``dequantize_affine``, symmetric mapping:
 ``scale = max|w| / ((q_max - q_min) / 2)``).  Stored bytes: ``bits / 8`` per weight plus 2 per group.
 Optionally (``zero_point=True``) asymmetric: an integer zero point per group (torchao's asymmetric mapping,
-its range widened to include 0), one more byte per group.  The calibrated quantizer on the same grid is
+its range widened to include 0), ``bits`` more bits per group (packed like the codes).  The calibrated quantizer on the same grid is
 :mod:`factorlm.decompose.gptq`.
 
 *Correction* (EoRA: S.-Y. Liu et al., "EoRA: Fine-tuning-free Compensation for Compressed LLM with
@@ -96,10 +96,11 @@ def rtn(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torc
 
 
 def rtn_bytes(shape: tuple[int, int], bits: int, group_size: int, zero_point: bool = False) -> int:
-    """Stored bytes of :func:`quantize_groups`'s output: packed codes plus one bf16 scale per group (and one
-    int8 zero point per group with ``zero_point``)."""
+    """Stored bytes of :func:`quantize_groups`'s output: packed codes plus one bf16 scale per group (and, with
+    ``zero_point``, one ``bits``-bit zero point per group, packed like the codes)."""
     out, inp = shape
-    return (out * inp * bits + 7) // 8 + (3 if zero_point else 2) * out * (inp // group_size)
+    groups = out * (inp // group_size)
+    return (out * inp * bits + 7) // 8 + 2 * groups + ((groups * bits + 7) // 8 if zero_point else 0)
 
 
 def error_correction(W: torch.Tensor, W_hat: torch.Tensor, rank: int, scale=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,10 @@ correction (:func:`factorlm.decompose.quantize.error_correction`; ``k = 0``: qua
 ``A``, ``B`` and the bias are parameters (they can heal); the codes and scales are buffers.
 ``factor_bits=8``: the factors are stored as int8 RTN codes too (``B`` in groups of 32 input channels,
 ``A`` in groups of 32 output channels; bf16 scales), half the bytes of bf16 factors, so twice the rank
-fits a budget; they are then buffers (frozen: healing does not reach them).  ``zero_point=True``: one int8
-zero point per group too (``zeros``), ``W ~ (codes - zero) * scale``.  The codes come from RTN or, given the
+fits a budget; they are then buffers (frozen: healing does not reach them).  ``zero_point=True``: one
+integer zero point per group too, in the codes' range and bit-packed like them (``qzeros``:
+``ceil(out * groups * bits / 8)`` uint8; :attr:`zeros` unpacks them), ``W ~ (codes - zero) * scale``.
+Folders saved before the zero points were packed (an int8 ``zeros`` buffer) load unchanged.  The codes come from RTN or, given the
 layer's input Gram, from GPTQ (:mod:`factorlm.decompose.gptq`, same grid and format).
 
 No integer kernels: the first ``forward`` unpacks and dequantizes ``Q(W)`` and keeps it (a dense copy in
@@ -49,8 +51,8 @@ class QuantLowRankLinear(FactorizedLinear):
                                                   device=device))
         self.zero_point = bool(zero_point)
         if self.zero_point:
-            self.register_buffer("zeros", torch.zeros(out_features, in_features // self.group_size, dtype=torch.int8,
-                                                      device=device))
+            groups = out_features * (in_features // self.group_size)
+            self.register_buffer("qzeros", torch.zeros((groups * self.bits + 7) // 8, dtype=torch.uint8, device=device))
         self._dtype = dtype or torch.get_default_dtype()
         check(factor_bits in (None, 8), f"factor_bits must be None (the model's dtype) or 8, got {factor_bits}")
         self.factor_bits = factor_bits
@@ -75,7 +77,7 @@ class QuantLowRankLinear(FactorizedLinear):
     def weight_dtype(self) -> torch.dtype:
         return self._dtype
 
-    _STORED = ("qweight", "scales", "zeros", "A_codes", "A_scales", "B_codes", "B_scales")
+    _STORED = ("qweight", "scales", "qzeros", "A_codes", "A_scales", "B_codes", "B_scales")
 
     def _apply(self, fn, recurse=True):  # .to(dtype) casts the factors, never the codes or the bf16 scales
         kept = {k: self._buffers[k] for k in self._STORED if self._buffers.get(k) is not None}
@@ -123,9 +125,25 @@ class QuantLowRankLinear(FactorizedLinear):
     def clear_cache(self) -> None:
         self.__dict__["_cached"] = None
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    @property
+    def zeros(self) -> torch.Tensor | None:
+        """The zero points, int8 (out, in / group_size), unpacked from ``qzeros`` (None without zero points)."""
+        if not self.zero_point:
+            return None
+        from ..decompose.quantize import unpack_bits
+
+        groups = self.in_features // self.group_size
+        return unpack_bits(self.qzeros, self.bits, self.out_features * groups).reshape(self.out_features, groups)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.clear_cache()
-        return super()._load_from_state_dict(*args, **kwargs)
+        old = state_dict.get(prefix + "zeros")
+        if self.zero_point and old is not None and prefix + "qzeros" not in state_dict:  # saved before packing
+            from ..decompose.quantize import pack_bits
+
+            state_dict = dict(state_dict)  # (the caller's dict is not ours to change)
+            state_dict[prefix + "qzeros"] = pack_bits(state_dict.pop(prefix + "zeros"), self.bits)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def quantized(self) -> torch.Tensor:
         """``Q(W)`` (out, in) in the layer's dtype (cached after the first call)."""
@@ -174,7 +192,7 @@ class QuantLowRankLinear(FactorizedLinear):
 
     def weight_bytes(self) -> int:
         """Stored bytes of the weight: packed codes, scales, factors (the bias excluded)."""
-        parts = [self.qweight, self.scales] + ([self.zeros] if self.zero_point else [])
+        parts = [self.qweight, self.scales] + ([self.qzeros] if self.zero_point else [])
         if self.rank:
             parts += [self.A_codes, self.A_scales, self.B_codes, self.B_scales] if self.factor_bits else [self.A, self.B]
         return sum(t.numel() * t.element_size() for t in parts)
@@ -219,7 +237,7 @@ class QuantLowRankLinear(FactorizedLinear):
         m.qweight.copy_(pack_bits(codes, bits).to(W.device))
         m.scales.copy_(scales)
         if zero_point:
-            m.zeros.copy_(zeros)
+            m.qzeros.copy_(pack_bits(zeros, bits).to(W.device))
         m.clear_cache()
         if rank:
             # the error of what the layer will compute: the stored codes times the stored bf16 scales

@@ -144,7 +144,7 @@ class Whiten(LMMethod):
 @dataclass(frozen=True)
 class QuantSpec:
     """How a quantizing method stores each target: ``bits``-bit codes in groups of ``group_size`` input
-    channels (bf16 scales; ``zero_point``: an int8 zero point per group too), chosen by RTN or by GPTQ
+    channels (bf16 scales; ``zero_point``: a ``bits``-bit zero point per group too, packed), chosen by RTN or by GPTQ
     (``gptq``, damping ``percdamp``), plus a correction whose factors are int8 (``factor_bits=8``) or in the
     model's dtype (None)."""
 
@@ -166,8 +166,8 @@ class QuantSpec:
 
 ZERO_POINT = field(default=None, metadata={
     "type": bool,
-    "help": "rtn / gptq (+ -lowrank): an int8 zero point per group (asymmetric grid, torchao's asymmetric mapping; "
-            "one more byte per group; default: on at 2-4 bits, where it measured better at equal bytes, off at 5-8)"})
+    "help": "rtn / gptq (+ -lowrank): a zero point per group, packed to the codes' bits (asymmetric grid, torchao's asymmetric mapping; "
+            "as many bits per group as the codes; default: on at 2-4 bits, where it measured better at equal bytes, off at 5-8)"})
 
 
 def zero_point_of(options) -> bool:

@@ -396,7 +396,7 @@ def describe_quant(quant, dtype_name: str) -> dict:
     specs = list(quant.values()) if isinstance(quant, dict) else [quant]
     zp = any(q.zero_point for q in specs)
     out = {**specs[0].describe(), "factor_bits": specs[0].factor_bits or dtype_name,
-           "format": "quant_lowrank: bit-packed codes, bf16 scales" + (", int8 zero points" if zp else "") + ", factors"}
+           "format": "quant_lowrank: bit-packed codes, bf16 scales" + (", zero points packed to the codes' bits" if zp else "") + ", factors"}
     if isinstance(quant, dict):
         grids: dict[str, int] = {}
         for q in specs:
