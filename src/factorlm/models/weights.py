@@ -119,14 +119,17 @@ def check_match(model: nn.Module, weights: list[Path], factorized: set[str] = fr
     found = headers(weights)
     expected = model.state_dict(keep_vars=True)
     group = _alias_groups(model)
+    renamed = _legacy_names(model, found)
     mismatched, missing = [], []
     for k, t in expected.items():
+        if k in renamed:  # stored under an earlier format's name: the module converts it as it loads
+            continue
         if k in found:
             if found[k] != tuple(t.shape):
                 mismatched.append(k)
         elif not any(a in found and found[a] == tuple(t.shape) for a in group.get(k, ())):
             missing.append(k)
-    unexpected = [k for k in found if k not in expected]
+    unexpected = [k for k in found if k not in expected and k not in renamed.values()]
     if not (mismatched or missing or unexpected):
         return
     parts = []
@@ -141,6 +144,19 @@ def check_match(model: nn.Module, weights: list[Path], factorized: set[str] = fr
     in_specs = all(any(k.startswith(m + ".") for m in factorized) for k in mismatched + missing + unexpected)
     against = spec_file if in_specs else f"config.json and {spec_file}"
     raise FactorLMError(f"{shown(weights)} does not match {against}: " + "; ".join(parts))
+
+
+def _legacy_names(model: nn.Module, found: dict) -> dict[str, str]:
+    """``{current key: stored key}`` for the tensors the files hold under an earlier format's name, as the
+    modules declare in ``LEGACY_STATE`` (``{current name: earlier name}``; the module's
+    ``_load_from_state_dict`` converts them)."""
+    out = {}
+    for name, mod in model.named_modules():
+        for new, old in getattr(type(mod), "LEGACY_STATE", {}).items():
+            pre = f"{name}." if name else ""
+            if pre + new not in found and pre + old in found:
+                out[pre + new] = pre + old
+    return out
 
 
 @torch.no_grad()
