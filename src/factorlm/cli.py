@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--rank-multiple", type=int, help="round every rank down to a multiple of this (8: fast kernels)")
     lm.add_argument("--refine-steps", type=int, help="per-block refinement (AA-SVD): after each decoder block is "
                     "compressed, this many AdamW steps fit its factors so that its outputs on the compressed model's "
-                    "inputs match the dense block's outputs (default 0: off; a block that gets worse is restored)")
+                    "inputs match the dense block's outputs (default: 32 for rtn-lowrank, factorlm's recipe; 0 = off, the published methods' default; a block that gets worse is restored)")
     lm.add_argument("--refine-lr", type=float, help="learning rate of --refine-steps (default 3e-3: measured best of 1e-4 / 1e-3 / 3e-3 at 32 steps on SmolLM2; AA-SVD uses 1e-4 over ~25 passes)")
     lm.add_argument("--refine-params", choices=["factors", "all"], help="what --refine-steps trains: the targets' "
                     "factors (default) or every floating parameter of the block (norms and biases too)")

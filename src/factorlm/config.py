@@ -92,7 +92,7 @@ class RunConfig:
     rank_multiple: int = 1  # round ranks down to multiples of this (8: fast kernels)
     global_score: str = "fisher"  # --rank-policy global: fisher (loss-weighted spectra) | energy (relative)
     rank_price: str | None = None  # global plan: score per triplet | per weight (score / (out + in)); None = the method's (lm: triplet)
-    refine_steps: int = 0  # per-block refinement to the dense block outputs (AA-SVD), optimizer steps per block
+    refine_steps: int | None = None  # per-block refinement (AA-SVD), optimizer steps per block; None = the method's default (lm: rtn-lowrank 32, others 0)
     refine_lr: float = 3e-3  # measured on SmolLM2 (AA-SVD: 1e-4 over ~25 passes; here a few dozen steps)
     refine_params: str = "factors"  # factors | all (every floating parameter of the block)
     heal_steps: int = 0  # optimizer steps of language-model fine-tuning after the one-shot factorization
@@ -165,7 +165,7 @@ class RunConfig:
         check(self.global_score in ("fisher", "energy"), f"--global-score must be fisher or energy, got {self.global_score!r}")
         check(self.rank_multiple >= 1, f"--rank-multiple must be >= 1, got {self.rank_multiple}")
         check(self.heal_steps >= 0, f"--heal-steps must be >= 0, got {self.heal_steps}")
-        check(self.refine_steps >= 0, f"--refine-steps must be >= 0, got {self.refine_steps}")
+        check(self.refine_steps is None or self.refine_steps >= 0, f"--refine-steps must be >= 0, got {self.refine_steps}")
         check(self.refine_lr > 0, f"--refine-lr must be > 0, got {self.refine_lr}")
         check(self.refine_params in ("factors", "all"), f"--refine-params must be factors or all, got {self.refine_params!r}")
         if self.heal_curve:

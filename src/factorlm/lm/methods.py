@@ -67,6 +67,8 @@ class LMMethod:
     #: which input statistics the scaling needs (an empty tuple: no calibration data at all)
     stats: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type] = CalibrationOptions
+    #: ``--refine-steps`` when not given: 0 for the published methods (their algorithm as published)
+    default_refine_steps: ClassVar[int] = 0
 
     def __init__(self, options: dict[str, Any] | None = None):
         self.options = build_options(self.Options, options or {}, self.name)
@@ -252,6 +254,9 @@ class RTNLowRank(LMMethod):
                "rank per matrix in one byte budget")
     stats = ("gram",)
     corrects: ClassVar[bool] = True
+    #: per-block refinement of the int8 correction factors (AA-SVD's, :mod:`factorlm.lm.refine`) by default:
+    #: 1.29x / 1.27x / 1.28x -> REFINED over 3 calibration seeds at 0.25 of the bytes (BENCHMARKS.md, session 42)
+    default_refine_steps: ClassVar[int] = 32
     #: --byte-plan uniform: (smallest keep, bits, preferred groups) of the measured frontier (SmolLM2-135M,
     #: zero points at 3-4 bits): int8 from 0.52 of the bf16 bytes (1.00x dense), int4 in large groups from
     #: 0.26 (int4-g192-zp + 1% correction 1.18x at 0.267), int3 below (int3-g32-zp + 1.6% 1.61x at 0.249,
@@ -317,6 +322,7 @@ class GPTQLowRank(RTNLowRank):
     correction is fitted to the error of the stored GPTQ weights under the same input Gram."""
 
     summary = "EoRA (Liu et al. 2024): GPTQ + a rank-k correction of its error in the inputs' space, one byte budget"
+    default_refine_steps = 0  # EoRA as published: no refinement unless asked
 
     @dataclass
     class Options(RTNLowRank.Options):

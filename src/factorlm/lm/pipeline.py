@@ -58,6 +58,8 @@ def check_config(c: RunConfig):
     check(not (c.offload != "none" and getattr(method.options, "byte_plan", "uniform") == "global"),
           "--byte-plan global back-propagates through the whole model at once (the output sensitivity), which "
           "--offload cannot bound: use --byte-plan uniform")
+    if c.refine_steps is None:  # the method's default: factorlm's recipe refines, the published methods do not
+        c.refine_steps = method.default_refine_steps
     if c.refine_steps:
         check(method.calibrated, f"--refine-steps needs the calibration stream, which --method {c.method} does not "
                                  "use: pick a calibrated method (whiten, asvd, rtn-lowrank, gptq-lowrank; gptq with --refine-params all)")
