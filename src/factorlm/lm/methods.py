@@ -255,7 +255,8 @@ class RTNLowRank(LMMethod):
     stats = ("gram",)
     corrects: ClassVar[bool] = True
     #: per-block refinement of the int8 correction factors (AA-SVD's, :mod:`factorlm.lm.refine`) by default:
-    #: 1.29x / 1.27x / 1.28x -> REFINED over 3 calibration seeds at 0.25 of the bytes (BENCHMARKS.md, session 42)
+    #: 1.29x / 1.27x / 1.28x -> 1.19x / 1.16x / 1.17x dense over 3 calibration seeds at 0.25 of the bytes on
+    #: SmolLM2-135M, paired t p < 0.001 (BENCHMARKS.md, "Decoder LLMs, session 42")
     default_refine_steps: ClassVar[int] = 32
     #: --byte-plan uniform: (smallest keep, bits, preferred groups) of the measured frontier (SmolLM2-135M,
     #: zero points at 3-4 bits): int8 from 0.52 of the bf16 bytes (1.00x dense), int4 in large groups from
