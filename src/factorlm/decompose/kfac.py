@@ -34,7 +34,7 @@ import torch
 from ..errors import check
 from .whiten import GramScale, _checked_gram, scaled_factors, scaled_spectrum
 
-__all__ = ["kfac_loss_estimate", "kfac_spectrum", "kfac_svd", "output_root"]
+__all__ = ["kfac_fit", "kfac_loss_estimate", "kfac_spectrum", "kfac_svd", "output_root"]
 
 
 def output_root(gram_out: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +60,14 @@ def kfac_svd(W: torch.Tensor, rank: int, gram_in: torch.Tensor, gram_out: torch.
              damp_in: float = 0.0, damp_out: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``rank`` factors ``(A, B)`` minimising ``||L (W - A B) R||_F`` (module docstring), in ``W``'s
     dtype and device; ``A`` (out, k) and ``B`` (k, in) carry equal row/column norms."""
+    A, B, _ = kfac_fit(W, rank, GramScale(gram_in.to(W.device), damp_in), gram_out, damp_out)
+    return A, B
+
+
+def kfac_fit(W: torch.Tensor, rank: int, scale: GramScale, gram_out: torch.Tensor,
+             damp_out: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`kfac_svd` with the input side given as a :class:`~factorlm.decompose.whiten.GramScale`, also
+    returning the singular values of ``L W R`` (float64, descending: ``sum_{i>k} s_i^2`` is the estimate)."""
     check(W.dim() == 2, f"W must be a 2-D (out, in) matrix, got shape {tuple(W.shape)}")
     out, inn = W.shape
     check(isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= min(out, inn),
@@ -67,13 +75,13 @@ def kfac_svd(W: torch.Tensor, rank: int, gram_in: torch.Tensor, gram_out: torch.
     check(gram_out.shape == (out, out), f"output-gradient Gram must be ({out}, {out}), got {tuple(gram_out.shape)}")
     L, Linv = output_root(gram_out.to(W.device), damp_out)
     LW = L @ W.detach().to(torch.float64)
-    U, _ = scaled_factors(LW, GramScale(gram_in.to(W.device), damp_in))
+    U, sigma = scaled_factors(LW, GramScale(scale.gram.to(W.device), scale.damp))
     Uk = U[:, :rank]
     A, B = Linv @ Uk, Uk.T @ LW
     # balance: the k-th column of A and row of B get the same norm (their product is unchanged)
     a, b = A.norm(dim=0), B.norm(dim=1)
     s = torch.where((a > 0) & (b > 0), (b / torch.where(a > 0, a, torch.ones_like(a))).sqrt(), torch.ones_like(a))
-    return (A * s).to(W.dtype), (B / s[:, None]).to(W.dtype)
+    return (A * s).to(W.dtype), (B / s[:, None]).to(W.dtype), sigma
 
 
 def kfac_loss_estimate(W: torch.Tensor, W2: torch.Tensor, gram_in: torch.Tensor, gram_out: torch.Tensor,

@@ -13,7 +13,8 @@
 =================  ==========================================================================
 """
 
-from .calibrate import decoder_blocks, output_sensitivity, stream, token_batches
+from .calibrate import decoder_blocks, stream, token_batches
+from .gradients import output_grams, output_sensitivity
 from .evaluate import greedy_sample
 from .factorize import factorize
 from .heal import DenseTeacher, heal
@@ -25,6 +26,6 @@ from .plan import plan_ranks, spectra
 
 __all__ = [
     "DenseTeacher", "LM_METHODS", "SMOLLM2", "check_config", "compress_lm", "decoder_blocks", "evaluate_lm",
-    "factorize", "get_lm_method", "greedy_sample", "heal", "load_causal_lm", "output_sensitivity", "perplexity",
+    "factorize", "get_lm_method", "greedy_sample", "heal", "load_causal_lm", "output_grams", "output_sensitivity", "perplexity",
     "plan_ranks", "resolve_causal_model", "spectra", "stream", "token_batches",
 ]

@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FactorLMError, check
+from .gradients import output_sensitivity  # noqa: F401  (re-exported: it lived here)
 
 MODES = ("layer", "block", "none", "anchored")
 
@@ -383,59 +383,3 @@ def token_batches(blocks: torch.Tensor, batch_size: int, device=None) -> list[di
     if blocks.ndim != 2 or blocks.shape[0] == 0:
         raise FactorLMError("calibration needs at least one window of tokens")
     return [{"input_ids": blocks[i:i + batch_size].to(device)} for i in range(0, blocks.shape[0], batch_size)]
-
-
-def output_sensitivity(model: nn.Module, targets: Sequence[str], batches: Sequence[dict],
-                       max_batches: int | None = 4) -> dict[str, float]:
-    """Per target, ``sum_t ||dL/dy_t||^2 / out_features``: the mean squared gradient of the next-token loss
-    with respect to the layer's outputs over the calibration tokens (the diagonal of its empirical
-    Fisher, averaged over output channels).  With an isotropic Fisher, an output error ``E`` of the
-    layer (summed over the same tokens) costs about ``lambda * ||E||^2 / 2`` of loss, which makes the
-    whitened spectra of different layers comparable (:func:`factorlm.lm.plan_ranks`, ``global``).
-
-    The loss is the batch's mean next-token loss, as ``labels=input_ids`` gives, but computed one window
-    at a time (its summed token losses over the batch's token count, one backward each), so the logits
-    alive at once are one window's (``seq_len x vocab`` floats: 134 MB at a 262k vocabulary, not 8x
-    that plus their softmax and gradient); the first ``max_batches`` batches.  No parameter gradient is
-    stored: the graph starts at the input embeddings' output."""
-    from ..models.surgery import get_module, linear_shape
-
-    lam = {n: 0.0 for n in targets}
-    handles = []
-
-    def start_graph(module, args, out):
-        return out.detach().requires_grad_(True)
-
-    emb = model.get_input_embeddings()
-    handles.append(emb.register_forward_hook(start_graph))
-    for n in targets:
-        def fwd(module, args, out, n=n):
-            if out.requires_grad:
-                out.register_hook(lambda g, n=n: lam.__setitem__(n, lam[n] + float(g.detach().double().pow(2).sum())))
-
-        handles.append(get_module(model, n).register_forward_hook(fwd))
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    try:
-        for p in flags:
-            p.requires_grad_(False)
-        model.eval()
-        with torch.enable_grad():
-            for b in batches[: max_batches or len(batches)]:
-                ids = b["input_ids"]
-                mask = b.get("attention_mask")
-                labels = ids[:, 1:] if mask is None else ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-                n_tokens = max(1, int((labels != -100).sum()))
-                for i in range(ids.shape[0]):  # one window per backward: the logits of one window at a time
-                    row = {k: v[i: i + 1] for k, v in b.items() if torch.is_tensor(v)}
-                    logits = model(**row, use_cache=False).logits[0, :-1]
-                    loss = F.cross_entropy(logits.float(), labels[i], ignore_index=-100, reduction="sum") / n_tokens
-                    loss.backward()
-                    del logits, loss
-    finally:
-        for h in handles:
-            h.remove()
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
-    return {n: lam[n] / linear_shape(get_module(model, n))[0] for n in targets}

@@ -34,6 +34,7 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
     refined to the dense block's outputs (:mod:`factorlm.lm.refine`); its per-block errors are returned."""
     from ..decompose.whiten import factors_from_basis, scaled_factors
     from ..decompose.anchor import anchored_target
+    from ..decompose.kfac import kfac_fit
     from ..decompose.whiten import GramScale
 
     facts: dict[str, dict[str, Any]] = {}
@@ -66,9 +67,12 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
                 facts[n] = {"rank": k, "shape": list(W.shape), **q.describe(),
                             "factor_bits": q.factor_bits or "model dtype"}
                 continue
-            U, sigma = scaled_factors(W, scale)
-            A, B = factors_from_basis(W, U, k)
-            del U
+            if getattr(method, "output_side", False):  # kfac: the truncation of L W S (decompose/kfac.py)
+                A, B, sigma = kfac_fit(W, k, scale, method.gram_out(n), method.options.damp_out)
+            else:
+                U, sigma = scaled_factors(W, scale)
+                A, B = factors_from_basis(W, U, k)
+                del U
             A, B = A.to(home), B.to(home)
             energy = sigma.pow(2)
             lost = float(energy[k:].sum() / energy.sum()) if energy.sum() > 0 else 0.0

@@ -142,6 +142,43 @@ class Whiten(LMMethod):
         return GramScale(stats.gram, self.options.damp)  # used directly on the small side (decompose.whiten)
 
 
+@register_lm_method("kfac")
+class KFAC(Whiten):
+    """factorlm's two-sided whitening for decoders: the truncation of ``L W S`` (``L L^T`` = the dense model's
+    output-gradient Gram of the layer, ``S S^T`` = its input Gram; :mod:`factorlm.decompose.kfac`), i.e. the
+    rank-k replacement minimising K-FAC's estimate of the next-token loss increase; under ``--rank-policy
+    global`` the plan compares the triplets' ``sigma^2`` directly (loss units: ``--global-score`` does not
+    apply).  Origin: KFAC-SVD / LEMS (two-sided), SVD-LLM (the input side), Martens & Grosse (K-FAC).  Differs
+    from KFAC-SVD: ``G_out`` is the empirical Fisher's (true next tokens), damped (``--damp-out``), from the
+    dense model over ``--grad-batches`` calibration batches (:func:`factorlm.lm.gradients.output_grams`; memory
+    ``4 sum out^2`` bytes on the CPU), the input Gram from the calibration order ``--sequential`` and summed
+    over the tokens (not their mean: every target sees every token, so the plan's comparison is unchanged);
+    LEMS's error-propagation-aware allocation is not implemented."""
+
+    summary = ("two-sided K-FAC whitening (factorlm; KFAC-SVD/LEMS + SVD-LLM): SVD of L W S, L L^T = output-gradient "
+               "Gram, S S^T = input Gram")
+    output_side: ClassVar[bool] = True
+
+    @dataclass
+    class Options(Whiten.Options):
+        damp_out: float = field(default=0.01, metadata={
+            "help": "output-gradient-Gram damping, relative to its mean diagonal (> 0: that Gram is often singular)"})
+        grad_batches: int = field(default=4, metadata={
+            "help": "kfac (lm): calibration batches (of up to 8 windows) back-propagated for the output-gradient Grams "
+                    "(default 4)"})
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        check(self.options.damp_out > 0, f"--damp-out must be > 0, got {self.options.damp_out}")
+        check(int(self.options.grad_batches) >= 1, f"--grad-batches must be at least 1, got {self.options.grad_batches}")
+        self.output_grams: dict[str, torch.Tensor] | None = None  # set by the pipeline before any fit
+
+    def gram_out(self, name: str) -> torch.Tensor:
+        check(self.output_grams is not None and name in self.output_grams,
+              f"kfac: no output-gradient Gram for {name} (call factorlm.lm.gradients.output_grams first)")
+        return self.output_grams[name]
+
+
 # -- quantization, and quantization with a low-rank correction (issue 31) -------------------------------
 @dataclass(frozen=True)
 class QuantSpec:

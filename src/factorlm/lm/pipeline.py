@@ -55,6 +55,12 @@ def check_config(c: RunConfig):
           "--global-score fisher back-propagates through the whole model at once, which --offload cannot bound: "
           "use --global-score energy or --rank-policy uniform")
     check(c.ranks is None, "--ranks does not apply to --task lm yet: give --keep or --rank")
+    if getattr(method, "output_side", False):
+        check(c.offload == "none", f"--method {c.method} back-propagates through the whole model at once (the "
+                                   "output-gradient Grams), which --offload cannot bound: use --method whiten")
+        check(c.global_score == "fisher" or c.rank is not None or c.rank_policy == "uniform",
+              f"--global-score {c.global_score} does not apply to --method {c.method}: its spectra are loss "
+              "estimates already (leave --global-score out)")
     check(not (c.offload != "none" and getattr(method.options, "byte_plan", "uniform") == "global"),
           "--byte-plan global back-propagates through the whole model at once (the output sensitivity), which "
           "--offload cannot bound: use --byte-plan uniform")
@@ -264,6 +270,14 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
 
     batches = token_batches(windows, max(1, min(8, c.batch_size)), device) if windows is not None else []
     spectra = None
+    if getattr(method, "output_side", False):  # kfac: the output side of every fit, from the dense model
+        from .gradients import output_grams
+
+        t0 = time.perf_counter()
+        method.output_grams = output_grams(model, targets, batches, max_batches=int(method.options.grad_batches))
+        n_bytes = sum(G.numel() * G.element_size() for G in method.output_grams.values())
+        log(f"  output-gradient Grams of {len(targets)} targets over {min(len(batches), int(method.options.grad_batches))} "
+            f"calibration batches: {n_bytes / 2**30:.2f} GiB on the CPU, {time.perf_counter() - t0:.0f}s")
     if c.rank is None and c.rank_policy == "global":
         log(f"  scaled spectra of every target (dense model) for the global rank plan ({c.global_score})")
         spectra = scaled_spectra(model, targets, method, batches, log, c.global_score, offload_to=offload_to)
@@ -271,7 +285,7 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
         ranks, quant = byte_plan_targets(model, targets, method, batches, c.keep, shapes, log,
                                          next(model.parameters()).element_size(), grids)
     elif not quant:
-        ranks = plan_ranks(c, shapes, spectra)
+        ranks = plan_ranks(c, shapes, spectra, loss_units=getattr(method, "output_side", False))
     del spectra
     if c.heal_steps and c.offload != "none":
         fits, need, budget = heal_fits(model, shapes, ranks, device)
@@ -293,6 +307,8 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
                      offload_to=offload_to, quant=quant, refine=refine)
     info["factorize_seconds"] = round(time.perf_counter() - t0, 1)
     del batches
+    if getattr(method, "output_side", False):
+        method.output_grams = None  # 4 sum out^2 bytes: not kept past the fits
     with dispatched(model, device, c.offload, train=bool(c.heal_steps)):
         scores["oneshot"] = ppl(model, eval_ids, c, log, "one-shot", bos)
         if c.heal_steps:

@@ -3,7 +3,8 @@
 The global plan needs every target's scaled spectrum from the dense model (:func:`spectra`): one
 calibration pass (no factorization) for a calibrated method, weights alone for ``svd`` with
 ``--global-score energy``; ``--global-score fisher`` weights each spectrum by the layer's output
-sensitivity, which needs calibration batches (:func:`factorlm.lm.calibrate.output_sensitivity`).
+sensitivity, which needs calibration batches (:func:`factorlm.lm.gradients.output_sensitivity`);
+``--method kfac``'s spectra (of ``L W S``) estimate the loss already and are compared as they are.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from ..errors import check
 from ..models.surgery import get_module, linear_weight
 
 
-def plan_ranks(c: RunConfig, shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Tensor] | None) -> dict[str, int]:
-    """``{target: rank}``: ``--rank``, the same share of every matrix (uniform), or global allocation."""
+def plan_ranks(c: RunConfig, shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Tensor] | None,
+               loss_units: bool = False) -> dict[str, int]:
+    """``{target: rank}``: ``--rank``, the same share of every matrix (uniform), or global allocation.
+    ``loss_units``: the spectra already estimate loss (``kfac``'s), compared as they are."""
     from ..ranks.allocator import global_rank_plan
     from ..ranks.budget import break_even_rank, ratio_plan, round_rank
 
@@ -32,21 +35,33 @@ def plan_ranks(c: RunConfig, shapes: dict[str, tuple[int, int]], spectra: dict[s
         return ratio_plan(shapes, c.keep, c.rank_multiple)
     # fisher: the spectra are already loss-weighted (comparable in absolute units); energy: each
     # matrix's relative error
-    plan = global_rank_plan(spectra, shapes, c.keep, "none" if c.global_score == "fisher" else "energy",
+    plan = global_rank_plan(spectra, shapes, c.keep, "none" if loss_units or c.global_score == "fisher" else "energy",
                             per_param=c.rank_price == "weight")
     return {n: round_rank(k, c.rank_multiple, break_even_rank(*shapes[n])) for n, k in plan.items()}
 
 
 def spectra(model, targets, method, batches, log, score: str = "energy", offload_to=None) -> dict[str, torch.Tensor]:
     """Every target's scaled spectrum from the dense model (for the global plan); ``score="fisher"``
-    multiplies each by ``sqrt(lambda)``, its output sensitivity (:func:`calibrate.output_sensitivity`),
+    multiplies each by ``sqrt(lambda)``, its output sensitivity (:func:`gradients.output_sensitivity`),
     so that a squared singular value estimates the loss its truncation costs.  ``offload_to``: see
     :func:`factorlm.lm.calibrate.stream` (fisher's full backward is refused there: see
     :mod:`factorlm.lm.placement`)."""
     from ..decompose.whiten import scaled_spectrum
-    from .calibrate import output_sensitivity, stream
+    from .calibrate import stream
+    from .gradients import output_sensitivity
 
     out: dict[str, torch.Tensor] = {}
+    if getattr(method, "output_side", False):  # kfac: sigma of L W S, already loss units (--global-score n/a)
+        from ..decompose.kfac import kfac_spectrum
+
+        def on_kfac(i, names, stats):
+            scale = method.scale(stats)
+            for n in names:
+                out[n] = kfac_spectrum(linear_weight(get_module(model, n)).detach(), scale.gram, method.gram_out(n),
+                                       scale.damp, method.options.damp_out).cpu()
+
+        stream(model, targets, batches, method.make_stats, on_kfac, mode="none", log=log, offload_to=offload_to)
+        return out
     if score == "fisher":
         check(len(batches) > 0, "--global-score fisher needs calibration batches (the output sensitivity is "
                                 "measured on them)")
@@ -122,9 +137,10 @@ def byte_plan_targets(model, targets, method, batches, keep: float, shapes: dict
     ``sigma`` the singular values of the whitened quantization error ``(W - Q(W)) S`` (RTN's, or GPTQ's for
     ``gptq-lowrank``) on the dense model's calibration
     inputs (one pass, SVD-LLM's ``none`` order) and ``lambda`` the layer's output sensitivity
-    (:func:`factorlm.lm.calibrate.output_sensitivity`, as ``--global-score fisher``)."""
+    (:func:`factorlm.lm.gradients.output_sensitivity`, as ``--global-score fisher``)."""
     from ..ranks.byte_plan import byte_plan
-    from .calibrate import output_sensitivity, stream
+    from .calibrate import stream
+    from .gradients import output_sensitivity
 
     check(len(batches) > 0, "--byte-plan global needs calibration batches (the output sensitivity is measured on them)")
     budget = keep * 2 * sum(o * i for o, i in shapes.values())
