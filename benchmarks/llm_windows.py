@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from factorlm.config import RunConfig  # noqa: E402
+from factorlm.errors import FactorLMError  # noqa: E402
 from factorlm.lm.pipeline import evaluate_lm  # noqa: E402
 from factorlm.models.loading import read_meta  # noqa: E402
 
@@ -49,13 +50,19 @@ def main() -> None:
     p.add_argument("--name", default="llm_windows")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    bad = [f for f in args.folders if not (Path(f) / "factorlm.json").is_file()]
+    if bad:  # before any scoring: one line naming the folder
+        sys.exit(f"error: {bad[0]} is not a saved factorlm folder (no factorlm.json)")
     rows = []
     for path in [args.model, *args.folders]:
         row = {"path": path, "label": label(path) if path != args.model else "dense", "scores": {}}
         for w in args.windows:
             c = RunConfig(task="lm", eval_text=args.eval_text, eval_seq_len=w, eval_max_tokens=args.eval_max_tokens)
             t0 = time.perf_counter()
-            r = evaluate_lm(path, c, quiet=True)
+            try:
+                r = evaluate_lm(path, c, quiet=True)
+            except FactorLMError as e:
+                sys.exit(f"error: {path}: {e}")
             row["scores"][str(w)] = {"perplexity": r["perplexity"], "tokens_scored": r["tokens_scored"],
                                      "windows": r["windows"], "seconds": round(time.perf_counter() - t0, 1)}
             print(f"{row['label']}: windows of {w}: {r['perplexity']:.3f} ({r['tokens_scored']:,} tokens)", flush=True)

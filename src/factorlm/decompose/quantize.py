@@ -103,13 +103,22 @@ def rtn_bytes(shape: tuple[int, int], bits: int, group_size: int, zero_point: bo
     return (out * inp * bits + 7) // 8 + 2 * groups + ((groups * bits + 7) // 8 if zero_point else 0)
 
 
-def error_correction(W: torch.Tensor, W_hat: torch.Tensor, rank: int, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+def error_correction(W: torch.Tensor, W_hat: torch.Tensor, rank: int, scale=None, gram_out: torch.Tensor | None = None,
+                     damp_out: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` of rank ``rank`` minimising ``||(W - W_hat - A B) S||_F`` (``scale``: a
-    :mod:`factorlm.decompose.whiten` input scaling, e.g. a ``GramScale``; None = plain Frobenius)."""
-    from .whiten import factors_from_basis, scaled_factors
+    :mod:`factorlm.decompose.whiten` input scaling, e.g. a ``GramScale``; None = plain Frobenius); with
+    ``gram_out`` (the layer's output-gradient Gram) ``||L (W - W_hat - A B) S||_F`` instead, ``L L^T = gram_out``
+    damped by ``damp_out`` (the two-sided K-FAC fit of :func:`factorlm.decompose.kfac.kfac_fit`)."""
+    from .whiten import GramScale, factors_from_basis, scaled_factors
 
     E = (W.detach().double() - W_hat.detach().double())
     check(1 <= rank <= min(E.shape), f"rank {rank} is out of range for a {tuple(E.shape)} matrix")
+    if gram_out is not None:
+        from .kfac import kfac_fit
+
+        check(isinstance(scale, GramScale), "a two-sided correction needs the input Gram (a GramScale)")
+        A, B, _ = kfac_fit(E, rank, scale, gram_out, damp_out)
+        return A.to(W.dtype), B.to(W.dtype)
     U, _ = scaled_factors(E, scale)
     A, B = factors_from_basis(E, U, rank)
     return A.to(W.dtype), B.to(W.dtype)

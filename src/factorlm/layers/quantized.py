@@ -219,12 +219,14 @@ class QuantLowRankLinear(FactorizedLinear):
     def from_weight(cls, W: torch.Tensor, bits: int, group_size: int, rank: int = 0, scale=None,
                     bias: torch.Tensor | None = None, factor_bits: int | None = None, zero_point: bool = False,
                     gram: torch.Tensor | None = None, percdamp: float = 0.01,
-                    act_order: bool = False) -> "QuantLowRankLinear":
+                    act_order: bool = False, gram_out: torch.Tensor | None = None,
+                    damp_out: float = 0.01) -> "QuantLowRankLinear":
         """Quantize ``W`` (out, in) and fit the rank-``rank`` correction of its error under ``scale``
         (a :mod:`factorlm.decompose.whiten` input scaling; None = plain Frobenius); ``factor_bits=8``:
         the fitted factors are then stored as int8 codes (RTN of the fit, not refitted).  ``gram``: the
         layer's input Gram, then the codes are GPTQ's (damping ``percdamp``; ``act_order``: columns by descending
-        Gram diagonal, static groups) instead of RTN's."""
+        Gram diagonal, static groups) instead of RTN's.  ``gram_out``: the correction is two-sided
+        (:func:`factorlm.decompose.quantize.error_correction`)."""
         from ..decompose.gptq import gptq
         from ..decompose.quantize import error_correction, pack_bits, quantize_groups, rtn
 
@@ -243,7 +245,7 @@ class QuantLowRankLinear(FactorizedLinear):
         m.clear_cache()
         if rank:
             # the error of what the layer will compute: the stored codes times the stored bf16 scales
-            A, B = error_correction(W, m.quantized().to(W.dtype), rank, scale)
+            A, B = error_correction(W, m.quantized().to(W.dtype), rank, scale, gram_out, damp_out)
             if m.factor_bits:
                 g = cls.FACTOR_GROUP
                 for name, F_ in (("A", A.T.contiguous()), ("B", B)):

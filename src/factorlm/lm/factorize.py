@@ -38,6 +38,7 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
     from ..decompose.whiten import GramScale
 
     facts: dict[str, dict[str, Any]] = {}
+    two_sided = bool(getattr(method, "output_side", False))  # kfac / --correction-space kfac
     block_seconds: list[float] = []
     clock = {"t": time.perf_counter(), "block": None}
 
@@ -60,14 +61,16 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
                 gram = stats.gram if q.gptq else None
                 new = QuantLowRankLinear.from_weight(W, q.bits, q.group_size, k, scale, bias,
                                                      factor_bits=q.factor_bits, zero_point=q.zero_point,
-                                                     gram=gram, percdamp=q.percdamp, act_order=q.act_order).to(home)
+                                                     gram=gram, percdamp=q.percdamp, act_order=q.act_order,
+                                                     gram_out=method.gram_out(n) if two_sided and k else None,
+                                                     damp_out=getattr(method.options, "damp_out", 0.01)).to(home)
                 set_module(model, n, new)
                 if keep_dense is not None:
                     keep_dense[n] = m.cpu().requires_grad_(False)
                 facts[n] = {"rank": k, "shape": list(W.shape), **q.describe(),
                             "factor_bits": q.factor_bits or "model dtype"}
                 continue
-            if getattr(method, "output_side", False):  # kfac: the truncation of L W S (decompose/kfac.py)
+            if two_sided:  # kfac: the truncation of L W S (decompose/kfac.py)
                 A, B, sigma = kfac_fit(W, k, scale, method.gram_out(n), method.options.damp_out)
             else:
                 U, sigma = scaled_factors(W, scale)

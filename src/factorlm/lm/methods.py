@@ -61,6 +61,15 @@ class CalibrationOptions:
                 "inputs' Gram (default 0.01; 0 = plain least squares)"})
 
 
+@dataclass
+class OutputSideOptions:
+    damp_out: float = field(default=0.01, metadata={
+        "help": "output-gradient-Gram damping, relative to its mean diagonal (> 0: that Gram is often singular)"})
+    grad_batches: int = field(default=4, metadata={
+        "help": "kfac / --correction-space kfac (lm): calibration batches (of up to 8 windows) back-propagated for the "
+                "output-gradient Grams (default 4)"})
+
+
 class LMMethod:
     name: ClassVar[str] = "abstract"
     summary: ClassVar[str] = ""
@@ -80,9 +89,28 @@ class LMMethod:
               f"--anchor-damp must be >= 0, got {getattr(self.options, 'anchor_damp', 0)}")
         check(getattr(self.options, "gptq_damp", 0) >= 0, f"--gptq-damp must be >= 0, got {getattr(self.options, 'gptq_damp', 0)}")
 
+    #: the output-gradient Grams of the targets (:func:`factorlm.lm.gradients.output_grams`), set by the
+    #: pipeline before any fit when :attr:`output_side` is true
+    output_grams: dict[str, torch.Tensor] | None = None
+
     @property
     def calibrated(self) -> bool:
         return bool(self.stats)
+
+    @property
+    def output_side(self) -> bool:
+        """Whether the fits are two-sided (need :attr:`output_grams`): ``kfac``; ``--correction-space kfac``."""
+        return False
+
+    def gram_out(self, name: str) -> torch.Tensor:
+        check(self.output_grams is not None and name in self.output_grams,
+              f"{self.name}: no output-gradient Gram for {name} (call factorlm.lm.gradients.output_grams first)")
+        return self.output_grams[name]
+
+    def check_output_side(self) -> None:
+        o = self.options
+        check(o.damp_out > 0, f"--damp-out must be > 0, got {o.damp_out}")
+        check(int(o.grad_batches) >= 1, f"--grad-batches must be at least 1, got {o.grad_batches}")
 
     def make_stats(self, module) -> InputStats:
         w = module.weight
@@ -160,23 +188,12 @@ class KFAC(Whiten):
     output_side: ClassVar[bool] = True
 
     @dataclass
-    class Options(Whiten.Options):
-        damp_out: float = field(default=0.01, metadata={
-            "help": "output-gradient-Gram damping, relative to its mean diagonal (> 0: that Gram is often singular)"})
-        grad_batches: int = field(default=4, metadata={
-            "help": "kfac (lm): calibration batches (of up to 8 windows) back-propagated for the output-gradient Grams "
-                    "(default 4)"})
+    class Options(Whiten.Options, OutputSideOptions):
+        pass
 
     def __init__(self, options=None):
         super().__init__(options)
-        check(self.options.damp_out > 0, f"--damp-out must be > 0, got {self.options.damp_out}")
-        check(int(self.options.grad_batches) >= 1, f"--grad-batches must be at least 1, got {self.options.grad_batches}")
-        self.output_grams: dict[str, torch.Tensor] | None = None  # set by the pipeline before any fit
-
-    def gram_out(self, name: str) -> torch.Tensor:
-        check(self.output_grams is not None and name in self.output_grams,
-              f"kfac: no output-gradient Gram for {name} (call factorlm.lm.gradients.output_grams first)")
-        return self.output_grams[name]
+        self.check_output_side()
 
 
 # -- quantization, and quantization with a low-rank correction (issue 31) -------------------------------
@@ -285,7 +302,10 @@ class RTNLowRank(LMMethod):
     frontier) and the same share of correction rank in every matrix.  The correction is fitted to the
     calibration inputs (``--sequential`` as for ``whiten``).  Ingredients: RTN on torchao's grid, EoRA's
     whitened correction (Liu et al. 2024), HAWQ-style sensitivity-priced mixed precision (Yao et al. 2021),
-    factorlm's Fisher-weighted spectra; measured in BENCHMARKS.md, "Decoder LLMs at equal bytes"."""
+    factorlm's Fisher-weighted spectra; measured in BENCHMARKS.md, "Decoder LLMs at equal bytes".
+    ``--correction-space kfac`` (opt-in): the correction is fitted, and the byte plan prices it, in the two-sided
+    K-FAC norm ``||L (W - Q(W) - A B) S||`` of ``--method kfac`` (the output-gradient Grams replace the scalar
+    output sensitivity)."""
 
     summary = ("RTN + a rank-k correction of its error in the calibration inputs' space (EoRA-style), grid and "
                "rank per matrix in one byte budget")
@@ -302,7 +322,7 @@ class RTNLowRank(LMMethod):
     AUTO = ((0.52, 8, (192, 128, 64, 32)), (0.26, 4, (192, 128, 64, 32)), (0.0, 3, (32, 64, 16)))
 
     @dataclass
-    class Options(CalibrationOptions):
+    class Options(CalibrationOptions, OutputSideOptions):
         bits: int | None = field(default=None, metadata={
             "help": "rtn / rtn-lowrank: bits per quantized weight (2-8; rtn: default 4; rtn-lowrank: default "
                     "chosen from --keep: 8 from 0.52, 4 from 0.26, else 3)"})
@@ -316,6 +336,11 @@ class RTNLowRank(LMMethod):
             "help": "rtn-lowrank: the correction factors stored as int8 codes in groups of 32 (8, default: half the "
                     "bytes, twice the rank; frozen) or in the model's dtype (16: trainable by --heal-steps)"})
         zero_point: bool | None = ZERO_POINT
+        correction_space: str = field(default="input", metadata={
+            "choices": ("input", "kfac"),
+            "help": "rtn-lowrank / gptq-lowrank: where the correction is fitted and the byte plan prices it: input "
+                    "(default: EoRA's whitened input space) or kfac (two-sided, as --method kfac: also the layer's "
+                    "output-gradient Gram, --grad-batches / --damp-out; one backward per calibration window)"})
         byte_plan: str = field(default="auto", metadata={
             "choices": ("auto", "global", "uniform"),
             "help": "rtn-lowrank / gptq-lowrank: auto (default: global, or uniform under --offload, where the output "
@@ -323,6 +348,16 @@ class RTNLowRank(LMMethod):
                     "global (each matrix's grid among int8 / int4 / int3, or those of --bits, and its correction rank "
                     "from one byte budget, priced by the output-sensitivity weighted whitened error: "
                     "factorlm.ranks.byte_plan)"})
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        check(self.options.correction_space in ("input", "kfac"),
+              f"--correction-space must be input or kfac, got {self.options.correction_space!r}")
+        self.check_output_side()
+
+    @property
+    def output_side(self) -> bool:
+        return self.options.correction_space == "kfac"
 
     def resolve(self, keep: float, shapes: dict[str, tuple[int, int]]) -> None:
         """Fill in ``bits`` / ``group_size`` left to the default (see :attr:`AUTO`): the bits of the first

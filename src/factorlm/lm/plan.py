@@ -146,7 +146,8 @@ def byte_plan_targets(model, targets, method, batches, keep: float, shapes: dict
     budget = keep * 2 * sum(o * i for o, i in shapes.values())
     log(f"  byte plan over {', '.join(f'int{q.bits}-g{q.group_size}' + ('-zp' if q.zero_point else '') for q in grids)}: "
         "output sensitivity, then the whitened error spectra of every grid (dense model)")
-    lam = output_sensitivity(model, targets, batches)
+    two_sided = bool(getattr(method, "output_side", False))  # --correction-space kfac: L E S's spectra, loss units
+    lam = {n: 1.0 for n in targets} if two_sided else output_sensitivity(model, targets, batches)
     bad = [n for n, v in lam.items() if not math.isfinite(v)]
     check(not bad, f"the output sensitivity of {bad[0] if bad else ''} is not finite (NaN/Inf gradients on the "
                    "calibration text): use --byte-plan uniform")
@@ -156,18 +157,21 @@ def byte_plan_targets(model, targets, method, batches, keep: float, shapes: dict
         scale = method.scale(stats)
         for n in names:
             options[n] = grid_options(linear_weight(get_module(model, n)).detach(), scale, lam[n], grids, elem_bytes,
-                                      gram=stats.gram)
+                                      gram=stats.gram, gram_out=method.gram_out(n) if two_sided else None,
+                                      damp_out=getattr(method.options, "damp_out", 0.01))
 
     stream(model, targets, batches, method.make_stats, on_group, mode="none", log=log)
     plan = byte_plan(options, budget)
     return {n: r for n, (q, r) in plan.items()}, {n: grids[q] for n, (q, r) in plan.items()}
 
 
-def grid_options(W: torch.Tensor, scale, lam: float, grids, elem_bytes: int, gram: torch.Tensor | None = None) -> list:
+def grid_options(W: torch.Tensor, scale, lam: float, grids, elem_bytes: int, gram: torch.Tensor | None = None,
+                 gram_out: torch.Tensor | None = None, damp_out: float = 0.01) -> list:
     """One :class:`factorlm.ranks.byte_plan.GridOption` per grid for the weight ``W`` (out, in): the bytes of
     its codes, of one correction rank, and the loss ``lam / 2 * sum_{j > r} sigma_j^2`` left at every rank
     ``r``, ``sigma`` the singular values of ``(W - Q(W)) S`` under the input scaling ``scale``; ``Q`` is RTN,
-    or GPTQ under the input Gram ``gram`` for a grid with ``gptq`` set."""
+    or GPTQ under the input Gram ``gram`` for a grid with ``gptq`` set; with ``gram_out`` the spectrum is that of
+    ``L (W - Q(W)) S`` (``L L^T`` = the damped output-gradient Gram: K-FAC's loss estimate; give ``lam`` 1)."""
     from ..decompose.gptq import gptq
     from ..decompose.quantize import quantize_groups, rtn_bytes
     from ..decompose.whiten import scaled_spectrum
@@ -176,6 +180,10 @@ def grid_options(W: torch.Tensor, scale, lam: float, grids, elem_bytes: int, gra
 
     o, i = W.shape
     out = []
+    if gram_out is not None:
+        from ..decompose.kfac import output_root
+
+        L = output_root(gram_out.to(W.device), damp_out)[0]
     for q in grids:
         if q.gptq:
             check(gram is not None, "a GPTQ grid needs the layer's input Gram")
@@ -183,6 +191,8 @@ def grid_options(W: torch.Tensor, scale, lam: float, grids, elem_bytes: int, gra
         else:
             Q = quantize_groups(W, q.bits, q.group_size, q.zero_point)[3]
         E = W.double() - Q.double()
+        if gram_out is not None:
+            E = L @ E
         tail = scaled_spectrum(E, scale).pow(2).flip(0).cumsum(0).flip(0)  # tail[r] = sum_{j >= r} sigma_j^2
         loss = torch.cat([tail, tail.new_zeros(1)]) * (lam / 2)
         if q.factor_bits == 8 and (o % 32 or i % 32):  # int8 factors come in groups of 32: no correction here
