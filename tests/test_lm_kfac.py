@@ -152,6 +152,10 @@ def test_kfac_global_plan_compares_loss_estimates_and_end_to_end(tmp_path):
     shapes = {t: linear_shape(get_module(model, t)) for t in targets}
     ranks = plan_ranks(RunConfig(task="lm", method="kfac", keep=0.5, rank_policy="global"), shapes, sp, loss_units=True)
     assert sum(k * sum(shapes[t]) for t, k in ranks.items()) <= 0.5 * sum(o * i for o, i in shapes.values())
+    # loss units: the spectra compared as they are, not each normalised by its own energy
+    normalised = plan_ranks(RunConfig(task="lm", method="kfac", keep=0.5, rank_policy="global", global_score="energy"),
+                            shapes, sp)
+    assert ranks != normalised
 
     from test_lm import TEXT_A, TEXT_B, _save_tiny
 
@@ -169,7 +173,7 @@ def test_kfac_global_plan_compares_loss_estimates_and_end_to_end(tmp_path):
     ids = _ids(2, 12, seed=7)
     assert torch.equal(load(out)(ids).logits, rep.model(ids).logits)
     for bad, msg in ((dict(global_score="energy"), "--global-score energy does not apply"),
-                     (dict(offload="cpu"), "--offload cannot bound"),
+                     (dict(offload="cpu", rank_policy="uniform"), "--method kfac back-propagates"),
                      (dict(method_options={"damp_out": 0.0}), "--damp-out must be > 0")):
         with pytest.raises(FactorLMError, match=msg):
             compress(RunConfig(output=str(tmp_path / "bad"), **{**cfg, **bad}), quiet=True)
@@ -231,3 +235,24 @@ def test_rtn_lowrank_kfac_correction_end_to_end(tmp_path, byte_plan):
     # uniform: the same ranks, other factors; global: the plan prices other errors too (ranks may move)
     assert (a.rank == b.rank or byte_plan == "global") and (a.rank != b.rank or
                                                             not torch.allclose(a.A @ a.B, b.A @ b.B, rtol=1e-2, atol=1e-6))
+
+
+def test_byte_plan_prices_the_two_sided_error_spectrum():
+    """grid_options with gram_out: the loss at rank r is 1/2 the tail sum of squared singular values of
+    L (W - Q(W)) R (numpy, Cholesky roots), lam = 1."""
+    from factorlm.decompose.quantize import quantize_groups
+    from factorlm.decompose.whiten import GramScale
+    from factorlm.lm.methods import QuantSpec
+    from factorlm.lm.plan import grid_options
+
+    g = torch.Generator().manual_seed(12)
+    W = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    X = torch.randn(200, 64, generator=g, dtype=torch.float64)
+    Gy = torch.randn(100, 16, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, 16, dtype=torch.float64)
+    Gin, Gout = X.T @ X, Gy.T @ Gy
+    q = QuantSpec(3, 32, 16, True)
+    (opt,) = grid_options(W, GramScale(Gin, 1e-6), 1.0, [q], 2, gram_out=Gout, damp_out=0.01)
+    E = (W - quantize_groups(W, 3, 32, True)[3].double()).numpy()
+    _, s = _reference_fit(E, Gin.numpy(), Gout.numpy(), 1, 1e-6, 0.01)
+    tail = np.concatenate([np.cumsum((s ** 2)[::-1])[::-1], [0.0]]) / 2
+    assert np.allclose(opt.loss.numpy(), tail, rtol=1e-6, atol=1e-12 * tail[0])

@@ -9,7 +9,7 @@ output at token ``t`` (the loss is each batch's mean next-token loss, as ``label
   K-FAC fit (:mod:`factorlm.decompose.kfac`; ``--task lm --method kfac``).  ``trace(G_out) / out =
   lambda``.  Memory: ``4 * sum over targets of out^2`` bytes, held on the CPU (SmolLM2-135M: 0.69 GB;
   a Llama-3-8B block 1.85 GB, the whole model 59 GB); each window's ``g^T g`` is formed on the
-  gradient's device and added there to a float32 accumulator moved to the CPU at the end of the window.
+  gradient's device, one target at a time, and added to its float32 accumulator on the CPU.
 
 Both back-propagate through the whole model at once (no parameter gradient is stored: the graph
 starts at the input embeddings' output), one window per backward, so the logits alive at once are
@@ -102,23 +102,15 @@ def output_grams(model: nn.Module, targets: Sequence[str], batches: Sequence[dic
     from ..models.surgery import get_module, linear_shape
 
     grams: dict[str, torch.Tensor] = {}
-    window: dict[str, torch.Tensor] = {}
 
-    def add(n, g):
+    def add(n, g):  # once per target and window: one out x out product on the gradient's device at a time
         g = g.float()
-        if n in window:
-            window[n].addmm_(g.T, g)
-        else:
-            window[n] = g.T @ g
+        G = (g.T @ g).cpu()
+        check(bool(torch.isfinite(G).all()), f"the output gradients of {n} are not finite (NaN/Inf on the calibration "
+                                             "text): use --method whiten / --correction-space input")
+        grams[n] = G if n not in grams else grams[n].add_(G)
 
-    def flush():
-        for n, G in window.items():
-            G = G.cpu()
-            grams[n] = G if n not in grams else grams[n].add_(G)
-        window.clear()
-
-    _backward_each_window(model, targets, batches, max_batches, add, after_window=flush)
-
+    _backward_each_window(model, targets, batches, max_batches, add)
     missing = [n for n in targets if n not in grams]
     check(not missing, f"no output gradient reached {missing[0] if missing else ''} (is it used by the forward?)")
     for n in targets:

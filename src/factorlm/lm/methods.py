@@ -181,7 +181,8 @@ class KFAC(Whiten):
     dense model over ``--grad-batches`` calibration batches (:func:`factorlm.lm.gradients.output_grams`; memory
     ``4 sum out^2`` bytes on the CPU), the input Gram from the calibration order ``--sequential`` and summed
     over the tokens (not their mean: every target sees every token, so the plan's comparison is unchanged);
-    LEMS's error-propagation-aware allocation is not implemented."""
+    LEMS's error-propagation-aware allocation is not implemented.  ``--refine-steps`` (off by default here)
+    starts from the two-sided fit and then minimises the block outputs' squared error, a different objective."""
 
     summary = ("two-sided K-FAC whitening (factorlm; KFAC-SVD/LEMS + SVD-LLM): SVD of L W S, L L^T = output-gradient "
                "Gram, S S^T = input Gram")
@@ -340,7 +341,8 @@ class RTNLowRank(LMMethod):
             "choices": ("input", "kfac"),
             "help": "rtn-lowrank / gptq-lowrank: where the correction is fitted and the byte plan prices it: input "
                     "(default: EoRA's whitened input space) or kfac (two-sided, as --method kfac: also the layer's "
-                    "output-gradient Gram, --grad-batches / --damp-out; one backward per calibration window)"})
+                    "output-gradient Gram, --grad-batches / --damp-out; one backward per calibration window; "
+                    "--refine-steps then starts from that fit and moves it toward the block outputs' squared error)"})
         byte_plan: str = field(default="auto", metadata={
             "choices": ("auto", "global", "uniform"),
             "help": "rtn-lowrank / gptq-lowrank: auto (default: global, or uniform under --offload, where the output "

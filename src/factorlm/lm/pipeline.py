@@ -56,8 +56,9 @@ def check_config(c: RunConfig):
           "use --global-score energy or --rank-policy uniform")
     check(c.ranks is None, "--ranks does not apply to --task lm yet: give --keep or --rank")
     if getattr(method, "output_side", False):
-        check(c.offload == "none", f"--method {c.method} back-propagates through the whole model at once (the "
-                                   "output-gradient Grams), which --offload cannot bound: use --method whiten")
+        check(c.offload == "none", f"--method {c.method}" + (" --correction-space kfac" if c.method != "kfac" else "")
+              + " back-propagates through the whole model at once (the output-gradient Grams), which --offload cannot "
+              "bound: use " + ("--method whiten" if c.method == "kfac" else "--correction-space input"))
         check(c.global_score == "fisher" or c.rank is not None or c.rank_policy == "uniform",
               f"--global-score {c.global_score} does not apply to --method {c.method}: its spectra are loss "
               "estimates already (leave --global-score out)")
@@ -275,11 +276,13 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
 
         t0 = time.perf_counter()
         method.output_grams = output_grams(model, targets, batches, max_batches=int(method.options.grad_batches))
+        # (freed after the fits below; on an error the method object goes with the run)
         n_bytes = sum(G.numel() * G.element_size() for G in method.output_grams.values())
         log(f"  output-gradient Grams of {len(targets)} targets over {min(len(batches), int(method.options.grad_batches))} "
             f"calibration batches: {n_bytes / 2**30:.2f} GiB on the CPU, {time.perf_counter() - t0:.0f}s")
     if c.rank is None and c.rank_policy == "global":
-        log(f"  scaled spectra of every target (dense model) for the global rank plan ({c.global_score})")
+        log(f"  scaled spectra of every target (dense model) for the global rank plan ("
+            f"{'K-FAC loss estimates' if getattr(method, 'output_side', False) else c.global_score})")
         spectra = scaled_spectra(model, targets, method, batches, log, c.global_score, offload_to=offload_to)
     if global_plan:  # grids and correction ranks in one byte budget
         ranks, quant = byte_plan_targets(model, targets, method, batches, c.keep, shapes, log,
