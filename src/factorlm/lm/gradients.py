@@ -31,10 +31,8 @@ __all__ = ["output_grams", "output_sensitivity"]
 
 
 def _backward_each_window(model: nn.Module, targets: Sequence[str], batches: Sequence[dict],
-                          max_batches: int | None, on_grad: Callable[[str, torch.Tensor], None],
-                          after_window: Callable[[], None] | None = None) -> None:
-    """``on_grad(name, g)`` with ``g`` (tokens, out) the output gradient of every target, one window at a
-    time; ``after_window()`` after each window's backward."""
+                          max_batches: int | None, on_grad: Callable[[str, torch.Tensor], None]) -> None:
+    """``on_grad(name, g)`` with ``g`` (tokens, out) the output gradient of every target, one window at a time."""
     from ..models.surgery import get_module
 
     handles = []
@@ -67,8 +65,6 @@ def _backward_each_window(model: nn.Module, targets: Sequence[str], batches: Seq
                     loss = F.cross_entropy(logits.float(), labels[i], ignore_index=-100, reduction="sum") / n_tokens
                     loss.backward()
                     del logits, loss
-                    if after_window is not None:
-                        after_window()
     finally:
         for h in handles:
             h.remove()
