@@ -98,3 +98,28 @@ def test_load_errors(tmp_path):
         models.resolve_model(str(tmp_path))
     with pytest.raises(FactorLMError, match="does not exist"):
         models.resolve_model(str(tmp_path / "missing"))
+
+
+def test_frozen_eval_restores_flags_and_mode_even_on_error():
+    from factorlm.models.state import frozen_eval
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+    m.train()
+    m[2].bias.requires_grad_(False)
+    before = [p.requires_grad for p in m.parameters()]
+    extra = torch.zeros(2, requires_grad=False)  # a tensor outside the module's parameters
+    with frozen_eval(m, trainable=[m[0].weight, extra]):
+        assert not m.training and not m[1].training
+        assert [p.requires_grad for p in m.parameters()] == [True, False, False, False]
+        assert extra.requires_grad
+        m(torch.randn(5, 3)).sum().backward()
+        assert m[0].weight.grad is not None and m[2].weight.grad is None
+    assert m.training and m[1].training and [p.requires_grad for p in m.parameters()] == before
+    assert not extra.requires_grad
+    with pytest.raises(RuntimeError, match="boom"):
+        with frozen_eval(m):
+            assert not any(p.requires_grad for p in m.parameters())
+            raise RuntimeError("boom")
+    assert m.training and [p.requires_grad for p in m.parameters()] == before
+    with frozen_eval(m, freeze=False):  # eval mode only
+        assert not m.training and [p.requires_grad for p in m.parameters()] == before

@@ -33,6 +33,7 @@ __all__ = ["output_grams", "output_sensitivity"]
 def _backward_each_window(model: nn.Module, targets: Sequence[str], batches: Sequence[dict],
                           max_batches: int | None, on_grad: Callable[[str, torch.Tensor], None]) -> None:
     """``on_grad(name, g)`` with ``g`` (tokens, out) the output gradient of every target, one window at a time."""
+    from ..models.state import frozen_eval
     from ..models.surgery import get_module
 
     handles = []
@@ -47,13 +48,8 @@ def _backward_each_window(model: nn.Module, targets: Sequence[str], batches: Seq
                 out.register_hook(lambda g, n=n: on_grad(n, g.detach().reshape(-1, g.shape[-1])))
 
         handles.append(get_module(model, n).register_forward_hook(fwd))
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     try:
-        for p in flags:
-            p.requires_grad_(False)
-        model.eval()
-        with torch.enable_grad():
+        with frozen_eval(model), torch.enable_grad():
             for b in batches[: max_batches or len(batches)]:
                 ids = b["input_ids"]
                 mask = b.get("attention_mask")
@@ -68,9 +64,6 @@ def _backward_each_window(model: nn.Module, targets: Sequence[str], batches: Seq
     finally:
         for h in handles:
             h.remove()
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
 
 
 def output_sensitivity(model: nn.Module, targets: Sequence[str], batches: Sequence[dict],

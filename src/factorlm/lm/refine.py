@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import check
+from ..models.state import frozen_eval
 
 PARAMS = ("factors", "all")
 
@@ -114,8 +115,6 @@ def refine_block(block: nn.Module, local_targets: Sequence[str], calls: Sequence
             m.freeze_factors()
         return {"error_before": round(before, 6), "error_after": round(before, 6), "kept": False, "trained": 0,
                 "guard_batches": held or len(calls)}
-    flags = {p: p.requires_grad for p in block.parameters()}
-    was_training = block.training
     bf16 = any(p.dtype == torch.bfloat16 for p in params)
     opt = make_optimizer([{"params": params}], "adamw-sr" if bf16 else "adamw", spec.lr, 0.0)
     warm = max(1, int(spec.warmup * spec.steps))
@@ -126,13 +125,8 @@ def refine_block(block: nn.Module, local_targets: Sequence[str], calls: Sequence
         progress = (step - warm) / max(1, spec.steps - warm)
         return spec.floor + (1 - spec.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    try:
-        for p in block.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        block.eval()  # no dropout: the dense targets are deterministic
-        with torch.enable_grad():
+    try:  # eval mode, no dropout: the dense targets are deterministic
+        with frozen_eval(block, trainable=params), torch.enable_grad():
             for step in range(spec.steps):
                 for g in opt.param_groups:  # torchao's optimizers keep lr as a tensor (set it in place)
                     lr = spec.lr * lr_at(step)
@@ -148,11 +142,8 @@ def refine_block(block: nn.Module, local_targets: Sequence[str], calls: Sequence
                 opt.step()
         del opt
     finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
         for m in thawed:
             m.freeze_factors()
-        block.train(was_training)
     trained = sum(p.numel() for p in params)
     del params
     after = _mean_loss(block, guard_calls, guard_targets)  # what is stored (int8 factors re-quantized)

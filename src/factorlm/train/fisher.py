@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import check
+from ..models.state import frozen_eval
 from .evaluate import model_inputs
 
 #: per-example gradients are formed for at most this many (example x weight) elements at a time
@@ -75,13 +76,6 @@ def accumulate_fisher(
         check(isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2,
               f"{n} has no 2-D weight (Fisher information needs an nn.Linear-like module)")
     fisher = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
-    was_training = model.training
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in modules.values():
-        m.weight.requires_grad_(True)
-    model.eval()
 
     captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
     handles = []
@@ -95,7 +89,7 @@ def accumulate_fisher(
 
     total = max_batches if max_batches is not None else (len(loader) if hasattr(loader, "__len__") else None)
     try:
-        with torch.enable_grad():
+        with frozen_eval(model, trainable=[m.weight for m in modules.values()]), torch.enable_grad():
             for i, batch in enumerate(tqdm(loader, total=total, desc="fisher", disable=not progress, leave=False)):
                 if max_batches is not None and i >= max_batches:
                     break
@@ -116,9 +110,6 @@ def accumulate_fisher(
             h.remove()
         for c in captured.values():
             c.clear()
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
     return fisher
 
 

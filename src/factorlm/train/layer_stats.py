@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..decompose.whiten import InputStats
 from ..errors import check
+from ..models.state import frozen_eval
 from .evaluate import model_inputs
 
 
@@ -59,43 +60,34 @@ def layer_grams(
                 output.register_hook(lambda g: outs[name].update(tokens(g)))
         return fn
 
-    was_training = model.training
-    flags = {p: p.requires_grad for p in model.parameters()}
-
     def attach() -> list:
         return [m.register_forward_hook(hook(n)) for n, m in modules.items()]
 
     handles = attach()
-    model.eval()
-    if output_grads:  # gradients must reach every layer's output, not any weight's .grad
-        for p in model.parameters():
-            p.requires_grad_(False)
     total = max_batches if max_batches is not None else (len(loader) if hasattr(loader, "__len__") else None)
     try:
-        for i, batch in enumerate(tqdm(loader, total=total, desc="layer statistics", disable=not progress, leave=False)):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            token_mask[:] = [batch["attention_mask"].bool()] if "attention_mask" in batch else []
-            if not output_grads:
-                with torch.no_grad():
-                    model(**model_inputs(batch))
-                continue
-            with torch.enable_grad():
-                emb = model.get_input_embeddings()
-                x = emb(batch["input_ids"]).detach().requires_grad_(True)  # a leaf the graph starts from
-                kw = {k: v for k, v in model_inputs(batch, labels=True).items() if k != "input_ids"}
-                out = model(inputs_embeds=x, **kw)
-                check(out.loss is not None, "the model returned no loss (output gradients need batches with labels)")
-                if i == 0:
-                    _check_embeds_path(model, handles, attach, batch, out)
-                (out.loss * int(x.shape[0])).backward()  # the sum of the examples' losses
+        with frozen_eval(model, freeze=output_grads):  # output gradients reach every layer's output, no weight's .grad
+            for i, batch in enumerate(tqdm(loader, total=total, desc="layer statistics", disable=not progress, leave=False)):
+                if max_batches is not None and i >= max_batches:
+                    break
+                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                token_mask[:] = [batch["attention_mask"].bool()] if "attention_mask" in batch else []
+                if not output_grads:
+                    with torch.no_grad():
+                        model(**model_inputs(batch))
+                    continue
+                with torch.enable_grad():
+                    emb = model.get_input_embeddings()
+                    x = emb(batch["input_ids"]).detach().requires_grad_(True)  # a leaf the graph starts from
+                    kw = {k: v for k, v in model_inputs(batch, labels=True).items() if k != "input_ids"}
+                    out = model(inputs_embeds=x, **kw)
+                    check(out.loss is not None, "the model returned no loss (output gradients need batches with labels)")
+                    if i == 0:
+                        _check_embeds_path(model, handles, attach, batch, out)
+                    (out.loss * int(x.shape[0])).backward()  # the sum of the examples' losses
     finally:
         for h in handles:
             h.remove()
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
     for n, s in ins.items():
         check(s.tokens > 0, f"no calibration tokens reached {n}")
     for n, s in (outs or {}).items():
