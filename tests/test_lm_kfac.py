@@ -67,6 +67,35 @@ def test_output_grams_are_the_summed_outer_products_of_the_output_gradients():
     assert torch.allclose(G1[n].double(), ref1[n], rtol=1e-4, atol=1e-5 * float(ref1[n].abs().max()))
 
 
+def test_output_grams_in_groups_on_disk_are_bit_identical(tmp_path):
+    """max_bytes: the targets in consecutive groups of at most that many accumulator bytes, one backward pass
+    each, written to safetensors; every Gram equal to the one-pass in-memory Gram, bit for bit."""
+    from factorlm.lm.gradients import SpilledGrams, gram_budget, gram_groups
+
+    model = tiny_llama(seed=2)
+    targets = find_targets(model, conv1d=True)
+    batches = token_batches(_ids(), 4)
+    G = output_grams(model, targets, batches, max_batches=None)
+    sizes = {n: 4 * linear_shape(get_module(model, n))[0] ** 2 for n in targets}
+    cap = 2 * max(sizes.values())
+    groups = gram_groups(sizes, cap)
+    assert [n for g in groups for n in g] == list(targets) and len(groups) > 1
+    assert all(sum(sizes[n] for n in g) <= cap for g in groups)
+    assert all(sum(sizes[n] for n in a) + sizes[b[0]] > cap for a, b in zip(groups, groups[1:]))  # greedy: full
+    assert gram_groups({"a": 10, "b": 3}, 5) == [["a"], ["b"]] and gram_groups(sizes, None) == [list(targets)]
+    S = output_grams(model, targets, batches, max_batches=None, max_bytes=cap, spill_dir=str(tmp_path))
+    assert isinstance(S, SpilledGrams) and S.passes == len(groups) and set(S) == set(targets)
+    assert len(list(tmp_path.glob("grams-*.safetensors"))) == len(groups)
+    for n in targets:
+        assert torch.equal(S[n], G[n])
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(FactorLMError, match="needs a spill_dir"):
+        output_grams(model, targets, batches, max_bytes=cap)
+    # the budget: explicit GiB, else half the available RAM decides and a quarter is the pass size
+    assert gram_budget(2**30, 1.0) is None and gram_budget(2**30 + 1, 1.0) == 2**30
+    assert gram_budget(100, 0.0, available=200) is None and gram_budget(101, 0.0, available=200) == 50
+
+
 def _dense_input_grams(model, targets, batches):
     """Per-token mean x x^T of every target's input on the dense model (hooks; float64)."""
     acc = {n: [0.0, 0] for n in targets}
@@ -172,9 +201,14 @@ def test_kfac_global_plan_compares_loss_estimates_and_end_to_end(tmp_path):
     assert meta["method"] == "kfac" and len({s["rank"] for s in meta["modules"].values()}) > 1
     ids = _ids(2, 12, seed=7)
     assert torch.equal(load(out)(ids).logits, rep.model(ids).logits)
+    # Grams computed one target per backward pass and kept on disk: the same model, bit for bit
+    spilled = compress(RunConfig(output=str(tmp_path / "spilled"), **{**cfg, "method_options": {"gram_memory_gb": 1e-9}}),
+                       quiet=True)
+    assert torch.equal(spilled.model(ids).logits, rep.model(ids).logits)
     for bad, msg in ((dict(global_score="energy"), "--global-score energy does not apply"),
                      (dict(offload="cpu", rank_policy="uniform"), "--method kfac back-propagates"),
-                     (dict(method_options={"damp_out": 0.0}), "--damp-out must be > 0")):
+                     (dict(method_options={"damp_out": 0.0}), "--damp-out must be > 0"),
+                     (dict(method_options={"gram_memory_gb": -1.0}), "--gram-memory-gb must be >= 0")):
         with pytest.raises(FactorLMError, match=msg):
             compress(RunConfig(output=str(tmp_path / "bad"), **{**cfg, **bad}), quiet=True)
         assert not (tmp_path / "bad").exists()

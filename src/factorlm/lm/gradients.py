@@ -9,7 +9,12 @@ output at token ``t`` (the loss is each batch's mean next-token loss, as ``label
   K-FAC fit (:mod:`factorlm.decompose.kfac`; ``--task lm --method kfac``).  ``trace(G_out) / out =
   lambda``.  Memory: ``4 * sum over targets of out^2`` bytes, held on the CPU (SmolLM2-135M: 0.69 GB;
   a Llama-3-8B block 1.85 GB, the whole model 59 GB); each window's ``g^T g`` is formed on the
-  gradient's device, one target at a time, and added to its float32 accumulator on the CPU.
+  gradient's device, one target at a time, and added to its float32 accumulator on the CPU.  With
+  ``max_bytes`` the targets are split (in order) into groups of at most that many accumulator bytes, one
+  backward pass over the same windows per group, and each group's Grams are written to ``spill_dir``
+  (safetensors) before the next starts: peak memory ``max_bytes`` (or the largest single Gram), the cost
+  one more backward pass per group, and the Grams come back as a :class:`SpilledGrams` mapping that reads
+  one from disk per access (bit-identical to the in-memory ones: the same sums in the same order).
 
 Both back-propagate through the whole model at once (no parameter gradient is stored: the graph
 starts at the input embeddings' output), one window per backward, so the logits alive at once are
@@ -19,7 +24,9 @@ batches.  Under ``--offload`` neither is bounded (:mod:`factorlm.lm.placement`) 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import os
+from collections.abc import Mapping
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +34,7 @@ from torch import nn
 
 from ..errors import check
 
-__all__ = ["output_grams", "output_sensitivity"]
+__all__ = ["SpilledGrams", "gram_budget", "gram_groups", "output_grams", "output_sensitivity"]
 
 
 def _backward_each_window(model: nn.Module, targets: Sequence[str], batches: Sequence[dict],
@@ -84,25 +91,94 @@ def output_sensitivity(model: nn.Module, targets: Sequence[str], batches: Sequen
     return {n: lam[n] / linear_shape(get_module(model, n))[0] for n in targets}
 
 
+class SpilledGrams(Mapping):
+    """``name -> G_out`` read from the safetensors files :func:`output_grams` wrote (one Gram in memory per access)."""
+
+    def __init__(self, files: dict[str, str], passes: int = 1):
+        self.files = dict(files)
+        self.passes = passes  #: backward passes that made them
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def nbytes(self) -> int:
+        return sum(os.path.getsize(p) for p in set(self.files.values()))
+
+
+def gram_budget(need_bytes: int, memory_gb: float = 0.0, available: int | None = None) -> int | None:
+    """``max_bytes`` for :func:`output_grams`: ``None`` (all in memory) when ``need_bytes`` fits in ``memory_gb``
+    GiB, or with ``memory_gb = 0`` (auto) in half the ``available`` RAM (psutil's, by default); else that budget
+    (auto: a quarter of the available RAM)."""
+    if memory_gb > 0:
+        cap = int(memory_gb * 2**30)
+        return None if need_bytes <= cap else cap
+    if available is None:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    return None if need_bytes <= available // 2 else max(1, available // 4)
+
+
+def gram_groups(sizes: dict[str, int], max_bytes: int | None) -> list[list[str]]:
+    """The targets in order, cut into consecutive groups of at most ``max_bytes`` (a larger single Gram is a
+    group of its own); ``None``: one group."""
+    if max_bytes is None:
+        return [list(sizes)]
+    groups: list[list[str]] = [[]]
+    used = 0
+    for n, b in sizes.items():
+        if groups[-1] and used + b > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(n)
+        used += b
+    return groups
+
+
 def output_grams(model: nn.Module, targets: Sequence[str], batches: Sequence[dict],
-                 max_batches: int | None = 4) -> dict[str, torch.Tensor]:
+                 max_batches: int | None = 4, max_bytes: int | None = None,
+                 spill_dir: str | None = None) -> Mapping[str, torch.Tensor]:
     """Per target, ``G_out = sum_t g_t g_t^T`` (``out x out``, float32, on the CPU) over the same tokens
-    and loss as :func:`output_sensitivity` (module docstring: memory)."""
+    and loss as :func:`output_sensitivity`; with ``max_bytes`` (needs ``spill_dir``) computed in groups
+    and returned as a :class:`SpilledGrams` (module docstring: memory)."""
     from ..models.surgery import get_module, linear_shape
 
+    check(max_bytes is None or spill_dir is not None, "output_grams: max_bytes needs a spill_dir for the finished groups")
+    check(max_bytes is None or max_bytes > 0, f"output_grams: max_bytes must be > 0, got {max_bytes}")
+    outs = {n: linear_shape(get_module(model, n))[0] for n in targets}
+    groups = gram_groups({n: 4 * o * o for n, o in outs.items()}, max_bytes)
+    files: dict[str, str] = {}
     grams: dict[str, torch.Tensor] = {}
+    for gi, group in enumerate(groups):
+        grams = {}
 
-    def add(n, g):  # once per target and window: one out x out product on the gradient's device at a time
-        g = g.float()
-        G = (g.T @ g).cpu()
-        check(bool(torch.isfinite(G).all()), f"the output gradients of {n} are not finite (NaN/Inf on the calibration "
-                                             "text): use --method whiten / --correction-space input")
-        grams[n] = G if n not in grams else grams[n].add_(G)
+        def add(n, g):  # once per target and window: one out x out product on the gradient's device at a time
+            g = g.float()
+            G = (g.T @ g).cpu()
+            check(bool(torch.isfinite(G).all()), f"the output gradients of {n} are not finite (NaN/Inf on the "
+                                                 "calibration text): use --method whiten / --correction-space input")
+            grams[n] = G if n not in grams else grams[n].add_(G)
 
-    _backward_each_window(model, targets, batches, max_batches, add)
-    missing = [n for n in targets if n not in grams]
-    check(not missing, f"no output gradient reached {missing[0] if missing else ''} (is it used by the forward?)")
-    for n in targets:
-        o = linear_shape(get_module(model, n))[0]
-        check(grams[n].shape == (o, o), f"{n}: output-gradient Gram {tuple(grams[n].shape)}, expected ({o}, {o})")
-    return grams
+        _backward_each_window(model, group, batches, max_batches, add)
+        missing = [n for n in group if n not in grams]
+        check(not missing, f"no output gradient reached {missing[0] if missing else ''} (is it used by the forward?)")
+        for n in group:
+            check(grams[n].shape == (outs[n], outs[n]),
+                  f"{n}: output-gradient Gram {tuple(grams[n].shape)}, expected ({outs[n]}, {outs[n]})")
+        if max_bytes is not None:
+            from safetensors.torch import save_file
+
+            path = os.path.join(spill_dir, f"grams-{gi:05d}.safetensors")
+            save_file(grams, path)
+            files.update({n: path for n in group})
+            grams = {}
+    return SpilledGrams(files, len(groups)) if max_bytes is not None else grams

@@ -34,6 +34,7 @@ energy-normalized ``--global-score energy`` in benchmarks/llm.py);
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -68,6 +69,10 @@ class OutputSideOptions:
     grad_batches: int = field(default=4, metadata={
         "help": "kfac / --correction-space kfac (lm): calibration batches (of up to 8 windows) back-propagated for the "
                 "output-gradient Grams (default 4)"})
+    gram_memory_gb: float = field(default=0.0, metadata={
+        "help": "kfac / --correction-space kfac (lm): at most this many GiB of output-gradient Grams (4 out^2 bytes "
+                "each) in memory at once; more are computed in extra backward passes and kept on disk in $TMPDIR "
+                "(default 0 = auto: in memory when they fit in half the available RAM, else passes of a quarter of it)"})
 
 
 class LMMethod:
@@ -91,7 +96,7 @@ class LMMethod:
 
     #: the output-gradient Grams of the targets (:func:`factorlm.lm.gradients.output_grams`), set by the
     #: pipeline before any fit when :attr:`output_side` is true
-    output_grams: dict[str, torch.Tensor] | None = None
+    output_grams: Mapping[str, torch.Tensor] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -111,6 +116,7 @@ class LMMethod:
         o = self.options
         check(o.damp_out > 0, f"--damp-out must be > 0, got {o.damp_out}")
         check(int(o.grad_batches) >= 1, f"--grad-batches must be at least 1, got {o.grad_batches}")
+        check(float(o.gram_memory_gb) >= 0, f"--gram-memory-gb must be >= 0 (0 = auto), got {o.gram_memory_gb}")
 
     def make_stats(self, module) -> InputStats:
         w = module.weight

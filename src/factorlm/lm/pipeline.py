@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -270,16 +271,29 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     dense_params = models.count_params(model)
 
     batches = token_batches(windows, max(1, min(8, c.batch_size)), device) if windows is not None else []
-    spectra = None
+    spectra = gram_dir = None
     if getattr(method, "output_side", False):  # kfac: the output side of every fit, from the dense model
-        from .gradients import output_grams
+        from .gradients import gram_budget, output_grams
 
         t0 = time.perf_counter()
-        method.output_grams = output_grams(model, targets, batches, max_batches=int(method.options.grad_batches))
-        # (freed after the fits below; on an error the method object goes with the run)
-        n_bytes = sum(G.numel() * G.element_size() for G in method.output_grams.values())
-        log(f"  output-gradient Grams of {len(targets)} targets over {min(len(batches), int(method.options.grad_batches))} "
-            f"calibration batches: {n_bytes / 2**30:.2f} GiB on the CPU, {time.perf_counter() - t0:.0f}s")
+        need = sum(4 * shapes[n][0] ** 2 for n in targets)
+        max_bytes = gram_budget(need, float(method.options.gram_memory_gb))
+        if max_bytes is not None:
+            import shutil
+
+            free = shutil.disk_usage(tempfile.gettempdir()).free
+            check(free > need, f"the output-gradient Grams ({need / 2**30:.1f} GiB) do not fit in memory "
+                               f"(--gram-memory-gb) nor in {tempfile.gettempdir()} ({free / 2**30:.1f} GiB free): set "
+                               "TMPDIR to a larger disk or use --method whiten")
+        gram_dir = tempfile.TemporaryDirectory(prefix="factorlm-grams-") if max_bytes is not None else None
+        method.output_grams = output_grams(model, targets, batches, max_batches=int(method.options.grad_batches),
+                                           max_bytes=max_bytes, spill_dir=gram_dir.name if gram_dir else None)
+        # (freed after the fits below; on an error the method object and the temporary folder go with the run)
+        nb = min(len(batches), int(method.options.grad_batches))
+        where = ("on the CPU" if gram_dir is None else f"on disk in {gram_dir.name} ({method.output_grams.passes} "
+                 f"backward passes of at most {max_bytes / 2**30:.2f} GiB in memory)")
+        log(f"  output-gradient Grams of {len(targets)} targets over {nb} calibration batches: {need / 2**30:.2f} GiB "
+            f"{where}, {time.perf_counter() - t0:.0f}s")
     if c.rank is None and c.rank_policy == "global":
         log(f"  scaled spectra of every target (dense model) for the global rank plan ("
             f"{'K-FAC loss estimates' if getattr(method, 'output_side', False) else c.global_score})")
@@ -312,6 +326,8 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     del batches
     if getattr(method, "output_side", False):
         method.output_grams = None  # 4 sum out^2 bytes: not kept past the fits
+        if gram_dir is not None:
+            gram_dir.cleanup()
     with dispatched(model, device, c.offload, train=bool(c.heal_steps)):
         scores["oneshot"] = ppl(model, eval_ids, c, log, "one-shot", bos)
         if c.heal_steps:
