@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import check
 
-__all__ = ["SpilledGrams", "gram_budget", "gram_groups", "output_grams", "output_sensitivity"]
+__all__ = ["SpilledGrams", "gram_budget", "gram_groups", "method_output_grams", "output_grams", "output_sensitivity"]
 
 
 def _backward_each_window(model: nn.Module, targets: Sequence[str], batches: Sequence[dict],
@@ -182,3 +182,31 @@ def output_grams(model: nn.Module, targets: Sequence[str], batches: Sequence[dic
             files.update({n: path for n in group})
             grams = {}
     return SpilledGrams(files, len(groups)) if max_bytes is not None else grams
+
+
+def method_output_grams(method, model: nn.Module, targets: Sequence[str], shapes: dict[str, tuple[int, int]],
+                        batches: Sequence[dict], log: Callable[[str], None]):
+    """The pipeline's Grams stage: sets ``method.output_grams`` (in memory, or spilled under the budget of
+    ``--gram-memory-gb`` to a temporary folder, which is returned for the caller to clean up after the fits;
+    ``None`` when in memory).  One-line error before any backward when neither memory nor disk can hold them."""
+    import shutil
+    import tempfile
+    import time
+
+    t0 = time.perf_counter()
+    need = sum(4 * shapes[n][0] ** 2 for n in targets)
+    max_bytes = gram_budget(need, float(method.options.gram_memory_gb))
+    if max_bytes is not None:
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+        check(free > need, f"the output-gradient Grams ({need / 2**30:.1f} GiB) do not fit in memory "
+                           f"(--gram-memory-gb) nor in {tempfile.gettempdir()} ({free / 2**30:.1f} GiB free): set "
+                           "TMPDIR to a larger disk or use --method whiten")
+    gram_dir = tempfile.TemporaryDirectory(prefix="factorlm-grams-") if max_bytes is not None else None
+    nb = int(method.options.grad_batches)
+    method.output_grams = output_grams(model, targets, batches, max_batches=nb, max_bytes=max_bytes,
+                                       spill_dir=gram_dir.name if gram_dir else None)
+    where = ("on the CPU" if gram_dir is None else f"on disk in {gram_dir.name} ({method.output_grams.passes} "
+             f"backward passes of at most {max_bytes / 2**30:.2f} GiB in memory)")
+    log(f"  output-gradient Grams of {len(targets)} targets over {min(len(batches), nb)} calibration batches: "
+        f"{need / 2**30:.2f} GiB {where}, {time.perf_counter() - t0:.0f}s")
+    return gram_dir

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import math
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .. import models
@@ -35,6 +33,7 @@ from ..errors import FactorLMError, check
 from ..models.surgery import find_targets, get_module, linear_shape
 from .evaluate import Log, check_eval_tokens, flops_per_token, greedy_sample, param_groups, ppl
 from .generation import PROMPTS, continuations, loop_warning
+from .accounting import describe_quant, source_bytes, target_bytes, tensor_bytes
 from .placement import GPU_SHARE, dispatched, heal_fits, offloaded, resolve_device
 
 TASK = "lm"
@@ -113,43 +112,6 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
             f"{type(model).__name__} keeps {in_fused / total:.0%} of its parameters in fused 3-D tensors (e.g. "
             f"{inside[0][0]}: mixture-of-experts weights), which --task lm cannot factorize yet; only its "
             f"{len(targets)} 2-D layers would be compressed")
-
-
-def source_bytes(resolved: str, model: nn.Module) -> tuple[int, str]:
-    """Bytes of the source's weight files (``*.safetensors`` / ``*.bin`` of a local folder), else the
-    loaded parameters' bytes; and which of the two it is."""
-    from .save import weight_bytes
-
-    p = Path(resolved)
-    if p.is_dir():
-        n = weight_bytes(p) or sum(f.stat().st_size for f in p.glob("*.bin"))
-        if n:
-            return n, "source weight files"
-    seen, n = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            n += t.numel() * t.element_size()
-    return n, "loaded parameters"
-
-
-def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of the state dict's distinct tensors (what safetensors stores, without its header)."""
-    seen, n = set(), 0
-    for t in model.state_dict().values():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            n += t.numel() * t.element_size()
-    return n
-
-
-def target_bytes(module: nn.Module) -> int:
-    """Stored bytes of one target's weight (its bias excluded): a quantized layer's packed codes, scales and
-    factors, else its weight tensors."""
-    if hasattr(module, "weight_bytes"):
-        return module.weight_bytes()
-    return sum(t.numel() * t.element_size() for k, t in module.state_dict().items() if not k.endswith("bias"))
 
 
 def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
@@ -273,27 +235,9 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
     batches = token_batches(windows, max(1, min(8, c.batch_size)), device) if windows is not None else []
     spectra = gram_dir = None
     if getattr(method, "output_side", False):  # kfac: the output side of every fit, from the dense model
-        from .gradients import gram_budget, output_grams
+        from .gradients import method_output_grams
 
-        t0 = time.perf_counter()
-        need = sum(4 * shapes[n][0] ** 2 for n in targets)
-        max_bytes = gram_budget(need, float(method.options.gram_memory_gb))
-        if max_bytes is not None:
-            import shutil
-
-            free = shutil.disk_usage(tempfile.gettempdir()).free
-            check(free > need, f"the output-gradient Grams ({need / 2**30:.1f} GiB) do not fit in memory "
-                               f"(--gram-memory-gb) nor in {tempfile.gettempdir()} ({free / 2**30:.1f} GiB free): set "
-                               "TMPDIR to a larger disk or use --method whiten")
-        gram_dir = tempfile.TemporaryDirectory(prefix="factorlm-grams-") if max_bytes is not None else None
-        method.output_grams = output_grams(model, targets, batches, max_batches=int(method.options.grad_batches),
-                                           max_bytes=max_bytes, spill_dir=gram_dir.name if gram_dir else None)
-        # (freed after the fits below; on an error the method object and the temporary folder go with the run)
-        nb = min(len(batches), int(method.options.grad_batches))
-        where = ("on the CPU" if gram_dir is None else f"on disk in {gram_dir.name} ({method.output_grams.passes} "
-                 f"backward passes of at most {max_bytes / 2**30:.2f} GiB in memory)")
-        log(f"  output-gradient Grams of {len(targets)} targets over {nb} calibration batches: {need / 2**30:.2f} GiB "
-            f"{where}, {time.perf_counter() - t0:.0f}s")
+        gram_dir = method_output_grams(method, model, targets, shapes, batches, log)
     if c.rank is None and c.rank_policy == "global":
         log(f"  scaled spectra of every target (dense model) for the global rank plan ("
             f"{'K-FAC loss estimates' if getattr(method, 'output_side', False) else c.global_score})")
@@ -425,22 +369,3 @@ def evaluate_lm(path: str, config: RunConfig, *, quiet: bool = False, dtype: str
     log(f"evaluating {source} on {name} ({len(ids):,} tokens)")
     r = ppl(model, ids, c, log, "model", bos)
     return {**r, "text": describe(name, ids)}
-
-
-def describe_quant(quant, dtype_name: str) -> dict:
-    """The report's ``accounting.quantized``: the grid (one :class:`~factorlm.lm.methods.QuantSpec`), or for
-    ``--byte-plan global`` (``{target: QuantSpec}``) how many targets each grid stores."""
-    specs = list(quant.values()) if isinstance(quant, dict) else [quant]
-    zp = any(q.zero_point for q in specs)
-    out = {**specs[0].describe(), "factor_bits": specs[0].factor_bits or dtype_name,
-           "format": "quant_lowrank: bit-packed codes, bf16 scales" + (", zero points packed to the codes' bits" if zp else "") + ", factors"}
-    if isinstance(quant, dict):
-        grids: dict[str, int] = {}
-        for q in specs:
-            k = f"int{q.bits}-g{q.group_size}" + ("-zp" if q.zero_point else "")
-            grids[k] = grids.get(k, 0) + 1
-        out.update(byte_plan="global", grids=dict(sorted(grids.items())))
-        for k in ("bits", "group_size", "zero_point"):  # one value when every target has the same
-            if len({getattr(q, k) for q in specs}) > 1:
-                out[k] = "per target"
-    return out
