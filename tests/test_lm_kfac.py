@@ -85,7 +85,7 @@ def test_output_grams_in_groups_on_disk_are_bit_identical(tmp_path):
     assert gram_groups({"a": 10, "b": 3}, 5) == [["a"], ["b"]] and gram_groups(sizes, None) == [list(targets)]
     S = output_grams(model, targets, batches, max_batches=None, max_bytes=cap, spill_dir=str(tmp_path))
     assert isinstance(S, SpilledGrams) and S.passes == len(groups) and set(S) == set(targets)
-    assert len(list(tmp_path.glob("grams-*.safetensors"))) == len(groups)
+    assert len(list(tmp_path.glob("gram-*.safetensors"))) == len(targets)
     for n in targets:
         assert torch.equal(S[n], G[n])
     assert all(p.grad is None for p in model.parameters())
@@ -158,7 +158,7 @@ def test_kfac_fit_equals_the_independent_two_sided_optimum_and_beats_whitening()
     assert better >= len(targets) // 2  # the output side changes the fit for most targets
 
 
-def test_kfac_global_plan_compares_loss_estimates_and_end_to_end(tmp_path):
+def test_kfac_global_plan_compares_loss_estimates_and_end_to_end(tmp_path, monkeypatch):
     """The global plan uses sigma^2 of L W S as they are (no --global-score weighting), the run saves and
     reloads with identical logits, and bad settings are one-line errors before any work."""
     from factorlm import load
@@ -202,9 +202,23 @@ def test_kfac_global_plan_compares_loss_estimates_and_end_to_end(tmp_path):
     ids = _ids(2, 12, seed=7)
     assert torch.equal(load(out)(ids).logits, rep.model(ids).logits)
     # Grams computed one target per backward pass and kept on disk: the same model, bit for bit
+    import tempfile
+
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    made = []
+
+    class Recorded(tempfile.TemporaryDirectory):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self.name)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", Recorded)
     spilled = compress(RunConfig(output=str(tmp_path / "spilled"), **{**cfg, "method_options": {"gram_memory_gb": 1e-9}}),
                        quiet=True)
     assert torch.equal(spilled.model(ids).logits, rep.model(ids).logits)
+    assert len(made) == 1 and made[0].startswith(str(spill)) and not list(spill.iterdir())  # spilled, then removed
     for bad, msg in ((dict(global_score="energy"), "--global-score energy does not apply"),
                      (dict(offload="cpu", rank_policy="uniform"), "--method kfac back-propagates"),
                      (dict(method_options={"damp_out": 0.0}), "--damp-out must be > 0"),

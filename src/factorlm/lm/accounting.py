@@ -48,7 +48,7 @@ def target_bytes(module: nn.Module) -> int:
 
 
 def describe_quant(quant, dtype_name: str) -> dict:
-    """The report's ``accounting.quantized``: the grid (one :class:`~factorlm.lm.methods.QuantSpec`), or for
+    """The report's ``accounting.quantized``: the grid (one :class:`~factorlm.lm.quant_methods.QuantSpec`), or for
     ``--byte-plan global`` (``{target: QuantSpec}``) how many targets each grid stores."""
     specs = list(quant.values()) if isinstance(quant, dict) else [quant]
     zp = any(q.zero_point for q in specs)

@@ -28,7 +28,7 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
     the seconds per block.  ``keep_dense``: a dict that receives the replaced dense modules (moved to
     the CPU), for a distillation teacher; None drops them.  ``offload_to``: the execution device of a
     model kept on the CPU (blocks visit it one at a time; an uncalibrated method's matrices do too).
-    ``quant`` (a :class:`factorlm.lm.methods.QuantSpec`, or one per target): every target becomes a :class:`QuantLowRankLinear`
+    ``quant`` (a :class:`factorlm.lm.quant_methods.QuantSpec`, or one per target): every target becomes a :class:`QuantLowRankLinear`
     (RTN or GPTQ codes + a rank-``ranks[name]`` correction of their error under the method's scaling) instead.
     ``refine`` (a :class:`factorlm.lm.refine.RefineSpec` with steps > 0): every block's factors are then
     refined to the dense block's outputs (:mod:`factorlm.lm.refine`); its per-block errors are returned."""

@@ -14,7 +14,8 @@ output at token ``t`` (the loss is each batch's mean next-token loss, as ``label
   backward pass over the same windows per group, and each group's Grams are written to ``spill_dir``
   (safetensors) before the next starts: peak memory ``max_bytes`` (or the largest single Gram), the cost
   one more backward pass per group, and the Grams come back as a :class:`SpilledGrams` mapping that reads
-  one from disk per access (bit-identical to the in-memory ones: the same sums in the same order).
+  one from disk per access (one file per Gram; the same sums in the same order as in memory, so bit-identical
+  given a deterministic backward: tested on the CPU; some GPU backward kernels are not deterministic).
 
 Both back-propagate through the whole model at once (no parameter gradient is stored: the graph
 starts at the input embeddings' output), one window per backward, so the logits alive at once are
@@ -104,6 +105,9 @@ class SpilledGrams(Mapping):
         with safe_open(self.files[name], framework="pt") as f:
             return f.get_tensor(name)
 
+    def __contains__(self, name) -> bool:  # (Mapping's default would read the Gram)
+        return name in self.files
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
 
@@ -174,13 +178,13 @@ def output_grams(model: nn.Module, targets: Sequence[str], batches: Sequence[dic
         for n in group:
             check(grams[n].shape == (outs[n], outs[n]),
                   f"{n}: output-gradient Gram {tuple(grams[n].shape)}, expected ({outs[n]}, {outs[n]})")
-        if max_bytes is not None:
+        if max_bytes is not None:  # one file per Gram: a writer that copies holds one Gram twice, not a group
             from safetensors.torch import save_file
 
-            path = os.path.join(spill_dir, f"grams-{gi:05d}.safetensors")
-            save_file(grams, path)
-            files.update({n: path for n in group})
-            grams = {}
+            for k, n in enumerate(group):
+                path = os.path.join(spill_dir, f"gram-{gi:05d}-{k:04d}.safetensors")
+                save_file({n: grams.pop(n)}, path)
+                files[n] = path
     return SpilledGrams(files, len(groups)) if max_bytes is not None else grams
 
 
@@ -200,11 +204,16 @@ def method_output_grams(method, model: nn.Module, targets: Sequence[str], shapes
         free = shutil.disk_usage(tempfile.gettempdir()).free
         check(free > need, f"the output-gradient Grams ({need / 2**30:.1f} GiB) do not fit in memory "
                            f"(--gram-memory-gb) nor in {tempfile.gettempdir()} ({free / 2**30:.1f} GiB free): set "
-                           "TMPDIR to a larger disk or use --method whiten")
+                           "TMPDIR to a larger disk (not a RAM-backed tmpfs) or use --method whiten")
     gram_dir = tempfile.TemporaryDirectory(prefix="factorlm-grams-") if max_bytes is not None else None
     nb = int(method.options.grad_batches)
-    method.output_grams = output_grams(model, targets, batches, max_batches=nb, max_bytes=max_bytes,
-                                       spill_dir=gram_dir.name if gram_dir else None)
+    try:
+        method.output_grams = output_grams(model, targets, batches, max_batches=nb, max_bytes=max_bytes,
+                                           spill_dir=gram_dir.name if gram_dir else None)
+    except BaseException:
+        if gram_dir is not None:
+            gram_dir.cleanup()
+        raise
     where = ("on the CPU" if gram_dir is None else f"on disk in {gram_dir.name} ({method.output_grams.passes} "
              f"backward passes of at most {max_bytes / 2**30:.2f} GiB in memory)")
     log(f"  output-gradient Grams of {len(targets)} targets over {min(len(batches), nb)} calibration batches: "

@@ -238,40 +238,41 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
         from .gradients import method_output_grams
 
         gram_dir = method_output_grams(method, model, targets, shapes, batches, log)
-    if c.rank is None and c.rank_policy == "global":
-        log(f"  scaled spectra of every target (dense model) for the global rank plan ("
-            f"{'K-FAC loss estimates' if getattr(method, 'output_side', False) else c.global_score})")
-        spectra = scaled_spectra(model, targets, method, batches, log, c.global_score, offload_to=offload_to)
-    if global_plan:  # grids and correction ranks in one byte budget
-        ranks, quant = byte_plan_targets(model, targets, method, batches, c.keep, shapes, log,
-                                         next(model.parameters()).element_size(), grids)
-    elif not quant:
-        ranks = plan_ranks(c, shapes, spectra, loss_units=getattr(method, "output_side", False))
-    del spectra
-    if c.heal_steps and c.offload != "none":
-        fits, need, budget = heal_fits(model, shapes, ranks, device)
-        check(fits, f"--heal-steps needs the compressed model on the GPUs: {need / 2**30:.1f} GiB of weights, "
-                    f"{budget / 2**30:.1f} GiB allowed for them ({GPU_SHARE['train']:.0%} of the free memory, the rest "
-                    "for gradients, optimizer state and activations): use more GPUs or --heal-steps 0")
-    past = [] if quant else [n for n, k in ranks.items() if k > break_even_rank(*shapes[n])]
-    if past:
-        log(f"WARNING: {len(past)} matrices are past their break-even rank (the factors outweigh the dense "
-            f"matrix), e.g. {past[0]}")
-    mode = getattr(method.options, "sequential", "none")
-    log(f"  factorizing ({'calibration order: ' + mode if method.calibrated else 'no calibration'}, "
-        f"{c.rank_policy if c.rank is None else 'fixed'} ranks "
-        f"{min(ranks.values())}-{max(ranks.values())})")
-    t0 = time.perf_counter()
-    dense_layers = {} if c.heal_steps and c.heal_loss == "distill" else None
-    refine = RefineSpec(c.refine_steps, c.refine_lr, c.refine_params) if c.refine_steps else None
-    info = factorize(model, targets, ranks, method, batches, mode=mode, log=log, keep_dense=dense_layers,
-                     offload_to=offload_to, quant=quant, refine=refine)
-    info["factorize_seconds"] = round(time.perf_counter() - t0, 1)
-    del batches
-    if getattr(method, "output_side", False):
-        method.output_grams = None  # 4 sum out^2 bytes: not kept past the fits
+    try:
+        if c.rank is None and c.rank_policy == "global":
+            log(f"  scaled spectra of every target (dense model) for the global rank plan ("
+                f"{'K-FAC loss estimates' if getattr(method, 'output_side', False) else c.global_score})")
+            spectra = scaled_spectra(model, targets, method, batches, log, c.global_score, offload_to=offload_to)
+        if global_plan:  # grids and correction ranks in one byte budget
+            ranks, quant = byte_plan_targets(model, targets, method, batches, c.keep, shapes, log,
+                                             next(model.parameters()).element_size(), grids)
+        elif not quant:
+            ranks = plan_ranks(c, shapes, spectra, loss_units=getattr(method, "output_side", False))
+        del spectra
+        if c.heal_steps and c.offload != "none":
+            fits, need, budget = heal_fits(model, shapes, ranks, device)
+            check(fits, f"--heal-steps needs the compressed model on the GPUs: {need / 2**30:.1f} GiB of weights, "
+                        f"{budget / 2**30:.1f} GiB allowed for them ({GPU_SHARE['train']:.0%} of the free memory, the rest "
+                        "for gradients, optimizer state and activations): use more GPUs or --heal-steps 0")
+        past = [] if quant else [n for n, k in ranks.items() if k > break_even_rank(*shapes[n])]
+        if past:
+            log(f"WARNING: {len(past)} matrices are past their break-even rank (the factors outweigh the dense "
+                f"matrix), e.g. {past[0]}")
+        mode = getattr(method.options, "sequential", "none")
+        log(f"  factorizing ({'calibration order: ' + mode if method.calibrated else 'no calibration'}, "
+            f"{c.rank_policy if c.rank is None else 'fixed'} ranks "
+            f"{min(ranks.values())}-{max(ranks.values())})")
+        t0 = time.perf_counter()
+        dense_layers = {} if c.heal_steps and c.heal_loss == "distill" else None
+        refine = RefineSpec(c.refine_steps, c.refine_lr, c.refine_params) if c.refine_steps else None
+        info = factorize(model, targets, ranks, method, batches, mode=mode, log=log, keep_dense=dense_layers,
+                         offload_to=offload_to, quant=quant, refine=refine)
+        info["factorize_seconds"] = round(time.perf_counter() - t0, 1)
+    finally:  # the output-gradient Grams (4 sum out^2 bytes) are not kept past the fits, on disk or in memory
+        method.output_grams = None
         if gram_dir is not None:
             gram_dir.cleanup()
+    del batches
     with dispatched(model, device, c.offload, train=bool(c.heal_steps)):
         scores["oneshot"] = ppl(model, eval_ids, c, log, "one-shot", bos)
         if c.heal_steps:

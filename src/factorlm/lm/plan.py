@@ -89,13 +89,13 @@ PLAN_GROUPS = (192, 128, 64, 32)
 
 
 def grid_candidates(method, shapes: dict[str, tuple[int, int]]) -> list:
-    """The grids ``--byte-plan global`` chooses from (:class:`factorlm.lm.methods.QuantSpec` each): the
+    """The grids ``--byte-plan global`` chooses from (:class:`factorlm.lm.quant_methods.QuantSpec` each): the
     bits of ``--bits`` if given, else 8, 4 and 3; each in every group of :data:`PLAN_GROUPS` that divides
     every input width (``--group-size`` if given; 8 bits: only the largest, int8 being lossless already);
-    zero points as :func:`factorlm.lm.methods.zero_point_of` gives them for those bits."""
+    zero points as :func:`factorlm.lm.quant_methods.zero_point_of` gives them for those bits."""
     import copy
 
-    from .methods import QuantSpec, zero_point_of
+    from .quant_methods import QuantSpec, zero_point_of
 
     o = method.options
     base = method.quant  # the quantizer (RTN or GPTQ, its damping and order) every grid shares
@@ -176,7 +176,7 @@ def grid_options(W: torch.Tensor, scale, lam: float, grids, elem_bytes: int, gra
     from ..decompose.quantize import quantize_groups, rtn_bytes
     from ..decompose.whiten import scaled_spectrum
     from ..ranks.byte_plan import GridOption
-    from .methods import rank_bytes
+    from .quant_methods import rank_bytes
 
     o, i = W.shape
     out = []
