@@ -266,6 +266,38 @@ def lowrank_points() -> list[tuple[str, float, float]]:
     return out
 
 
+#: folders of saved ``factorlm compress --task lm`` reports (``factorlm.json`` copies) drawn on the frontier
+CLI_RUNS = ("llm_refine", "llm_kfac")
+
+
+def cli_points() -> dict[str, list[tuple[str, float, float]]]:
+    """SmolLM2-135M runs of the CLI saved under ``results/{llm_refine,llm_kfac}/*.json`` (hamlet, 16,384 tokens,
+    windows of 256, as this script): one point per (method, keep, refine steps, options), the mean ratio over its
+    calibration seeds (``n=`` in the label).  Pure low rank counts its kept weights (bf16 factors, as
+    ``lowrank_points``), a quantizing method its reported ``target_bytes_vs_bf16``."""
+    cells: dict[tuple, list] = {}
+    for d in CLI_RUNS:
+        for f in sorted((HERE / "results" / d).glob("*.json")):
+            r = json.loads(f.read_text())
+            rc, acc, sc = r["recipe"], r["accounting"], r["scores"]
+            if "SmolLM2" not in str(r.get("base_model", "")) and rc.get("model") != "smollm2":
+                continue
+            if rc.get("eval_text") != "hamlet" or rc.get("eval_max_tokens") != 16384 or rc.get("eval_seq_len") != 256:
+                continue
+            quant = "quantized" in acc
+            x = acc["target_bytes_vs_bf16"] if quant else acc["target_weights_after"] / acc["target_weights_before"]
+            opts = ",".join(f"{k}={v}" for k, v in sorted(rc["method_options"].items()) if k != "byte_plan")
+            key = (r["method"], rc["keep"], rc["refine_steps"], rc["rank_policy"], opts, quant)
+            cells.setdefault(key, []).append((x, sc["final"]["perplexity"] / sc["dense"]["perplexity"]))
+    out: dict[str, list] = {"CLI runs: low rank (refined: +r)": [], "CLI runs: quantization + correction (refined: +r)": []}
+    for (m, keep, refine, policy, opts, quant), v in sorted(cells.items()):
+        label = f"{m} {keep}" + (f" {policy}" if not quant else "") + (f" {opts}" if opts else "") + \
+            (f" +r{refine}" if refine else "") + (f" n={len(v)}" if len(v) > 1 else "")
+        g = "CLI runs: quantization + correction (refined: +r)" if quant else "CLI runs: low rank (refined: +r)"
+        out[g].append((label, sum(x for x, _ in v) / len(v), sum(y for _, y in v) / len(v)))
+    return out
+
+
 def frontier_png(res: dict, dst: Path) -> None:
     """Perplexity (x dense, log) against the targets' stored bytes (share of bf16): RTN alone, RTN + whitened
     correction, pure low rank; the best point at or below each byte level circled."""
@@ -287,9 +319,11 @@ def frontier_png(res: dict, dst: Path) -> None:
                                                            "RTN + plain-SVD correction")
         groups[g].append((k, r["bytes_vs_bf16"], r["ratio"]))
     groups["low rank (whiten, bf16 factors)"] = lowrank_points()
+    groups.update(cli_points())
     marks = {"RTN alone": "s", "RTN + whitened correction": "o", "RTN + plain-SVD correction": "x",
              "GPTQ alone": "D", "GPTQ + whitened correction (EoRA)": "P", "low rank (whiten, bf16 factors)": "^",
-             "byte plan (grid + rank per matrix)": "*", "byte plan, GPTQ act-order codes": "X"}
+             "byte plan (grid + rank per matrix)": "*", "byte plan, GPTQ act-order codes": "X",
+             "CLI runs: low rank (refined: +r)": "v", "CLI runs: quantization + correction (refined: +r)": "h"}
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 1.25]})
     pts = []
     for g, rows in groups.items():
@@ -300,7 +334,7 @@ def frontier_png(res: dict, dst: Path) -> None:
             a.scatter([r[1] for r in rows], [r[2] for r in rows], marker=marks[g], label=g, s=40)
         for k, x, y in rows:
             label = k.replace("+corr", "+").replace("-white", "")
-            if x > 0.32 or g.startswith("low rank"):
+            if x > 0.32 or g.startswith(("low rank", "CLI runs: low")):
                 ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
             if 0.18 <= x <= 0.32 and y <= 3.2:
                 zoom.annotate(label, (x, y), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
