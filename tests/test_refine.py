@@ -275,3 +275,102 @@ def test_refine_refusals_come_before_any_work(tmp_path, monkeypatch):
                          method_options={"bits": 4, "group_size": 16}), quiet=True, save=False)
     with pytest.raises(FactorLMError, match="--refine-lr must be > 0"):
         compress(_lm_cfg(tmp_path, method="whiten", keep=0.5, refine_steps=5, refine_lr=0.0), quiet=True, save=False)
+
+
+def test_fisher_refinement_reaches_the_weighted_rank_k_optimum():
+    """--refine-loss fisher: with a metric M the steps and the guard minimise ||(X W^T - X~ W'^T) M||; reference
+    (numpy): Z = R^-1 [Q^T X W^T M]_k with X~ = Q R, W'^T = Z M^-1.  Refinement ends within 1% of that optimum's
+    weighted error and below the unweighted (mse) optimum's weighted error."""
+    g = torch.Generator().manual_seed(1)
+    n_in, n_out, k, tokens = 16, 12, 4, 512
+    X = torch.randn(tokens, n_in, generator=g) @ torch.randn(n_in, n_in, generator=g) / n_in ** 0.5
+    Xs = X + 0.3 * torch.randn(tokens, n_in, generator=g)
+    W = torch.randn(n_out, n_in, generator=g) / n_in ** 0.5
+    P = torch.randn(n_out, n_out, generator=g) * torch.linspace(0.1, 2.0, n_out)
+    lam, Qm = torch.linalg.eigh(P @ P.T + 0.05 * torch.eye(n_out))
+    M = (Qm * lam.sqrt()) @ Qm.T  # symmetric positive definite, far from a multiple of I
+    U, S, Vh = torch.linalg.svd(W)
+    block = _Block(LowRankLinear.from_factors((U[:, :k] * S[:k]).contiguous(), Vh[:k].contiguous(), None))
+
+    Xn, Xsn, Wn, Mn = (t.double().numpy() for t in (X, Xs, W, M))
+    Q, R = np.linalg.qr(Xsn)
+
+    def optimum(Mx):
+        u, sv, vt = np.linalg.svd(Q.T @ Xn @ Wn.T @ Mx, full_matrices=False)
+        return (np.linalg.solve(R, (u[:, :k] * sv[:k]) @ vt[:k]) @ np.linalg.inv(Mx)).T
+
+    def err(Wp):
+        return float(np.linalg.norm((Xn @ Wn.T - Xsn @ np.asarray(Wp, dtype=np.float64).T) @ Mn))
+
+    ref, plain = optimum(Mn), optimum(np.eye(n_out))
+    r = refine_block(block, ["lin"], [_Call(Xs)], [X @ W.T], RefineSpec(steps=2000, lr=2e-2), metric=M)
+    end = err((block.lin.A @ block.lin.B).detach())
+    assert r["kept"] and r["error_after"] < r["error_before"]
+    assert err(plain) > 1.02 * err(ref)  # the metric changes the optimum measurably
+    assert err(ref) * (1 - 1e-6) <= end <= 1.01 * err(ref)
+
+
+def test_block_output_metrics_are_roots_of_the_block_output_gradient_grams():
+    """M_i^2 = sum_t g_t g_t^T + damp * mean(diag) I, g_t = dL/dh_i from retain_grad on the block outputs."""
+    from factorlm.lm.gradients import block_output_metrics
+
+    model = tiny_llama(seed=3)
+    targets = find_targets(model, conv1d=True)
+    batches = token_batches(_ids(8, 16, seed=4), 4)
+    name, blocks = decoder_blocks(model, targets)
+    M = block_output_metrics(model, name, len(blocks), batches, max_batches=None, damp=0.01)
+    assert all(p.grad is None for p in model.parameters())
+    ref = {i: 0.0 for i in range(len(blocks))}
+    for b in batches:
+        outs, hooks = {}, []
+        for i, blk in enumerate(blocks):
+            def hook(mod, args, out, i=i):
+                o = out[0] if isinstance(out, tuple) else out
+                o.retain_grad()
+                outs[i] = o
+            hooks.append(blk.register_forward_hook(hook))
+        model.zero_grad(set_to_none=True)
+        model(**b, labels=b["input_ids"]).loss.backward()
+        for h in hooks:
+            h.remove()
+        for i, o in outs.items():
+            gr = o.grad.double().reshape(-1, o.shape[-1])
+            ref[i] = ref[i] + gr.T @ gr
+    model.zero_grad(set_to_none=True)
+    for i, G in ref.items():
+        want = G + 0.01 * float(G.diagonal().mean()) * torch.eye(G.shape[0], dtype=G.dtype)
+        got = M[i].double()
+        assert torch.allclose(got, got.T, atol=1e-6 * float(got.abs().max()))
+        torch.testing.assert_close(got @ got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_fisher_refinement_end_to_end_and_refusals(tmp_path, monkeypatch):
+    """--refine-loss fisher runs, records its loss, refines to other factors than mse at the same ranks and
+    bytes; without --refine-steps or under --offload it is refused before any work."""
+    from test_quantize import _lm_cfg
+
+    from factorlm.api import compress
+
+    mse = compress(_lm_cfg(tmp_path, method="whiten", keep=0.5, refine_steps=20, refine_lr=1e-3, name="m"),
+                   quiet=True, save=False)
+    fis = compress(_lm_cfg(tmp_path, method="whiten", keep=0.5, refine_steps=20, refine_lr=1e-3, name="f",
+                           refine_loss="fisher"), quiet=True, save=False)
+    assert mse.info["refine"]["loss"] == "mse" and fis.info["refine"]["loss"] == "fisher"
+    assert fis.info["ranks"] == mse.info["ranks"]
+    assert fis.accounting["target_weights_after"] == mse.accounting["target_weights_after"]
+    assert all(b["error_after"] <= b["error_before"] for b in fis.info["refine"]["blocks"])
+    assert fis.info["refine"]["kept"] >= 1
+    assert any(not torch.equal(get_module(fis.model, n).A, get_module(mse.model, n).A) for n in fis.info["ranks"])
+
+    def no_work(*a, **k):
+        raise AssertionError("the dense model was evaluated before the refusal")
+
+    monkeypatch.setattr("factorlm.lm.pipeline.ppl", no_work)
+    with pytest.raises(FactorLMError, match="it needs --refine-steps > 0"):
+        compress(_lm_cfg(tmp_path, method="whiten", keep=0.5, refine_steps=0, refine_loss="fisher"), quiet=True,
+                 save=False)
+    with pytest.raises(FactorLMError, match="--refine-loss fisher back-propagates"):
+        compress(_lm_cfg(tmp_path, method="whiten", keep=0.5, refine_steps=5, refine_loss="fisher", offload="cpu",
+                         rank_policy="uniform"), quiet=True, save=False)
+    with pytest.raises(FactorLMError, match="--refine-loss must be mse or fisher"):
+        compress(_lm_cfg(tmp_path, method="whiten", keep=0.5, refine_steps=5, refine_loss="l1"), quiet=True, save=False)

@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--refine-lr", type=float, help="learning rate of --refine-steps (default 3e-3: measured best of 1e-4 / 1e-3 / 3e-3 at 32 steps on SmolLM2; AA-SVD uses 1e-4 over ~25 passes)")
     lm.add_argument("--refine-params", choices=["factors", "all"], help="what --refine-steps trains: the targets' "
                     "factors (default) or every floating parameter of the block (norms and biases too)")
+    lm.add_argument("--refine-loss", choices=["mse", "fisher"], help="what --refine-steps minimises: mse = the "
+                    "block-output error relative to the dense block's (AA-SVD's, default); fisher = that error "
+                    "weighted by the output-gradient Gram of the block's output on the dense model (factorlm's: the "
+                    "loss-aware version, as --method kfac is of whiten; one more backward per calibration window)")
     lm.add_argument("--heal-steps", type=int, help="optimizer steps of language-model fine-tuning of the factors on "
                     "the calibration windows after the one-shot factorization (default 0)")
     lm.add_argument("--heal-params", choices=["factors", "all"], help="what healing trains (default factors)")

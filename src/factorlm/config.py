@@ -95,6 +95,7 @@ class RunConfig:
     refine_steps: int | None = None  # per-block refinement (AA-SVD), optimizer steps per block; None = the method's default (lm: rtn-lowrank 32, others 0)
     refine_lr: float = 3e-3  # measured on SmolLM2 (AA-SVD: 1e-4 over ~25 passes; here a few dozen steps)
     refine_params: str = "factors"  # factors | all (every floating parameter of the block)
+    refine_loss: str = "mse"  # mse (AA-SVD's) | fisher (factorlm's: the block-output error weighted by its output-gradient Gram)
     heal_steps: int = 0  # optimizer steps of language-model fine-tuning after the one-shot factorization
     heal_params: str = "factors"  # factors | all: what healing trains
     heal_loss: str = "distill"  # distill (KL to the dense model's next-token distribution) | lm (next-token loss)
@@ -168,6 +169,7 @@ class RunConfig:
         check(self.refine_steps is None or self.refine_steps >= 0, f"--refine-steps must be >= 0, got {self.refine_steps}")
         check(self.refine_lr > 0, f"--refine-lr must be > 0, got {self.refine_lr}")
         check(self.refine_params in ("factors", "all"), f"--refine-params must be factors or all, got {self.refine_params!r}")
+        check(self.refine_loss in ("mse", "fisher"), f"--refine-loss must be mse or fisher, got {self.refine_loss!r}")
         if self.heal_curve:
             bad = [s for s in self.heal_curve if not 0 < s <= self.heal_steps]
             check(not bad, f"--heal-curve steps must be in [1, --heal-steps={self.heal_steps}], got {bad[:1]}")

@@ -22,7 +22,7 @@ from .calibrate import stream
 
 def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], method, batches, *,
               mode: str, log=None, keep_dense: dict[str, nn.Module] | None = None,
-              offload_to=None, quant=None, refine=None) -> dict[str, Any]:
+              offload_to=None, quant=None, refine=None, refine_metrics=None) -> dict[str, Any]:
     """Replace every target by its rank-``ranks[name]`` :class:`LowRankLinear` (in place); returns
     per-target facts (rank, share of the scaled spectrum's energy discarded), the stream's work and
     the seconds per block.  ``keep_dense``: a dict that receives the replaced dense modules (moved to
@@ -31,7 +31,8 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
     ``quant`` (a :class:`factorlm.lm.quant_methods.QuantSpec`, or one per target): every target becomes a :class:`QuantLowRankLinear`
     (RTN or GPTQ codes + a rank-``ranks[name]`` correction of their error under the method's scaling) instead.
     ``refine`` (a :class:`factorlm.lm.refine.RefineSpec` with steps > 0): every block's factors are then
-    refined to the dense block's outputs (:mod:`factorlm.lm.refine`); its per-block errors are returned."""
+    refined to the dense block's outputs (:mod:`factorlm.lm.refine`); its per-block errors are returned.
+    ``refine_metrics`` ({block index: M}, ``--refine-loss fisher``): each block's error weighted by its M."""
     from ..decompose.whiten import factors_from_basis, scaled_factors
     from ..decompose.anchor import anchored_target
     from ..decompose.kfac import kfac_fit
@@ -103,7 +104,7 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
         from .refine import refine_block
 
         t0 = time.perf_counter()
-        r = refine_block(block, local, calls, dense_out, refine)
+        r = refine_block(block, local, calls, dense_out, refine, None if refine_metrics is None else refine_metrics[i])
         refined.append({"block": i, **r, "seconds": round(time.perf_counter() - t0, 2)})
         if log:
             log(f"  block {i} refined: output error {r['error_before']:.4g} -> {r['error_after']:.4g}"
@@ -118,7 +119,8 @@ def factorize(model: nn.Module, targets: list[str], ranks: dict[str, int], metho
             "seconds_per_block": block_seconds}
     out = {"modules": facts, "calibration": work}
     if use_refine:
-        out["refine"] = {"steps": refine.steps, "lr": refine.lr, "params": refine.params, "warmup": refine.warmup,
+        out["refine"] = {"steps": refine.steps, "lr": refine.lr, "params": refine.params,
+                         "loss": "mse" if refine_metrics is None else "fisher", "warmup": refine.warmup,
                          "floor": refine.floor, "clip": refine.clip, "guard": refine.guard, "weight_decay": 0.0,
                          "blocks": refined,
                          "kept": sum(r["kept"] for r in refined)}

@@ -73,6 +73,10 @@ def check_config(c: RunConfig):
         check(c.refine_params == "all" or getattr(method, "corrects", True),
               f"--refine-steps with --refine-params factors trains the correction factors, which --method "
               f"{c.method} does not have: use --refine-params all or --method {c.method}-lowrank")
+    if c.refine_loss == "fisher":
+        check(c.refine_steps, "--refine-loss fisher weights the refinement's error: it needs --refine-steps > 0")
+        check(c.offload == "none", "--refine-loss fisher back-propagates through the whole model at once (the block "
+                                   "outputs' gradient Grams), which --offload cannot bound: use --refine-loss mse")
     if hasattr(type(method), "quant"):
         bits = getattr(method.options, "bits", None)
         check(bits is None or 2 <= bits <= 8, f"--bits must be in [2, 8], got {bits}")
@@ -265,8 +269,20 @@ def compress_lm(config: RunConfig, *, quiet: bool = False, save: bool = True):
         t0 = time.perf_counter()
         dense_layers = {} if c.heal_steps and c.heal_loss == "distill" else None
         refine = RefineSpec(c.refine_steps, c.refine_lr, c.refine_params) if c.refine_steps else None
+        metrics = None
+        if refine is not None and c.refine_loss == "fisher":  # the blocks' output metrics, on the dense model
+            from .calibrate import decoder_blocks
+            from .gradients import block_output_metrics
+
+            t1 = time.perf_counter()
+            blocks_name, blocks = decoder_blocks(model, targets)
+            metrics = block_output_metrics(model, blocks_name, len(blocks), batches,
+                                           max_batches=int(getattr(method.options, "grad_batches", 4)))
+            log(f"  --refine-loss fisher: output-gradient metrics of {len(blocks)} blocks, "
+                f"{time.perf_counter() - t1:.0f}s")
         info = factorize(model, targets, ranks, method, batches, mode=mode, log=log, keep_dense=dense_layers,
-                         offload_to=offload_to, quant=quant, refine=refine)
+                         offload_to=offload_to, quant=quant, refine=refine, refine_metrics=metrics)
+        del metrics
         info["factorize_seconds"] = round(time.perf_counter() - t0, 1)
     finally:  # the output-gradient Grams (4 sum out^2 bytes) are not kept past the fits, on disk or in memory
         method.output_grams = None

@@ -83,28 +83,34 @@ def trainable(block: nn.Module, local_targets: Sequence[str], params: str) -> li
     return out
 
 
-def _loss(block, call, target) -> torch.Tensor:
+def _loss(block, call, target, metric: torch.Tensor | None = None) -> torch.Tensor:
+    """``||y - t||^2 / ||t||^2``, or with ``metric`` M (``--refine-loss fisher``) ``||(y - t) M||^2 / ||t M||^2``."""
     y = call(block)
-    t = target.to(y.dtype)
-    return (y.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-30)
+    t = target.to(y.dtype).float()
+    d = y.float() - t
+    if metric is not None:
+        M = metric.to(device=d.device, dtype=torch.float32)
+        d, t = d @ M, t @ M
+    return d.pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
 
 
 @torch.no_grad()
-def _mean_loss(block, calls, targets) -> float:
-    return sum(float(_loss(block, c, t)) for c, t in zip(calls, targets)) / len(calls)
+def _mean_loss(block, calls, targets, metric=None) -> float:
+    return sum(float(_loss(block, c, t, metric)) for c, t in zip(calls, targets)) / len(calls)
 
 
 def refine_block(block: nn.Module, local_targets: Sequence[str], calls: Sequence, targets: Sequence[torch.Tensor],
-                 spec: RefineSpec) -> dict[str, Any]:
+                 spec: RefineSpec, metric: torch.Tensor | None = None) -> dict[str, Any]:
     """Refine one compressed block in place (see the module docstring); returns what happened:
-    relative output error before / after over the calibration batches, whether it was kept."""
+    relative output error before / after over the calibration batches (weighted by ``metric`` when given:
+    ``--refine-loss fisher``, in the steps and in the guard), whether it was kept."""
     from ..train.optim import make_optimizer
 
     check(len(calls) == len(targets) and len(calls) > 0, "refinement needs the dense outputs of every batch")
     held = spec.held_out(len(calls))  # the guard's batches: the last ones, never trained on (when there are 2+)
     train_calls, train_targets = (calls[:-held], targets[:-held]) if held else (calls, targets)
     guard_calls, guard_targets = (calls[-held:], targets[-held:]) if held else (calls, targets)
-    before = _mean_loss(block, guard_calls, guard_targets)
+    before = _mean_loss(block, guard_calls, guard_targets, metric)
     saved = {k: v.detach().clone() for k, v in block.state_dict().items()}  # one block: the keep-best copy
     thawed = [m for m in block.modules() if hasattr(m, "thaw_factors")]
     for m in thawed:  # int8 factors train as floats and are stored as int8 again before the guard measures
@@ -135,7 +141,7 @@ def refine_block(block: nn.Module, local_targets: Sequence[str], calls: Sequence
                     else:
                         g["lr"] = lr
                 b = step % len(train_calls)
-                loss = _loss(block, train_calls[b], train_targets[b])
+                loss = _loss(block, train_calls[b], train_targets[b], metric)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, spec.clip)
@@ -146,7 +152,7 @@ def refine_block(block: nn.Module, local_targets: Sequence[str], calls: Sequence
             m.freeze_factors()
     trained = sum(p.numel() for p in params)
     del params
-    after = _mean_loss(block, guard_calls, guard_targets)  # what is stored (int8 factors re-quantized)
+    after = _mean_loss(block, guard_calls, guard_targets, metric)  # what is stored (int8 factors re-quantized)
     kept = math.isfinite(after) and after <= before
     if not kept:  # keep-best: never worse than the one-shot fit
         block.load_state_dict(saved)
