@@ -286,7 +286,11 @@ def cli_points() -> dict[str, list[tuple[str, float, float]]]:
                 continue
             quant = "quantized" in acc
             x = acc["target_bytes_vs_bf16"] if quant else acc["target_weights_after"] / acc["target_weights_before"]
-            opts = ",".join(f"{k}={v}" for k, v in sorted(rc["method_options"].items()) if k != "byte_plan")
+            short = {"gptq_act_order": "act", "correction_space": "corr", "grad_batches": "gb"}
+            opts = ",".join(f"{short.get(k, k)}={v}".replace("act=True", "act") for k, v in
+                            sorted(rc["method_options"].items()) if k != "byte_plan")
+            if rc.get("refine_loss", "mse") != "mse":
+                opts += (",", "")[not opts] + f"refine={rc['refine_loss']}"
             key = (r["method"], rc["keep"], rc["refine_steps"], rc["rank_policy"], opts, quant)
             cells.setdefault(key, []).append((x, sc["final"]["perplexity"] / sc["dense"]["perplexity"]))
     out: dict[str, list] = {"CLI runs: low rank (refined: +r)": [], "CLI runs: quantization + correction (refined: +r)": []}

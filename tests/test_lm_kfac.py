@@ -85,6 +85,7 @@ def test_output_grams_in_groups_on_disk_are_bit_identical(tmp_path):
     assert gram_groups({"a": 10, "b": 3}, 5) == [["a"], ["b"]] and gram_groups(sizes, None) == [list(targets)]
     S = output_grams(model, targets, batches, max_batches=None, max_bytes=cap, spill_dir=str(tmp_path))
     assert isinstance(S, SpilledGrams) and S.passes == len(groups) and set(S) == set(targets)
+    assert max(sizes.values()) <= S.peak_bytes <= cap  # the accumulators alive at once stay within the budget
     assert len(list(tmp_path.glob("gram-*.safetensors"))) == len(targets)
     for n in targets:
         assert torch.equal(S[n], G[n])

@@ -96,9 +96,10 @@ def output_sensitivity(model: nn.Module, targets: Sequence[str], batches: Sequen
 class SpilledGrams(Mapping):
     """``name -> G_out`` read from the safetensors files :func:`output_grams` wrote (one Gram in memory per access)."""
 
-    def __init__(self, files: dict[str, str], passes: int = 1):
+    def __init__(self, files: dict[str, str], passes: int = 1, peak_bytes: int = 0):
         self.files = dict(files)
         self.passes = passes  #: backward passes that made them
+        self.peak_bytes = peak_bytes  #: the most accumulator bytes alive at once while they were made
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -163,6 +164,7 @@ def output_grams(model: nn.Module, targets: Sequence[str], batches: Sequence[dic
     groups = gram_groups({n: 4 * o * o for n, o in outs.items()}, max_bytes)
     files: dict[str, str] = {}
     grams: dict[str, torch.Tensor] = {}
+    peak = [0]
     for gi, group in enumerate(groups):
         grams = {}
 
@@ -172,6 +174,7 @@ def output_grams(model: nn.Module, targets: Sequence[str], batches: Sequence[dic
             check(bool(torch.isfinite(G).all()), f"the output gradients of {n} are not finite (NaN/Inf on the "
                                                  "calibration text): use --method whiten / --correction-space input")
             grams[n] = G if n not in grams else grams[n].add_(G)
+            peak[0] = max(peak[0], sum(t.numel() * t.element_size() for t in grams.values()))
 
         _backward_each_window(model, group, batches, max_batches, add)
         missing = [n for n in group if n not in grams]
@@ -186,7 +189,7 @@ def output_grams(model: nn.Module, targets: Sequence[str], batches: Sequence[dic
                 path = os.path.join(spill_dir, f"gram-{gi:05d}-{k:04d}.safetensors")
                 save_file({n: grams.pop(n)}, path)
                 files[n] = path
-    return SpilledGrams(files, len(groups)) if max_bytes is not None else grams
+    return SpilledGrams(files, len(groups), peak[0]) if max_bytes is not None else grams
 
 
 def method_output_grams(method, model: nn.Module, targets: Sequence[str], shapes: dict[str, tuple[int, int]],

@@ -27,6 +27,14 @@ calibration batches, which the steps never train on, and a block whose held-out 
 too-large learning rate or an over-fitted block cannot make the model worse than its one-shot fit there).  bf16 weights train through torchao's AdamW with stochastic rounding
 (:mod:`factorlm.train.optim`), fp32 through torch's.
 
+``--refine-loss fisher`` (factorlm's, opt-in; default ``mse`` as above): the error is measured through
+``M_i``, the symmetric root of the damped output-gradient Gram of block ``i``'s output hidden state on the
+dense model (:func:`factorlm.lm.gradients.block_output_metrics`, one more backward per calibration window
+over ``--grad-batches`` batches, damping 0.01 of the mean diagonal): ``L = ||(y_c - y_d) M_i||^2 /
+||y_d M_i||^2``, K-FAC's estimate of the loss increase the block's output error causes -- the refinement
+counterpart of ``--method kfac``'s fit, whose loss-aware choices the plain MSE would otherwise pull back
+toward the dense outputs.  The guard measures the same weighted loss.
+
 Cost per block: ``N`` forward+backward passes of one block on one calibration batch plus two forward
 passes over the guard's batches (SmolLM2-135M, batches of 8 x 256 tokens, one AVX2 core: ~0.7 s a step).
 Memory beyond the stream's: the dense hidden states of the calibration windows (a second ``n x seq x hidden`` set, as ``--sequential anchored`` keeps), one copy of
