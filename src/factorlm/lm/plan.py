@@ -144,9 +144,10 @@ def byte_plan_targets(model, targets, method, batches, keep: float, shapes: dict
 
     check(len(batches) > 0, "--byte-plan global needs calibration batches (the output sensitivity is measured on them)")
     budget = keep * 2 * sum(o * i for o, i in shapes.values())
-    log(f"  byte plan over {', '.join(f'int{q.bits}-g{q.group_size}' + ('-zp' if q.zero_point else '') for q in grids)}: "
-        "output sensitivity, then the whitened error spectra of every grid (dense model)")
     two_sided = bool(getattr(method, "output_side", False))  # --correction-space kfac: L E S's spectra, loss units
+    log(f"  byte plan over {', '.join(f'int{q.bits}-g{q.group_size}' + ('-zp' if q.zero_point else '') for q in grids)}: "
+        + ("the two-sided (K-FAC) error spectra of every grid (dense model)" if two_sided else
+           "output sensitivity, then the whitened error spectra of every grid (dense model)"))
     lam = {n: 1.0 for n in targets} if two_sided else output_sensitivity(model, targets, batches)
     bad = [n for n, v in lam.items() if not math.isfinite(v)]
     check(not bad, f"the output sensitivity of {bad[0] if bad else ''} is not finite (NaN/Inf gradients on the "
