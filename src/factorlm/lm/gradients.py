@@ -116,9 +116,6 @@ class SpilledGrams(Mapping):
     def __len__(self) -> int:
         return len(self.files)
 
-    def nbytes(self) -> int:
-        return sum(os.path.getsize(p) for p in set(self.files.values()))
-
 
 def gram_budget(need_bytes: int, memory_gb: float = 0.0, available: int | None = None) -> int | None:
     """``max_bytes`` for :func:`output_grams`: ``None`` (all in memory) when ``need_bytes`` fits in ``memory_gb``
@@ -150,6 +147,26 @@ def gram_groups(sizes: dict[str, int], max_bytes: int | None) -> list[list[str]]
     return groups
 
 
+def _summed_grams(model: nn.Module, names: Sequence[str], batches: Sequence[dict], max_batches: int | None,
+                  advice: str) -> dict[str, torch.Tensor]:
+    """``{name: sum_t g_t g_t^T}`` (float32, CPU) of the output gradients of ``names``, one backward per window;
+    each window's ``g^T g`` is formed on the gradient's device and added to its accumulator on the CPU.  One-line
+    errors for non-finite gradients (with ``advice``) and for a module no gradient reached."""
+    grams: dict[str, torch.Tensor] = {}
+
+    def add(n, g):  # once per module and window: one out x out product on the gradient's device at a time
+        g = g.float()
+        G = (g.T @ g).cpu()
+        check(bool(torch.isfinite(G).all()), f"the output gradients of {n} are not finite (NaN/Inf on the "
+                                             f"calibration text): {advice}")
+        grams[n] = G if n not in grams else grams[n].add_(G)
+
+    _backward_each_window(model, names, batches, max_batches, add)
+    missing = [n for n in names if n not in grams]
+    check(not missing, f"no output gradient reached {missing[0] if missing else ''} (is it used by the forward?)")
+    return grams
+
+
 def output_grams(model: nn.Module, targets: Sequence[str], batches: Sequence[dict],
                  max_batches: int | None = 4, max_bytes: int | None = None,
                  spill_dir: str | None = None) -> Mapping[str, torch.Tensor]:
@@ -163,33 +180,22 @@ def output_grams(model: nn.Module, targets: Sequence[str], batches: Sequence[dic
     outs = {n: linear_shape(get_module(model, n))[0] for n in targets}
     groups = gram_groups({n: 4 * o * o for n, o in outs.items()}, max_bytes)
     files: dict[str, str] = {}
-    grams: dict[str, torch.Tensor] = {}
-    peak = [0]
+    peak = 0
     for gi, group in enumerate(groups):
-        grams = {}
-
-        def add(n, g):  # once per target and window: one out x out product on the gradient's device at a time
-            g = g.float()
-            G = (g.T @ g).cpu()
-            check(bool(torch.isfinite(G).all()), f"the output gradients of {n} are not finite (NaN/Inf on the "
-                                                 "calibration text): use --method whiten / --correction-space input")
-            grams[n] = G if n not in grams else grams[n].add_(G)
-            peak[0] = max(peak[0], sum(t.numel() * t.element_size() for t in grams.values()))
-
-        _backward_each_window(model, group, batches, max_batches, add)
-        missing = [n for n in group if n not in grams]
-        check(not missing, f"no output gradient reached {missing[0] if missing else ''} (is it used by the forward?)")
+        grams = _summed_grams(model, group, batches, max_batches, "use --method whiten / --correction-space input")
         for n in group:
             check(grams[n].shape == (outs[n], outs[n]),
                   f"{n}: output-gradient Gram {tuple(grams[n].shape)}, expected ({outs[n]}, {outs[n]})")
-        if max_bytes is not None:  # one file per Gram: a writer that copies holds one Gram twice, not a group
-            from safetensors.torch import save_file
+        peak = max(peak, sum(G.numel() * G.element_size() for G in grams.values()))  # all alive at the pass's end
+        if max_bytes is None:
+            return grams
+        from safetensors.torch import save_file
 
-            for k, n in enumerate(group):
-                path = os.path.join(spill_dir, f"gram-{gi:05d}-{k:04d}.safetensors")
-                save_file({n: grams.pop(n)}, path)
-                files[n] = path
-    return SpilledGrams(files, len(groups), peak[0]) if max_bytes is not None else grams
+        for k, n in enumerate(group):  # one file per Gram: a writer that copies holds one Gram twice, not a group
+            path = os.path.join(spill_dir, f"gram-{gi:05d}-{k:04d}.safetensors")
+            save_file({n: grams.pop(n)}, path)
+            files[n] = path
+    return SpilledGrams(files, len(groups), peak)
 
 
 def method_output_grams(method, model: nn.Module, targets: Sequence[str], shapes: dict[str, tuple[int, int]],
@@ -235,15 +241,5 @@ def block_output_metrics(model: nn.Module, blocks_name: str, n_blocks: int, batc
     from ..decompose.kfac import output_root
 
     names = [f"{blocks_name}.{i}" for i in range(n_blocks)]
-    grams: dict[str, torch.Tensor] = {}
-
-    def add(n, g):
-        G = (g.float().T @ g.float()).cpu()
-        check(bool(torch.isfinite(G).all()), f"the output gradients of {n} are not finite (NaN/Inf on the calibration "
-                                             "text): use --refine-loss mse")
-        grams[n] = G if n not in grams else grams[n].add_(G)
-
-    _backward_each_window(model, names, batches, max_batches, add)
-    missing = [n for n in names if n not in grams]
-    check(not missing, f"no output gradient reached {missing[0] if missing else ''}")
+    grams = _summed_grams(model, names, batches, max_batches, "use --refine-loss mse")
     return {i: output_root(grams[n].double(), damp)[0].float() for i, n in enumerate(names)}
